@@ -1,0 +1,51 @@
+"""Model smoke and shape tests; parameter counts checked against the built modules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from esjax.models import ModelConfig, Transformer, count_params
+from esjax.models.presets import PRESETS
+
+TINY = [k for k in PRESETS if k.startswith("tiny")]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_presets_build_and_count(name):
+  cfg = PRESETS[name]
+  model = Transformer(cfg, nnx.Rngs(0))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert n == count_params(cfg)["total"]
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  logits, aux = model(tokens)
+  assert logits.shape == (2, 8, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(aux["moe_loss"]))
+  if cfg.is_moe:
+    assert aux["expert_load"].shape == (len(cfg.moe_layers), cfg.n_experts)
+    np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_causal():
+  """Changing a later token never changes earlier logits."""
+  cfg = PRESETS["tiny-mixtral"]
+  model = Transformer(cfg, nnx.Rngs(0))
+  a = jax.random.randint(jax.random.key(0), (1, 12), 0, cfg.vocab_size)
+  b = a.at[0, 8].set((a[0, 8] + 1) % cfg.vocab_size)
+  la, lb = model(a)[0], model(b)[0]
+  np.testing.assert_allclose(la[0, :8], lb[0, :8], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(la[0, 8:], lb[0, 8:])
+
+
+def test_active_params_formula():
+  """Mixtral-8x7B: 46.7B total, 12.9B active (the published figures)."""
+  c = count_params(PRESETS["mixtral-8x7b"])
+  assert round(c["total"] / 1e9, 1) == 46.7 and round(c["active"] / 1e9, 1) == 12.9
+
+
+def test_bad_config_names_value():
+  with pytest.raises(ValueError, match="n_heads=6 must be a multiple of n_kv_heads=4"):
+    ModelConfig(n_heads=6, n_kv_heads=4, d_model=48)
+  with pytest.raises(ValueError, match="unknown keys"):
+    ModelConfig.from_dict({"d_modle": 3})
