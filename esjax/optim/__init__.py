@@ -1,0 +1,1 @@
+"""Optimizer pieces: DGS (dual-way gradient sparsification) and SAMomentum."""

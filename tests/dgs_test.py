@@ -1,0 +1,242 @@
+"""DGS worker and server maths (esjax/optim/dgs.py) and the PS logic without Ray."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from esjax.distributed.data import synthetic_text
+from esjax.distributed.server import ParameterServer
+from esjax.distributed.worker import Worker, init_params
+from esjax.models import ModelConfig
+from esjax.optim import dgs
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "dgs", "tiny_lm.py")
+
+
+def _topk_ref(x, k):
+  """Indices of the k largest |x| (float64 numpy, ties to the lower index)."""
+  flat = np.abs(np.asarray(x, np.float64)).ravel()
+  return np.sort(np.argsort(-flat, kind="stable")[:k])
+
+
+@pytest.mark.parametrize("shape,ratio", [((7, 13), 0.1), ((64,), 0.01), ((5, 4, 3), 1.0),
+                                         ((300,), 0.05), ((2, 3), 0.5)])
+def test_topk_keeps_exactly_k_largest(shape, ratio):
+  x = jax.random.normal(jax.random.key(sum(shape)), shape)
+  s = dgs.topk(x, ratio)
+  k = dgs.num_kept(int(np.prod(shape)), ratio)
+  assert k == max(1, int(np.floor(ratio * np.prod(shape))))
+  assert s.indices.shape == s.values.shape == (k,)
+  np.testing.assert_array_equal(np.sort(np.asarray(s.indices)), _topk_ref(x, k))
+  np.testing.assert_array_equal(s.values, np.asarray(x).ravel()[np.asarray(s.indices)])
+  dense = np.asarray(dgs.densify(s, x))
+  assert np.count_nonzero(dense) == k
+  kept = np.abs(np.asarray(x)).ravel()[_topk_ref(x, k)]
+  assert np.abs(np.asarray(x)).ravel()[dense.ravel() == 0].max(initial=0) <= kept.min()
+
+
+def test_bad_ratio_is_rejected():
+  for bad in (0.0, -0.1, 1.5):
+    with pytest.raises(ValueError, match="compression ratio"):
+      dgs.num_kept(10, bad)
+
+
+def _random_steps(n, shapes, seed=0, integer=False):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    leaves = [rng.integers(-8, 9, s).astype(np.float32) if integer
+              else rng.standard_normal(s).astype(np.float32) for s in shapes]
+    out.append({"a": jnp.asarray(leaves[0]), "b": jnp.asarray(leaves[1])})
+  return out
+
+
+def test_sent_plus_residual_reconstructs_the_accumulated_update():
+  # momentum 0: every lr-scaled gradient is either sent or still in `acc`. Integer-valued
+  # steps make the float32 sums exact, so the identity holds bit for bit.
+  steps = _random_steps(12, [(6, 5), (17,)], integer=True)
+  state = dgs.samomentum_init(steps[0])
+  sent = jax.tree.map(jnp.zeros_like, steps[0])
+  for step in steps:
+    payload, state = dgs.samomentum_update(step, state, momentum=0.0, ratio=0.2)
+    sent = dgs.apply_payload(sent, payload)
+  total = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs), *steps)
+  for key in total:
+    np.testing.assert_array_equal(np.asarray(sent[key]) + np.asarray(state.acc[key]), total[key])
+
+
+def test_unsent_coordinate_accumulates_undecayed():
+  # Coordinate 0 gets tiny steps, so it never enters the top-k: `acc` is their exact sum
+  # (no momentum decay) and `u_last` stays 0. Powers of two keep the sums exact.
+  rng = np.random.default_rng(1)
+  state = dgs.samomentum_init({"w": jnp.zeros(8)})
+  small = []
+  for _ in range(10):
+    step = np.concatenate([[2.0 ** -rng.integers(8, 12)], 1.0 + rng.random(7)]).astype(np.float32)
+    small.append(step[0])
+    payload, state = dgs.samomentum_update({"w": jnp.asarray(step)}, state, 0.9, 0.5)
+    assert 0 not in np.asarray(payload["w"].indices)
+  assert float(state.acc["w"][0]) == float(np.sum(small, dtype=np.float64))
+  assert float(state.u_last["w"][0]) == 0.0
+
+
+def _code_form_reference(steps, momentum, ratio):
+  """The reference code's single buffer (methods.md 7.1), float64 numpy: (indices, values)."""
+  u = {k: np.zeros(v.shape) for k, v in steps[0].items()}
+  out = []
+  for step in steps:
+    sent = {}
+    for key in u:
+      u[key] = momentum * u[key] + np.asarray(step[key], np.float64)
+      k = dgs.num_kept(u[key].size, ratio)
+      idx = _topk_ref(u[key], k)
+      mask = np.zeros(u[key].size, bool)
+      mask[idx] = True
+      mask = mask.reshape(u[key].shape)
+      sent[key] = (idx, u[key].ravel()[idx].copy())
+      u[key] = u[key] + u[key] * (~mask) * (1 / momentum - 1)
+    out.append(sent)
+  return out
+
+
+def test_two_buffer_form_equals_reference_code_form():
+  steps = _random_steps(8, [(9, 7), (40,)], seed=3)
+  ref = _code_form_reference(steps, 0.9, 0.1)
+  state = dgs.samomentum_init(steps[0])
+  for step, expected in zip(steps, ref):
+    payload, state = dgs.samomentum_update(step, state, 0.9, 0.1)
+    for key, (idx, vals) in expected.items():
+      order = np.argsort(np.asarray(payload[key].indices))
+      np.testing.assert_array_equal(np.asarray(payload[key].indices)[order], idx)
+      np.testing.assert_allclose(np.asarray(payload[key].values)[order], vals, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_samomentum_at_full_ratio_is_momentum_sgd(wd):
+  params = {"a": jnp.ones((4, 3)), "b": jnp.arange(5.0)}
+  grads = _random_steps(6, [(4, 3), (5,)], seed=2)
+
+  def run(opt):
+    p, state = params, opt.init(params)
+    for g in grads:
+      updates, state = opt.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return p
+
+  lr, m = 0.05, 0.9
+  reference = run(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m)))
+  full = run(optax.chain(optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr),
+                         dgs.samomentum(m, 1.0)))
+  sparse = run(optax.chain(optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr),
+                           dgs.samomentum(m, 0.25)))
+  for key in params:
+    np.testing.assert_allclose(full[key], reference[key], rtol=1e-6, atol=1e-7)
+  assert not np.allclose(sparse["a"], reference["a"], atol=1e-4)  # the check has teeth
+
+
+def test_payload_bytes():
+  x = {"w": jnp.ones((10, 10)), "b": jnp.ones(10)}
+  nbytes, entries = dgs.payload_stats(jax.device_get(dgs.sparsify_tree(x, 0.1)))
+  assert (nbytes, entries) == ((10 + 1) * 8, 11)
+  assert dgs.payload_stats(x) == (110 * 4, 110)
+
+
+# The PS logic, with a fixed arrival order and no Ray.
+
+TINY = ModelConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                   max_seq_len=32)
+OPTIM = {"lr": 0.2, "momentum": 0.9, "weight_decay": 1e-3, "clip_norm": 1.0}
+# (worker, action): compute an update on the local model, or push the computed one.
+SCHEDULE = [(0, "c"), (1, "c"), (2, "c"), (0, "p"), (0, "c"), (2, "p"), (1, "p"), (1, "c"),
+            (0, "p"), (2, "c"), (1, "p"), (0, "c"), (2, "p"), (0, "p"), (1, "c"), (1, "p")]
+# Staleness of each push: server updates applied since the worker's last reply.
+EXPECTED_STALENESS = [0, 1, 2, 2, 1, 3, 2, 2]
+
+
+def _replay(mode, ratio, down_ratio, resync_every=0, check=None):
+  tokens = np.frombuffer(synthetic_text(20_000), np.uint8)
+  server = ParameterServer(init_params(TINY, 0), mode, down_ratio, resync_every)
+  workers = [Worker(k, TINY.to_dict(), OPTIM, mode, ratio, tokens, 4, 16, seed=0)
+             for k in range(3)]
+  for k, w in enumerate(workers):
+    w.set_params(server.register(k))
+  pending, losses, pushes = {}, [], []
+  for k, action in SCHEDULE:
+    if action == "c":
+      pending[k] = workers[k].compute()
+      losses.append(pending[k][1]["loss"])
+    else:
+      payload, info = pending.pop(k)
+      pushes.append(payload)
+      workers[k].receive(server.push(k, payload, info))
+      if check:
+        check(server, workers, k)
+  return server, workers, losses, pushes
+
+
+@pytest.mark.parametrize("mode", ["dgs", "oneway"])
+def test_full_ratio_reproduces_dense_async_sgd(mode):
+  dense, dense_workers, dense_losses, _ = _replay("dense", 1.0, 1.0)
+  other, other_workers, other_losses, _ = _replay(mode, 1.0, 1.0, resync_every=3)
+  np.testing.assert_allclose(other_losses, dense_losses, rtol=1e-5)
+  for a, b in zip(other.params, dense.params):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for wa, wb in zip(other_workers, dense_workers):
+    for a, b in zip(wa.param_leaves(), wb.param_leaves()):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  staleness = [r["staleness"] for r in dense.drain_records()]
+  assert staleness == EXPECTED_STALENESS == [r["staleness"] for r in other.drain_records()]
+  # A sparse run of the same schedule must differ (the check has teeth).
+  sparse, *_ = _replay(mode, 0.05, 0.1)
+  assert not np.allclose(sparse.params[0], dense.params[0], atol=1e-5)
+
+
+def test_dgs_downlink_conserves_the_model_and_uplink_is_exact():
+  """Worker k holds sync + sent_k, so it plus what it misses is the server model; the server
+  model is the initial one minus every pushed payload."""
+  def check(server, workers, k):
+    mine = workers[k].param_leaves()
+    for theta_k, s, a in zip(mine, server.sync, server.sent[k]):
+      np.testing.assert_allclose(theta_k, np.asarray(s) + np.asarray(a), rtol=1e-5, atol=1e-6)
+
+  server, workers, _, pushes = _replay("dgs", 0.05, 0.1, resync_every=5, check=check)
+  expected = [np.asarray(p, np.float64) for p in init_params(TINY, 0)]
+  for payload in pushes:
+    for i, s in enumerate(payload):
+      np.subtract.at(expected[i].reshape(-1), np.asarray(s.indices), np.asarray(s.values))
+  for got, want in zip(server.params, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  records = server.drain_records()
+  n = server.n_entries
+  leaves = init_params(TINY, 0)
+  assert all(abs(r["up_density"] - dgs.expected_density(leaves, 0.05)) < 1e-12 for r in records)
+  sparse_down = [r for r in records if r["down_density"] < 1.0]
+  assert sparse_down and all(
+      abs(r["down_density"] - dgs.expected_density(leaves, 0.1)) < 1e-12 for r in sparse_down)
+  assert any(r["bytes_down"] == server.dense_bytes for r in records)  # a resync happened
+  assert n == sum(x.size for x in leaves)
+
+
+def test_server_rejects_bad_input():
+  with pytest.raises(ValueError, match="mode"):
+    ParameterServer([np.zeros(3)], mode="sync")
+  with pytest.raises(ValueError, match="before it registered"):
+    ParameterServer([np.zeros(3)], mode="dense").push(0, [np.zeros(3)])
+
+
+@pytest.mark.parametrize("arg", ["dense", "oneway", "dgs", "dgs,test"])
+def test_shipped_config_builds(arg):
+  spec = importlib.util.spec_from_file_location("tiny_lm", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  from esjax.distributed.runtime import expected_density, model_dict  # noqa: PLC0415
+  ModelConfig.from_dict(model_dict(config))
+  assert abs(expected_density(config) - config.dgs.ratio) < 0.2 * config.dgs.ratio
+  with pytest.raises(ValueError, match="expected one of"):
+    module.get_config("sync")
