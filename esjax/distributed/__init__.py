@@ -1,0 +1,1 @@
+"""Asynchronous parameter-server training on Ray (DGS, one-way sparsification, dense ASGD)."""

@@ -1,0 +1,92 @@
+"""The asynchronous PS runtime on a local Ray instance (esjax/distributed/runtime.py)."""
+
+import importlib.util
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from esjax.distributed import runtime
+from esjax.distributed.worker import init_params
+from esjax.models import ModelConfig
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "dgs", "tiny_lm.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+  runtime.init_ray(num_cpus=2)
+  yield
+  ray.shutdown()
+
+
+def _config(mode, **overrides):
+  spec = importlib.util.spec_from_file_location("tiny_lm", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f"{mode},test")
+  for dotted, value in overrides.items():
+    section, key = dotted.split(".")
+    config[section][key] = value
+  return config
+
+
+def _initial_loss(training):
+  cfg = ModelConfig.from_dict(runtime.model_dict(training.config))
+  return training.eval_loss(init_params(cfg, training.config.seed))
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_dgs_trains_and_reports_the_configured_compression(tmp_path):
+  config = _config("dgs", **{"dgs.ratio": 0.01, "dgs.down_ratio": 0.02})
+  training = runtime.AsyncTraining(config, str(tmp_path))
+  initial = _initial_loss(training)
+  summary = training.run()
+  assert summary["finished_workers"] == [0, 1] and not summary["dead_workers"]
+  assert summary["updates"] == 2 * config.train.steps_per_worker
+  assert summary["val_loss"] < initial - 1.0, (initial, summary["val_loss"])
+  # Exactly the per-tensor k's both ways (no resync in this short run), i.e. close to the ratios.
+  assert summary["up_density"] == pytest.approx(runtime.expected_density(config), rel=1e-9)
+  assert summary["up_density"] == pytest.approx(0.01, rel=0.1)
+  assert summary["down_density"] == pytest.approx(0.02, rel=0.1)
+  records = _records(str(tmp_path))
+  pushes = [r for r in records if "worker" in r and "loss" in r]
+  assert len(pushes) == summary["updates"]
+  assert all(r["staleness"] >= 0 for r in pushes) and max(r["staleness"] for r in pushes) >= 1
+  assert any("val_loss" in r for r in records)
+  assert pushes[-1]["bytes_up_total"] == summary["bytes_up"]
+
+
+def test_killed_worker_does_not_stop_the_others_or_lose_the_model(tmp_path):
+  config = _config("oneway", **{"train.num_workers": 3, "train.steps_per_worker": 40})
+  training = runtime.AsyncTraining(config, str(tmp_path))
+  training.start()
+  deadline = time.time() + 120
+  while training.server_version() < 6:
+    assert time.time() < deadline, "the workers made no progress"
+    time.sleep(0.2)
+  ray.kill(training.workers[0])
+  while not training.done:
+    training.poll(timeout=0.5)
+  params, snap = training.server_params()
+  summary = training.finish()
+  assert summary["dead_workers"] == [0] and summary["finished_workers"] == [1, 2]
+  pushes = [r for r in _records(str(tmp_path)) if "loss" in r and "worker" in r]
+  by_worker = {k: sum(r["worker"] == k for r in pushes) for k in range(3)}
+  assert by_worker[1] == by_worker[2] == 40 and 0 < by_worker[0] < 40
+  # The server kept every update, including those of the dead worker, and still trains.
+  assert snap["version"] == summary["updates"] == sum(by_worker.values())
+  assert np.isfinite(summary["val_loss"]) and summary["val_loss"] < _initial_loss(training) - 1.0
+  assert training.eval_loss(params) == pytest.approx(summary["val_loss"], rel=1e-6)
+  # The final server model is checkpointed; a restart resumes from it with nothing to do.
+  again = runtime.AsyncTraining(config, str(tmp_path))
+  restored, version = again._initial_params()
+  assert version == summary["version"]
+  assert again.eval_loss(restored) == pytest.approx(summary["val_loss"], rel=1e-6)
