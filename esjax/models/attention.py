@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from esjax.models import layers
+from esjax.models.cache import KVCache
 from esjax.models.config import ModelConfig
 from esjax.parallel.rules import constrain
 
@@ -46,10 +47,16 @@ class Attention(nnx.Module):
     """o [B, S, H, hd] -> [B, S, D]."""
     return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(o.dtype))
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
+               ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """Attention output [B, S, D]; with a `cache`, also the cache with these tokens added
+    (queries then see the cached tokens too; negative positions mark padding)."""
     q, k, v = self.project_qkv(x, positions)
-    o = attend(q, k, v, positions, positions)
-    return self.output(o)
+    if cache is None:
+      return self.output(attend(q, k, v, positions, positions))
+    cache = cache.update(k, v, positions)
+    o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)
+    return self.output(o), cache
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,

@@ -8,6 +8,7 @@ from flax import nnx
 
 from esjax.models import layers
 from esjax.models.attention import Attention
+from esjax.models.cache import KVCache
 from esjax.models.config import ModelConfig
 from esjax.models.mlp import MLP
 from esjax.models.moe import MoE
@@ -36,9 +37,13 @@ class Block(nnx.Module):
   def is_moe(self) -> bool:
     return isinstance(self.mlp, MoE)
 
-  def __call__(self, x: jax.Array, positions: jax.Array
-               ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    x = x + self.attn(self.attn_norm(x), positions)
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None):
+    """(x, MoE stats or None); with a KV `cache`, (x, stats, updated cache)."""
+    if cache is None:
+      x = x + self.attn(self.attn_norm(x), positions)
+    else:
+      a, cache = self.attn(self.attn_norm(x), positions, cache)
+      x = x + a
     x = constrain(x, ("act_batch", "act_len", "act_embed"))
     h = self.mlp_norm(x)
     stats = None
@@ -47,7 +52,7 @@ class Block(nnx.Module):
     else:
       h = self.mlp(h)
     x = constrain(x + h, ("act_batch", "act_len", "act_embed"))
-    return x, stats
+    return (x, stats) if cache is None else (x, stats, cache)
 
 
 class Transformer(nnx.Module):
@@ -57,6 +62,11 @@ class Transformer(nnx.Module):
   (the weighted router losses to add to the LM loss) and, for MoE models, `aux_loss`,
   `seq_aux_loss`, `z_loss` (means over MoE layers), `expert_load` [n_moe_layers, E] and
   `drop_fraction`.
+
+  Incremental decoding: `model(tokens, positions, cache=init_cache(cfg, B, L))` writes the
+  tokens' keys/values at the cache's index and returns `(logits, aux, cache)`; tokens with a
+  negative position are padding (see `esjax.models.cache`). Positions default to
+  `cache index + arange(S)`.
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -82,23 +92,29 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("bsd,dv->bsv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("act_batch", "act_len", "act_vocab"))
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               cache: list[KVCache] | None = None):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+      start = 0 if cache is None else cache[0].index
+      positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                   tokens.shape)
     x = self.embed_tokens(tokens)
-    stats = []
-    for block in self.layers:
-      if self.cfg.remat != "none":
+    stats, new_cache = [], []
+    for i, block in enumerate(self.layers):
+      if cache is not None:
+        x, s, c = block(x, positions, cache[i])
+        new_cache.append(c)
+      elif self.cfg.remat != "none":
         x, s = nnx.remat(lambda blk, h, p: blk(h, p), policy=_REMAT_POLICIES[self.cfg.remat])(
             block, x, positions)
       else:
         x, s = block(x, positions)
       if s is not None:
         stats.append(s)
-    return self.logits(x), aggregate_moe_stats(self.cfg, stats)
+    out = self.logits(x), aggregate_moe_stats(self.cfg, stats)
+    return out if cache is None else (*out, new_cache)
 
 
 def aggregate_moe_stats(cfg: ModelConfig, stats: list[dict[str, jax.Array]]
