@@ -47,7 +47,8 @@ def test_each_device_builds_only_its_shards(mesh):
   fn = lambda p, k: upcycle.upcycle_params(dense.cfg, p, cfg, k)  # noqa: E731
   args = (build.params_of(dense), jax.random.key(0))
   whole = build.jit_transform(cfg, fn).lower(*args).compile().memory_analysis()
-  local = build.jit_transform(cfg, fn, mesh, RULES).lower(*args).compile().memory_analysis()
+  shardings = build.target_shardings(cfg, mesh, RULES)
+  local = build.jit_transform(cfg, fn, shardings).lower(*args).compile().memory_analysis()
   assert local.output_size_in_bytes < whole.output_size_in_bytes / 4
   assert local.temp_size_in_bytes < local.output_size_in_bytes / 4
 

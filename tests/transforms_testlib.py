@@ -13,28 +13,28 @@ SRC = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-  """Transformer(cfg) with generic norm scales and biases (not the ones/zeros of init)."""
-  model = Transformer(cfg, nnx.Rngs(seed))
-  params = build.params_of(model)
-  key = jax.random.key(seed + 1000)
+  """Transformer(cfg) with generic weights, norm scales and biases (numpy, fast to build)."""
+  rng = np.random.default_rng(seed)
+  _, state = build.abstract_model(cfg)
 
-  def perturb(path, x):
+  def draw(path, x):
     name = jax.tree_util.keystr(path)
-    k = jax.random.fold_in(key, hash(name) % (2 ** 31))
     if "scale" in name:
-      return jax.random.uniform(k, x.shape, x.dtype, 0.5, 1.5)
-    if any(b in name for b in ("'bq'", "'bk'", "'bv'")):
-      return 0.3 * jax.random.normal(k, x.shape, x.dtype)
-    return x
+      return rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)
+    std = 0.3 if any(b in name for b in ("'bq'", "'bk'", "'bv'")) else cfg.init_std
+    return (std * rng.standard_normal(x.shape)).astype(x.dtype)
 
-  params = jax.tree_util.tree_map_with_path(perturb, params)
-  return with_params(model, params)
+  return model_from(cfg, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+
+
+def model_from(cfg: ModelConfig, params) -> Transformer:
+  graphdef, state = build.abstract_model(cfg)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return nnx.merge(graphdef, state)
 
 
 def with_params(model: Transformer, params) -> Transformer:
-  graphdef, state = nnx.split(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return model_from(model.cfg, params)
 
 
 def tokens(cfg: ModelConfig, batch: int = 2, seq: int = 12, seed: int = 7) -> jax.Array:
@@ -42,7 +42,9 @@ def tokens(cfg: ModelConfig, batch: int = 2, seq: int = 12, seed: int = 7) -> ja
 
 
 def logits(model: Transformer, toks: jax.Array) -> np.ndarray:
-  return np.asarray(model(toks)[0], np.float64)
+  """Float64 copy of the logits, computed on one device (gathering sharded parameters)."""
+  local = model_from(model.cfg, jax.device_get(build.params_of(model)))
+  return np.asarray(local(toks)[0], np.float64)
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

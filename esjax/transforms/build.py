@@ -60,25 +60,31 @@ def check_shapes(params: Any, abstract: Any, what: str) -> None:
     raise ValueError(f"{what}: parameter {extra[0]} is not in the target model")
 
 
-def jit_transform(cfg: ModelConfig, fn: Callable[..., Any], mesh: Mesh | None = None,
-                  rules: Rules | None = None) -> Callable[..., Any]:
-  """`jax.jit` of `fn` cast to `Transformer(cfg)`'s dtypes, with its shardings over `mesh`."""
-  _, state = abstract_model(cfg)
-  abstract = nnx.to_pure_dict(state)
-  shardings = None if mesh is None else param_shardings(state, mesh, rules or {})
+def target_shardings(cfg: ModelConfig, mesh: Mesh | None, rules: Rules | None) -> Any:
+  """Pure dict of `Transformer(cfg)`'s parameter shardings under `rules`, None without mesh."""
+  if mesh is None:
+    return None
+  return param_shardings(abstract_model(cfg)[1], mesh, rules or {})
+
+
+def jit_transform(cfg: ModelConfig, fn: Callable[..., Any], shardings: Any = None
+                  ) -> Callable[..., Any]:
+  """`jax.jit` of `fn`, checked against and cast to `Transformer(cfg)`'s parameter shapes and
+  dtypes, with output `shardings` (a pure dict like the parameters, or None)."""
+  abstract = nnx.to_pure_dict(abstract_model(cfg)[1])
 
   def cast(*args):
-    return jax.tree.map(lambda p, s: p.astype(s.dtype), fn(*args), abstract)
+    out = fn(*args)
+    check_shapes(out, abstract, "transform")
+    return jax.tree.map(lambda p, s: p.astype(s.dtype), out, abstract)
 
   return jax.jit(cast, out_shardings=shardings)
 
 
 def transform_params(cfg: ModelConfig, fn: Callable[..., Any], *args: Any,
                      mesh: Mesh | None = None, rules: Rules | None = None) -> dict[str, Any]:
-  """`fn(*args)` checked against `Transformer(cfg)`'s shapes, run by `jit_transform`."""
-  _, state = abstract_model(cfg)
-  check_shapes(jax.eval_shape(fn, *args), nnx.to_pure_dict(state), "transform")
-  return jit_transform(cfg, fn, mesh, rules)(*args)
+  """`jit_transform(cfg, fn)(*args)`, sharded per `rules` over `mesh` when given."""
+  return jit_transform(cfg, fn, target_shardings(cfg, mesh, rules))(*args)
 
 
 def build_model(cfg: ModelConfig, fn: Callable[..., Any], *args: Any, mesh: Mesh | None = None,
