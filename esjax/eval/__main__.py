@@ -1,0 +1,82 @@
+"""Evaluates a checkpoint on tasks and writes a JSON report.
+
+  python -m esjax.eval --checkpoint=/tmp/esjax_tiny --tasks=val,tasks/arc_easy,tasks/mmlu \
+      [--config=esjax/configs/tiny.py] [--num_fewshot=5] [--limit=100] [--output=report.json]
+
+`--checkpoint` is an esjax run (workdir, checkpoints/ or one step) or a Hugging Face folder.
+`--tasks` is a comma-separated list of task directories / .jsonl files (format in
+esjax/eval/README.md) and `val`: perplexity and bits per byte of the run's held-out
+validation windows (the data section of `--config`, or of the run's own config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (optional: the run's config.json is used).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "esjax run or Hugging Face folder.")
+_TASKS = flags.DEFINE_string("tasks", None, "Comma-separated task paths, or 'val'.")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Overrides every task's n-shot.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Score only the first N items of each task (0: all).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Context length (default: the model's).")
+_OUTPUT = flags.DEFINE_string("output", "eval_report.json", "Where to write the JSON report.")
+_SAMPLES = flags.DEFINE_bool("log_samples", False, "Include per-item results in the report.")
+flags.mark_flags_as_required(["checkpoint", "tasks"])
+
+
+def val_perplexity(model, config) -> dict:
+  """Perplexity and bits per byte of the run's validation windows."""
+  from esjax.data import dataset  # pylint: disable=g-import-not-at-top
+  from esjax.eval.perplexity import window_perplexity  # pylint: disable=g-import-not-at-top
+
+  if config is None:
+    raise ValueError("--tasks=val needs the run's data config: pass --config or a checkpoint "
+                     "inside a workdir that holds config.json")
+  tc = config.train
+  data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed)
+  return {"kind": "perplexity", **window_perplexity(model, data.val, data.tokenizer)}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from esjax.eval import harness, loading, tasks  # pylint: disable=g-import-not-at-top
+
+  jax.config.config_with_absl()
+  t0 = time.perf_counter()
+  try:
+    model, tokenizer, config = loading.load(_CHECKPOINT.value, _CONFIG.value)
+    names = [t.strip() for t in _TASKS.value.split(",") if t.strip()]
+    task_list = tasks.load_tasks(",".join(n for n in names if n != "val"))
+    report = harness.evaluate(model, tokenizer, task_list, num_fewshot=_NUM_FEWSHOT.value,
+                              limit=_LIMIT.value, batch_size=_BATCH.value,
+                              max_len=_MAX_LEN.value, log_samples=_SAMPLES.value)
+    if "val" in names:
+      report["results"]["val"] = val_perplexity(model, config)
+  except (ValueError, FileNotFoundError) as e:
+    logging.info("full traceback:", exc_info=True)
+    sys.exit(f"esjax.eval: error: {e}")
+  report = {"checkpoint": _CHECKPOINT.value, "tasks": names,
+            "model_config": model.cfg.to_dict(),
+            "settings": {"num_fewshot": _NUM_FEWSHOT.value, "limit": _LIMIT.value,
+                         "batch_size": _BATCH.value, "max_len": _MAX_LEN.value},
+            **report, "wall_s": round(time.perf_counter() - t0, 2)}
+  with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  for name, metrics in {**report["results"], **report["groups"]}.items():
+    shown = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
+    print(name, json.dumps(shown))
+  print(f"report written to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

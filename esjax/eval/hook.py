@@ -1,0 +1,52 @@
+"""Periodic evaluation during training.
+
+    hook = EvalHook(load_tasks("tasks/arc_easy,tasks/hellaswag"), tokenizer, every=1000,
+                    limit=200)
+    ...
+    metrics.update(hook(step, model))   # {} except every `every` steps
+
+The returned keys are flat, `eval/<task>/<metric>` (groups as `eval/<group>/<metric>`), ready
+for `metrics.jsonl` and TensorBoard.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from esjax.eval.harness import evaluate
+from esjax.eval.tasks import Task, TaskGroup
+from esjax.models.transformer import Transformer
+
+
+def flatten(report: dict, prefix: str = "eval") -> dict[str, float]:
+  """Numeric metrics of an `evaluate` report as `{prefix/name/metric: value}`."""
+  out = {}
+  for section in ("results", "groups"):
+    for name, metrics in report.get(section, {}).items():
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num_fewshot":
+          out[f"{prefix}/{name}/{k}"] = float(v)
+  return out
+
+
+class EvalHook:
+  """Runs `evaluate` on the given tasks every `every` steps (never at step 0)."""
+
+  def __init__(self, tasks: Sequence[Task | TaskGroup], tokenizer, *, every: int,
+               limit: int = 0, batch_size: int = 8, max_len: int | None = None,
+               num_fewshot: int | None = None):
+    if every < 1:
+      raise ValueError(f"EvalHook: every={every} must be >= 1")
+    self.tasks = list(tasks)
+    self.tokenizer = tokenizer
+    self.every = every
+    self.kwargs = dict(limit=limit, batch_size=batch_size, max_len=max_len,
+                       num_fewshot=num_fewshot)
+
+  def due(self, step: int) -> bool:
+    return step > 0 and step % self.every == 0
+
+  def __call__(self, step: int, model: Transformer) -> dict[str, float]:
+    if not self.due(step) or not self.tasks:
+      return {}
+    return flatten(evaluate(model, self.tokenizer, self.tasks, **self.kwargs))

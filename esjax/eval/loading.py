@@ -1,0 +1,81 @@
+"""A model and its tokenizer from a checkpoint path, for the eval and generate commands.
+
+Two kinds of path:
+- an esjax run: its workdir, `workdir/checkpoints` or `workdir/checkpoints/<step>` (the model
+  config is saved with the checkpoint; the tokenizer is the run's `data.tokenizer`, read from
+  the `--config` given or from the `config.json` the run wrote into its workdir);
+- a Hugging Face folder (`config.json` + `*.safetensors`, with `tokenizer.json` alongside),
+  e.g. one written by `esjax.interop` or `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+from flax import nnx
+
+from esjax.data.tokenizer import Tokenizer, load_tokenizer
+from esjax.models.config import ModelConfig
+from esjax.models.transformer import Transformer
+
+
+def build_model(cfg: ModelConfig, params: Any) -> Transformer:
+  """A Transformer holding `params` (a pure dict, `nnx.state(model, nnx.Param)` layout)."""
+  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def is_hf_folder(path: str) -> bool:
+  cfg = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg) or not os.path.isdir(path):
+    return False
+  has_weights = any(f.endswith(".safetensors") for f in os.listdir(path))
+  return has_weights and "architectures" in json.load(open(cfg, encoding="utf-8"))
+
+
+def load_hf(folder: str) -> tuple[Transformer, Tokenizer]:
+  """A Hugging Face Llama / Mixtral / Qwen2(-MoE) folder and its `tokenizer.json`."""
+  from esjax.interop import hf_config, hf_params  # pylint: disable=g-import-not-at-top
+  from esjax.interop.safetensors_io import SafetensorsCheckpoint  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+    cfg = hf_config.config_from_hf(json.load(f))
+  with SafetensorsCheckpoint(folder) as tensors:
+    params = hf_params.hf_to_esjax_params(cfg, tensors)
+  tok_path = os.path.join(folder, "tokenizer.json")
+  if not os.path.isfile(tok_path):
+    raise FileNotFoundError(f"{folder}: no tokenizer.json next to the weights")
+  return build_model(cfg, params), load_tokenizer(tok_path)
+
+
+def run_config(checkpoint: str) -> ml_collections.ConfigDict | None:
+  """The experiment config a run wrote to its workdir (looked for above `checkpoint`)."""
+  path = os.path.abspath(checkpoint)
+  for _ in range(3):
+    candidate = os.path.join(path, "config.json")
+    if os.path.isfile(candidate):
+      with open(candidate, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+    path = os.path.dirname(path)
+  return None
+
+
+def load(checkpoint: str, config: ml_collections.ConfigDict | None = None
+         ) -> tuple[Transformer, Tokenizer, ml_collections.ConfigDict | None]:
+  """(model, tokenizer, experiment config or None) of an esjax run or a Hugging Face folder."""
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint!r}: no such file or directory")
+  if is_hf_folder(checkpoint):
+    model, tokenizer = load_hf(checkpoint)
+    return model, tokenizer, config
+  from esjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  cfg, params = ckpt_lib.restore_params(checkpoint)
+  config = config if config is not None else run_config(checkpoint)
+  spec = config.data.tokenizer if config is not None and "data" in config else "byte"
+  return build_model(cfg, params), load_tokenizer(spec), config
