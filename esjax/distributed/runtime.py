@@ -16,6 +16,7 @@ others). Workers are spread over the cluster's CPUs by Ray's scheduler.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -46,8 +47,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     runtime_env = {"env_vars": {"PYTHONPATH": path}}
   else:  # other machines get the package from the driver unless it is installed there
     runtime_env = {"py_modules": [_PACKAGE_DIR]} if ship_code else {}
-  ray.init(address=address, num_cpus=num_cpus, include_dashboard=False,
-           runtime_env=runtime_env, log_to_driver=True)
+  # "local": always a fresh instance here, never a cluster `ray start` left running.
+  kwargs = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
+  ray.init(address=address or "local", runtime_env=runtime_env, log_to_driver=True, **kwargs)
 
 
 @ray.remote
@@ -122,11 +124,14 @@ class AsyncTraining:
     self.writer = MetricWriter(self.workdir)
     with open(os.path.join(self.workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
-    init_ray(cfg.ray.address, cfg.ray.num_cpus or None, cfg.ray.ship_code)
+    n = cfg.train.num_workers
+    # Local Ray: at least enough logical CPUs for every actor (oversubscribing the cores).
+    needed = math.ceil(n * cfg.ray.cpus_per_worker + cfg.ray.cpus_per_server)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus or max(needed, os.cpu_count() or 1),
+             cfg.ray.ship_code)
     mode = cfg.dgs.mode
     self.server = ray.remote(ParameterServer).options(num_cpus=cfg.ray.cpus_per_server).remote(
         params, mode, cfg.dgs.down_ratio, cfg.dgs.resync_every, version)
-    n = cfg.train.num_workers
     remaining = max(0, cfg.train.steps_per_worker * n - version)
     shards = dist_data.shard(self.train_tokens, n)
     for k in range(n):
@@ -163,7 +168,7 @@ class AsyncTraining:
   def finish(self) -> dict[str, Any]:
     """Final records, evaluation and checkpoint; stops the actors; returns the summary."""
     self._log_records()
-    snap = self.evaluate()
+    snap = self.evaluate() if self.server_version() != self.last_eval else self.last_snap
     if self.ckpt is not None:
       self.ckpt.wait_until_finished()
     n_updates = snap["updates"]
@@ -175,6 +180,7 @@ class AsyncTraining:
         "up_density": snap["entries_up"] / max(1, n_updates * snap["n_entries"]),
         "down_density": snap["entries_down"] / max(1, n_updates * snap["n_entries"]),
         "up_bytes_ratio": snap["bytes_up"] / max(1, n_updates * snap["dense_bytes"]),
+        "dense_replies": snap["dense_replies"], "model_bytes": snap["dense_bytes"],
         "mean_staleness": self.staleness_sum / max(1, self.staleness_n),
         "time": snap["time"]}
     with open(os.path.join(self.workdir, "summary.json"), "w") as f:
@@ -218,7 +224,7 @@ class AsyncTraining:
     if not np.isfinite(val):
       raise FloatingPointError(f"val_loss is {val} at server version {snap['version']}")
     snap["val_loss"] = val
-    self.last_eval = snap["version"]
+    self.last_eval, self.last_snap = snap["version"], snap
     self.writer.write({"step": snap["version"], "val_loss": val, "bytes_up_total": snap["bytes_up"],
                        "bytes_down_total": snap["bytes_down"], "time": snap["time"]},
                       ("val_loss", "bytes_up_total", "bytes_down_total"))

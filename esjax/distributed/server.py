@@ -71,7 +71,8 @@ class ParameterServer:
     self.worker_version: dict[int, int] = {}  # server version each worker's model is at
     self.n_entries = sum(int(p.size) for p in self.params)
     self.dense_bytes = sum(int(p.nbytes) for p in self.params)
-    self.totals = dict(bytes_up=0, bytes_down=0, entries_up=0, entries_down=0, updates=0)
+    self.totals = dict(bytes_up=0, bytes_down=0, entries_up=0, entries_down=0, updates=0,
+                       dense_replies=0)
     self.records: list[dict[str, Any]] = []
     self.t0 = time.time()
 
@@ -106,9 +107,10 @@ class ParameterServer:
     down_bytes, down_entries = dgs.payload_stats(reply)
     if self.mode == "dgs" and self.resync_every and self.version % self.resync_every == 0:
       self._resync()
+    dense_reply = not dgs.is_sparse_payload(reply)
     for key, val in (("bytes_up", up_bytes), ("bytes_down", down_bytes),
                      ("entries_up", up_entries), ("entries_down", down_entries),
-                     ("updates", 1)):
+                     ("updates", 1), ("dense_replies", int(dense_reply))):
       self.totals[key] += val
     self.records.append({
         "step": self.version, "worker": worker, "staleness": staleness,

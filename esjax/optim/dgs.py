@@ -93,6 +93,10 @@ def apply_payload(params: PyTree, payload: PyTree, scale: float = 1.0) -> PyTree
   return jax.tree.map(one, payload, params, is_leaf=_is_sparse)
 
 
+def is_sparse_payload(payload: PyTree) -> bool:
+  return all(_is_sparse(x) for x in jax.tree.leaves(payload, is_leaf=_is_sparse))
+
+
 def payload_stats(payload: PyTree) -> tuple[int, int]:
   """(bytes on the wire, entries sent). Sparse: index + value per entry; dense: values."""
   nbytes = entries = 0
