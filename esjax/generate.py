@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
         stop=_STOP.value, batch_size=len(_PROMPT.value), seed=_SEED.value,
         max_len=_MAX_LEN.value)
   except (ValueError, FileNotFoundError) as e:
-    logging.info("full traceback:", exc_info=True)
+    logging.debug("full traceback (shown with --verbosity=1):", exc_info=True)
     sys.exit(f"esjax.generate: error: {e}")
   for prompt, text in zip(_PROMPT.value, texts):
     print(prompt + text)

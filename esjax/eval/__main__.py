@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     if "val" in names:
       report["results"]["val"] = val_perplexity(model, config)
   except (ValueError, FileNotFoundError) as e:
-    logging.info("full traceback:", exc_info=True)
+    logging.debug("full traceback (shown with --verbosity=1):", exc_info=True)
     sys.exit(f"esjax.eval: error: {e}")
   report = {"checkpoint": _CHECKPOINT.value, "tasks": names,
             "model_config": model.cfg.to_dict(),

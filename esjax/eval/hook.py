@@ -6,7 +6,8 @@
     metrics.update(hook(step, model))   # {} except every `every` steps
 
 The returned keys are flat, `eval/<task>/<metric>` (groups as `eval/<group>/<metric>`), ready
-for `metrics.jsonl` and TensorBoard.
+for `metrics.jsonl` and TensorBoard. A loop that holds a params dict rather than a model passes
+`esjax.eval.loading.build_model(model_cfg, params)` (no copy: the model wraps those arrays).
 """
 
 from __future__ import annotations
