@@ -1,0 +1,1 @@
+"""Experiment config files (`get_config(arg)` returning an ml_collections ConfigDict)."""

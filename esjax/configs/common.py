@@ -1,0 +1,124 @@
+"""The sections every experiment config has, with their defaults, and how `model` becomes a
+typed `ModelConfig`.
+
+An experiment file builds on `base_config()` and changes what it needs:
+
+- `model`: `preset` (a name from `esjax.models.presets`, '' for the ModelConfig defaults)
+  and every `ModelConfig` field as a typed placeholder: a field left at None takes the
+  preset's value, a field set (in the file or with `--config.model.d_model=128`) overrides
+  it. `model_config(config)` applies that rule.
+- `data`: `source` ('stdlib', or the user's files / directories / globs, comma-separated),
+  `tokenizer` ('byte', or a SentencePiece .model / tokenizers .json path), `max_bytes` (cap
+  on text read, 0: none), `val_fraction`.
+- `optim`: AdamW with linear warmup then cosine (or constant) decay, global-norm clipping.
+- `train`: `steps`, `batch_size`, `seq_len`, `seed`, `log_every`, `eval_every`,
+  `eval_batches`, and the collapse guard (`spike_factor`, `spike_window`).
+- `checkpoint`: `every`, `keep`, `init_from` (another run's workdir or checkpoint: its
+  weights, without optimizer state, start this run), `async_save`.
+- `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`), `fsdp` and
+  `microbatches`; read only by `esjax.parallel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from esjax.models.config import ModelConfig
+from esjax.models.presets import get_preset
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def model_section(preset: str = "", **fields: Any) -> ml_collections.ConfigDict:
+  """`model` section: a preset name plus every ModelConfig field (None: from the preset)."""
+  section = ml_collections.ConfigDict()
+  section.preset = preset
+  for f in dataclasses.fields(ModelConfig):
+    section[f.name] = config_dict.placeholder(_FIELD_TYPES[str(f.type)])
+  for name, value in fields.items():
+    if name not in section:
+      raise ValueError(f"model_section: unknown ModelConfig field {name!r}")
+    section[name] = value
+  return section
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The typed ModelConfig of an experiment config: preset (or defaults) + set fields."""
+  section = config.model
+  overrides = {k: v for k, v in section.items() if k != "preset" and v is not None}
+  base = get_preset(section.preset) if section.preset else ModelConfig()
+  return base.replace(**overrides)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every section; an experiment file changes what it needs."""
+  c = ml_collections.ConfigDict()
+  c.model = model_section()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "stdlib"
+  c.data.tokenizer = "byte"
+  c.data.max_bytes = 4_000_000
+  c.data.val_fraction = 0.02
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-4
+  c.optim.schedule = "cosine"  # or "constant" (after warmup)
+  c.optim.warmup_steps = 100
+  c.optim.final_lr_fraction = 0.1  # cosine ends at lr * final_lr_fraction
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # decoupled (AdamW), matrices only; norms are not decayed
+  c.optim.grad_clip = 1.0  # global norm; 0 disables
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 16
+  c.train.seq_len = 128
+  c.train.seed = 0
+  c.train.log_every = 10
+  c.train.eval_every = 100  # 0: no validation
+  c.train.eval_batches = 8
+  c.train.spike_factor = 0.0  # > 0: stop when loss > factor * running mean of recent losses
+  c.train.spike_window = 50
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500  # 0: only at the end
+  c.checkpoint.keep = 3
+  c.checkpoint.init_from = ""
+  c.checkpoint.async_save = True
+
+  c.parallel = ml_collections.ConfigDict()
+  for axis in ("dp", "tp", "cp", "pp", "ep", "etp"):
+    c.parallel[axis] = 1
+  c.parallel.fsdp = False
+  c.parallel.microbatches = 1
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """`"moe"` or `"variant=moe,steps=50"` -> ConfigDict over `defaults` (big_vision style).
+
+  A bare word sets the first default; values take the type of their default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  first = next(iter(defaults))
+  for part in arg.split(","):
+    key, sep, value = part.partition("=")
+    if not sep:
+      key, value = first, part
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config arg {part!r}: unknown key {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      value = value.strip().lower() in ("1", "true", "yes")
+    out[key] = kind(value)
+  return out

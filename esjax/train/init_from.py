@@ -1,0 +1,66 @@
+"""Starting a run from another run's weights (`checkpoint.init_from`), without its optimizer
+state: continued pretraining, and the hook where a checkpoint is converted while it loads.
+
+The path: `checkpoint.restore_params` reads the source's model config and params, `convert`
+turns them into parameters of this run's model config (identity when the two configs have
+the same parameter shapes), and `check_fit` refuses anything whose tree or shapes do not
+match the model, naming the parameter.
+
+`convert` is the one place for load-time conversions. `esjax.transforms` plugs in here: e.g.
+a dense source checkpoint and an MoE target config are upcycled while loading (online
+upcycling), a smaller source is grown. Its contract: pure function of
+(source config, params, target config, experiment config), returning target params; it may
+run under jit with the target's shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from esjax.models.config import ModelConfig
+from esjax.train import checkpoint, state as state_lib
+
+
+def _paths(tree: Any) -> dict[str, Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+          for path, leaf in flat}
+
+
+def check_fit(params: Any, abstract_params: Any, source: str) -> None:
+  """Raises ValueError naming the first parameter that is missing, extra or mis-shaped."""
+  got, want = _paths(params), _paths(abstract_params)
+  for name, spec in want.items():
+    if name not in got:
+      raise ValueError(f"checkpoint.init_from={source!r}: parameter {name!r} (shape "
+                       f"{tuple(spec.shape)}) is missing from the checkpoint")
+    if tuple(np.shape(got[name])) != tuple(spec.shape):
+      raise ValueError(f"checkpoint.init_from={source!r}: parameter {name!r} has shape "
+                       f"{tuple(np.shape(got[name]))} in the checkpoint but the model expects "
+                       f"{tuple(spec.shape)}")
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise ValueError(f"checkpoint.init_from={source!r}: parameter {extra[0]!r} is in the "
+                     f"checkpoint but not in the model ({len(extra)} such)")
+
+
+def convert(src_cfg: ModelConfig, params: Any, dst_cfg: ModelConfig, config: Any) -> Any:
+  """Load-time conversion hook (see module docstring). Identity for now: the checkpoint must
+  already have this model's parameter shapes, which `check_fit` verifies."""
+  del src_cfg, dst_cfg, config
+  return params
+
+
+def load(config: Any, model_cfg: ModelConfig) -> Any:
+  """Parameters for this run's model from `config.checkpoint.init_from`, cast to the
+  model's parameter dtypes."""
+  source = config.checkpoint.init_from
+  src_cfg, params = checkpoint.restore_params(source)
+  params = convert(src_cfg, params, model_cfg, config)
+  _, abstract = state_lib.abstract_model(model_cfg)
+  abstract = abstract.to_pure_dict()
+  check_fit(params, abstract, source)
+  return jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract)

@@ -1,0 +1,183 @@
+"""The training loop: data, train state (fresh, resumed or init_from), jitted steps,
+validation, metrics, checkpoints and the collapse guard.
+
+Read top to bottom: setup, restore or create the state, then the loop. Step t's metrics are
+fetched only after step t+1 has been dispatched, so the host never stalls the device, except
+at checkpoint and final steps, whose loss is checked before the state is saved: a checkpoint
+never holds the result of a NaN/Inf step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from esjax.configs import common
+from esjax.data import dataset
+from esjax.train import (checkpoint, guard as guard_lib, init_from, metrics as metrics_lib,
+                         optimizer, partition, state as state_lib, step as step_lib)
+
+
+def check_config(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
+  """Cross-section checks that no single section can make."""
+  t = config.train
+  for name in ("steps", "batch_size", "seq_len", "log_every"):
+    if t[name] <= 0:
+      raise ValueError(f"train.{name}={t[name]} must be > 0")
+  if t.seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len="
+                     f"{model_cfg.max_seq_len}")
+
+
+def _write_configs(workdir: str, config: ml_collections.ConfigDict, model_cfg: Any) -> None:
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  with open(os.path.join(workdir, "model_config.json"), "w", encoding="utf-8") as f:
+    json.dump(model_cfg.to_dict(), f, indent=2, sort_keys=True)
+
+
+def _jit_step(fn, donate: bool, in_sh: tuple | None, out_sh: tuple | None):
+  kwargs = {"donate_argnums": 0} if donate else {}
+  if in_sh is not None:
+    kwargs.update(in_shardings=in_sh, out_shardings=out_sh)
+  return jax.jit(fn, **kwargs)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint). Returns a summary:
+  `first_loss` (of this invocation), `last_loss`, `val_loss`, `step`, `wall_s`."""
+  t0 = time.perf_counter()
+  is_main = jax.process_index() == 0
+  model_cfg = common.model_config(config)
+  check_config(config, model_cfg)
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    _write_configs(workdir, config, model_cfg)
+
+  # Data.
+  data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed, tc.eval_batches)
+  if data.tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has {data.tokenizer.vocab_size} "
+                     f"ids but model.vocab_size={model_cfg.vocab_size}")
+
+  # Model, optimizer, layout, steps.
+  layout = partition.make_layout(config.parallel, model_cfg)
+  tx, schedule = optimizer.make_optimizer(config.optim, tc.steps)
+  graphdef, abstract_params = state_lib.abstract_model(model_cfg)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR),
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  try:
+    with layout.context():
+      shapes = state_lib.abstract_train_state(model_cfg, tx)
+      shardings = layout.state_shardings(shapes, abstract_params)
+      batch_sh = layout.batch_sharding()
+
+      # Restore (same workdir), or init_from another run's weights, or fresh.
+      latest = ckpt.latest_step()
+      if latest is not None:
+        target = state_lib.abstract_train_state(model_cfg, tx, shardings)
+        state, data_state = ckpt.restore(latest, target)
+        data.train.restore(data_state)
+        tqdm.tqdm.write(f"resumed from {ckpt.directory}/{latest}")
+      else:
+        params = init_from.load(config, model_cfg) if config.checkpoint.init_from else None
+        state = state_lib.create_train_state(model_cfg, tx, jax.random.key(tc.seed), shardings,
+                                             params)
+      start = int(jax.device_get(state.step))
+      if data.train.position != start:
+        raise ValueError(f"checkpoint step {start} but data position {data.train.position}")
+
+      train_step = _jit_step(step_lib.make_train_step(graphdef, tx, schedule), donate=True,
+                             in_sh=None if shardings is None else (shardings, batch_sh),
+                             out_sh=None if shardings is None else (shardings, None))
+      eval_step = _jit_step(step_lib.make_eval_step(graphdef), donate=False,
+                            in_sh=None if shardings is None else (shardings.params, batch_sh),
+                            out_sh=None if shardings is None else None)
+      val_batches = [layout.put_batch(b) for b in data.val]
+      return _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt,
+                  writer, model_cfg, start, t0, is_main)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+
+def _evaluate(eval_step, params, val_batches) -> float:
+  losses = [eval_step(params, b)["ce_loss"] for b in val_batches]
+  return float(np.mean(jax.device_get(losses)))
+
+
+def _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt, writer,
+         model_cfg, start, t0, is_main) -> dict[str, Any]:
+  tc, cc = config.train, config.checkpoint
+  guard = guard_lib.CollapseGuard(tc.spike_factor, tc.spike_window)
+  tokens_per_step = tc.batch_size * tc.seq_len
+  summary: dict[str, Any] = {"step": start, "first_loss": None, "last_loss": None,
+                             "val_loss": None}
+  clock = {"step": start, "time": time.perf_counter()}
+  bar = tqdm.tqdm(total=tc.steps, initial=start, desc="train", unit="step",
+                  mininterval=1.0, dynamic_ncols=True, disable=not is_main)
+
+  def where() -> str:
+    ckpt.wait()
+    saved = ckpt.all_steps()
+    return (f" The last good checkpoint is step {max(saved)} in {ckpt.directory}." if saved
+            else " No checkpoint was written.")
+
+  def finish(step: int, metrics: Any, val_loss: float | None) -> None:
+    """Host side of a dispatched step: guard, log record, progress."""
+    loss = float(jax.device_get(metrics["loss"]))
+    try:
+      guard.check(step, loss)
+    except guard_lib.TrainingCollapsed as e:
+      raise guard_lib.TrainingCollapsed(f"{e}{where()}") from None
+    summary["first_loss"] = loss if summary["first_loss"] is None else summary["first_loss"]
+    summary.update(step=step, last_loss=loss)
+    bar.update(step - bar.n)
+    if step == start + 1:  # Throughput excludes the first step (compilation).
+      clock.update(step=step, time=time.perf_counter())
+    if step % tc.log_every and val_loss is None and step != tc.steps:
+      return
+    record = metrics_lib.step_record(step, jax.device_get(metrics))
+    now = time.perf_counter()
+    if step > clock["step"]:
+      record["tokens_per_s"] = (step - clock["step"]) * tokens_per_step / (now - clock["time"])
+      clock.update(step=step, time=now)
+    line = f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e}"
+    if val_loss is not None:
+      record["val_loss"] = summary["val_loss"] = val_loss
+      line += f" | val_loss {val_loss:.4f}"
+    if "tokens_per_s" in record:
+      line += f" | {record['tokens_per_s']:,.0f} tok/s"
+    writer.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+    if is_main:
+      tqdm.tqdm.write(line)
+
+  pending = None  # (step, device metrics, val_loss) of the last dispatched step
+  for step in range(start + 1, tc.steps + 1):
+    batch = layout.put_batch(next(data.train))
+    state, metrics = train_step(state, batch)  # Dispatch step `step` ...
+    if pending is not None:
+      finish(*pending)  # ... then wait for the previous one.
+    val_loss = None
+    if tc.eval_every and val_batches and (step % tc.eval_every == 0 or step == tc.steps):
+      val_loss = _evaluate(eval_step, state.params, val_batches)
+    pending = (step, metrics, val_loss)
+    if step == tc.steps or (cc.every and step % cc.every == 0):
+      finish(*pending)  # A checkpoint only after its step's loss passed the guard.
+      pending = None
+      ckpt.save(state, data.train.state(), model_cfg)
+  bar.close()
+  summary["wall_s"] = time.perf_counter() - t0
+  return summary

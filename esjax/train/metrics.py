@@ -1,0 +1,63 @@
+"""Metrics out of the loop: `<workdir>/metrics.jsonl` (one JSON object per line) and
+TensorBoard event files, plus the conversion of a step's device metrics to a record."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorboardX
+
+# Step metrics copied to the record when the step function returns them.
+SCALARS = ("loss", "ce_loss", "lr", "grad_norm", "aux_loss", "seq_aux_loss", "z_loss",
+           "max_z_loss", "drop_fraction")
+
+
+def step_record(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+  """JSON-ready record of one step's (host) metrics: scalars as floats, `expert_load` as a
+  list per MoE layer of per-expert fractions of routed assignments."""
+  rec: dict[str, Any] = {"step": int(step)}
+  for k in SCALARS:
+    if k in metrics:
+      rec[k] = float(metrics[k])
+  if "expert_load" in metrics:
+    rec["expert_load"] = np.asarray(metrics["expert_load"], np.float64).round(6).tolist()
+  return rec
+
+
+class MetricWriter:
+  """Appends records to metrics.jsonl (only on process 0) and mirrors scalars to
+  TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    step = record["step"]
+    for k, v in record.items():
+      if k != "step" and isinstance(v, float):
+        self._tb.add_scalar(k, v, step)
+    for i, load in enumerate(record.get("expert_load", [])):
+      # Max expert load relative to a perfectly balanced router (1.0 = balanced).
+      self._tb.add_scalar(f"expert_load_max/layer{i}", max(load) * len(load), step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of `<workdir>/metrics.jsonl`, in order."""
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]

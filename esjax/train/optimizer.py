@@ -1,0 +1,40 @@
+"""The optimizer: AdamW (decoupled weight decay on matrices only) with linear warmup then
+cosine or constant learning rate, after global-norm gradient clipping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+
+def learning_rate(optim_cfg: Any, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * final_lr_fraction` at
+  `total_steps`, or constant `lr`."""
+  lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+  if optim_cfg.schedule == "constant":
+    if not warmup:
+      return optax.constant_schedule(lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  if optim_cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=lr * optim_cfg.final_lr_fraction)
+  raise ValueError(f"optim.schedule={optim_cfg.schedule!r}, expected 'cosine' or 'constant'")
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on matrices and expert stacks (ndim >= 2), not on norms or biases."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_cfg: Any, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate(optim_cfg, total_steps)
+  adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                      weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+  if optim_cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw), schedule
+  return adamw, schedule
