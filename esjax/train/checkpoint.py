@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from esjax.models.config import ModelConfig
 from esjax.train import state as state_lib
@@ -117,7 +118,7 @@ def restore_params(path: str, target: Any = None) -> tuple[ModelConfig, Any]:
       _, abstract = state_lib.abstract_model(model_cfg)
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract.to_pure_dict())
+                            nnx.to_pure_dict(abstract))
     return model_cfg, ckpt.restore_params(step, target)
   finally:
     ckpt.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from esjax.models.config import ModelConfig
 from esjax.train import checkpoint, state as state_lib
@@ -61,6 +62,6 @@ def load(config: Any, model_cfg: ModelConfig) -> Any:
   src_cfg, params = checkpoint.restore_params(source)
   params = convert(src_cfg, params, model_cfg, config)
   _, abstract = state_lib.abstract_model(model_cfg)
-  abstract = abstract.to_pure_dict()
+  abstract = nnx.to_pure_dict(abstract)
   check_fit(params, abstract, source)
   return jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract)

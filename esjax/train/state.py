@@ -1,7 +1,7 @@
 """The train state: a plain pytree (step, params, optimizer state) built functionally.
 
 `params` is the model's parameter tree as a pure nested dict,
-`nnx.state(model, nnx.Param).to_pure_dict()` (layers keyed by int), so checkpoints, growth
+`nnx.to_pure_dict(nnx.state(model, nnx.Param))` (layers keyed by int), so checkpoints, growth
 and upcycling handle it as ordinary arrays; `nnx.merge(graphdef, params)` rebuilds the model
 inside a jitted step.
 """
@@ -37,7 +37,7 @@ def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 def init_params(model_cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
   """Fresh parameters as a pure dict (call under jit to build them sharded)."""
-  return nnx.state(Transformer(model_cfg, nnx.Rngs(params=rng)), nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(Transformer(model_cfg, nnx.Rngs(params=rng)), nnx.Param))
 
 
 def new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:

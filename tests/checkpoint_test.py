@@ -1,0 +1,119 @@
+"""Checkpoints: round trip, keep-last-K, atomicity under SIGKILL, init_from and its errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from esjax.models.presets import get_preset
+from esjax.train import checkpoint, init_from, state as state_lib
+
+CFG = get_preset("tiny-llama", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+
+
+def make_state(cfg=CFG, seed=0):
+  tx = optax.adamw(1e-3)
+  return state_lib.create_train_state(cfg, tx, jax.random.key(seed)), tx
+
+
+def test_roundtrip_keeps_last_k_and_restores_exactly(tmp_path):
+  state, tx = make_state()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, async_save=True)
+  for step in (1, 2, 3):
+    state = state.replace(step=jnp.asarray(step, jnp.int32),
+                          params=jax.tree.map(lambda p: p + 1.0, state.params))
+    ckpt.save(state, {"position": step}, CFG)
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 3]
+  restored, data = ckpt.restore(3, state_lib.abstract_train_state(CFG, tx))
+  ckpt.close()
+  assert data == {"position": 3} and int(restored.step) == 3
+  jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)
+  # restore_params reads weights and model config only, from the workdir-style path.
+  cfg, params = checkpoint.restore_params(str(tmp_path))
+  assert cfg == CFG
+  jax.tree.map(np.testing.assert_array_equal, params, state.params)
+
+
+_SAVER = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, optax
+    from esjax.models.presets import get_preset
+    from esjax.train import checkpoint, state as state_lib
+    cfg = get_preset("tiny-llama", vocab_size=4096, d_model=256, d_ff=1024, n_layers=4,
+                     n_heads=4, n_kv_heads=4)  # 6 M parameters, 75 MB with Adam's moments
+    state = state_lib.create_train_state(cfg, optax.adamw(1e-3), jax.random.key(0))
+    ckpt = checkpoint.Checkpointer(sys.argv[1], keep=5, async_save=False)
+    for step in (1, 2):
+      state = state.replace(step=jnp.asarray(step, jnp.int32))
+      print(f"saving {step}", flush=True)
+      ckpt.save(state, {"position": step}, cfg)
+    print("done", flush=True)
+""")
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path)], env=env,
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "saving 1"
+    assert proc.stdout.readline().strip() == "saving 2"
+    deadline = time.time() + 60
+    while not any(".orbax-checkpoint-tmp" in d and d.startswith("2")
+                  for d in os.listdir(tmp_path)):
+      assert time.time() < deadline and proc.poll() is None, "never caught step 2 mid-save"
+      time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)  # Step 2 is half written.
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert not os.path.isdir(tmp_path / "2")
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
+  assert ckpt.all_steps() == [1]
+  big_cfg = ckpt.model_config(1)
+  tx = optax.adamw(1e-3)
+  restored, data = ckpt.restore(1, state_lib.abstract_train_state(big_cfg, tx))
+  expected = state_lib.create_train_state(big_cfg, tx, jax.random.key(0))
+  assert data == {"position": 1}
+  jax.tree.map(np.testing.assert_array_equal, restored.params, expected.params)
+  ckpt.save(restored.replace(step=jnp.asarray(2, jnp.int32)), {"position": 2}, big_cfg)
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # The partial step-2 directory is gone.
+
+
+def _init_from_config(path):
+  return ml_collections.ConfigDict({"checkpoint": {"init_from": str(path)}})
+
+
+def test_init_from_loads_params_and_names_misfit_parameter(tmp_path):
+  state, _ = make_state(seed=3)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
+  ckpt.save(state.replace(step=jnp.asarray(7, jnp.int32)), {"position": 7}, CFG)
+  ckpt.close()
+  params = init_from.load(_init_from_config(tmp_path), CFG)
+  jax.tree.map(np.testing.assert_array_equal, params, state.params)
+  for path in (tmp_path / "checkpoints", tmp_path / "checkpoints" / "7"):
+    cfg, _ = checkpoint.restore_params(str(path))
+    assert cfg == CFG
+  with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.w_down' has shape \(64, 32\) in the "
+                                       r"checkpoint but the model expects \(96, 32\)"):
+    init_from.load(_init_from_config(tmp_path), CFG.replace(d_ff=96))
+  with pytest.raises(ValueError, match=r"'layers\.1\.attn\.wk' \(shape \(32, 1, 16\)\) is missing"):
+    init_from.load(_init_from_config(tmp_path), CFG.replace(n_layers=2))
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    init_from.load(_init_from_config(tmp_path / "nope"), CFG)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    init_from.load(_init_from_config(tmp_path / "empty"), CFG)
