@@ -39,8 +39,8 @@ class Attention(nnx.Module):
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     cos, sin = layers.rope_tables(positions, cfg.head_dim_, cfg.rope_theta)
     q = constrain(layers.apply_rope(q, cos, sin), ("act_batch", "act_len", "act_heads", None))
-    k = constrain(layers.apply_rope(k, cos, sin), ("act_batch", "act_len", "act_kv_heads", None))
-    v = constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
+    k = constrain(layers.apply_rope(k, cos, sin), ("act_batch", "act_kv_len", "act_kv_heads", None))
+    v = constrain(v, ("act_batch", "act_kv_len", "act_kv_heads", None))
     return q, k, v
 
   def output(self, o: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ from flax import nnx
 from esjax.models import layers
 from esjax.models.config import ModelConfig
 from esjax.models.mlp import MLP
+from esjax.parallel import hooks
 from esjax.routing import dispatch, router
 
 
@@ -89,6 +90,9 @@ class MoE(nnx.Module):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [B, S, D] -> (y [B, S, D], per-layer router statistics)."""
+    expert_parallel = hooks.moe_override()  # set by an active esjax.parallel layout
+    if expert_parallel is not None:
+      return expert_parallel(self, x)
     cfg = self.cfg
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)

@@ -44,14 +44,14 @@ class Block(nnx.Module):
     else:
       a, cache = self.attn(self.attn_norm(x), positions, cache)
       x = x + a
-    x = constrain(x, ("act_batch", "act_len", "act_embed"))
+    x = constrain(x, ("act_batch", "act_res_len", "act_embed"))
     h = self.mlp_norm(x)
     stats = None
     if self.is_moe:
       h, stats = self.mlp(h)
     else:
       h = self.mlp(h)
-    x = constrain(x + h, ("act_batch", "act_len", "act_embed"))
+    x = constrain(x + h, ("act_batch", "act_res_len", "act_embed"))
     return (x, stats) if cache is None else (x, stats, cache)
 
 
@@ -81,7 +81,7 @@ class Transformer(nnx.Module):
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype)
-    return constrain(x, ("act_batch", "act_len", "act_embed"))
+    return constrain(x, ("act_batch", "act_res_len", "act_embed"))
 
   def logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
