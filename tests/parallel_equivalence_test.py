@@ -96,8 +96,8 @@ def reference(overrides_key, microbatches):
   cfg = model_config(dict(overrides_key) if overrides_key != "dense" else "dense")
   graphdef, params = init_params(cfg)
   tx = optimizer()
-  step = step_lib.make_train_step(graphdef, tx, None, layout=mesh_lib.Layout(
-      dp=1, microbatches=microbatches), with_grads=True)
+  step = step_lib.make_train_step(graphdef, tx, mesh_lib.Layout(dp=1, microbatches=microbatches),
+                                  with_grads=True)
   device = jax.devices()[0]
   params = jax.device_put(params, device)
   return run_steps(jax.jit(step), params, tx.init(params), jax.device_put(make_batch(cfg),
@@ -147,9 +147,9 @@ def test_layout_equals_single_device(name, layout_kw, overrides):
   tx = optimizer()
   psh = step_lib.param_shardings(params, fm, cfg)
   params = jax.device_put(params, psh)
-  opt_state, osh = step_lib.init_opt_state(tx, params, fm, cfg)
-  step = step_lib.jit_train_step(
-      step_lib.make_train_step(graphdef, tx, fm, cfg, with_grads=True), fm, psh, osh, cfg)
+  opt_state, osh = step_lib.init_opt_state(tx, params, fm, psh)
+  step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, with_grads=True), fm,
+                                 psh, osh, cfg)
   batch = jax.device_put(make_batch(cfg), step_lib.batch_sharding(fm))
   with rules_lib.record_shardings() as records:
     params1, opt_state, metrics = step(params, opt_state, batch)

@@ -264,3 +264,9 @@ def activate(fm: FoldedMesh, cfg=None) -> Iterator[FoldedMesh]:
       yield fm
   finally:
     _ACTIVE.reset(token)
+
+
+def training_layout(parallel_cfg: Mapping[str, Any] | Any, model_cfg, devices=None):
+  """The training loop's layout (`esjax.train.partition.Layout`) for `config.parallel`."""
+  from esjax.parallel import step  # pylint: disable=g-import-not-at-top
+  return step.ParallelTraining(Layout.from_config(parallel_cfg), model_cfg, devices)

@@ -1,18 +1,18 @@
-"""A parallel train step: shardings from the rules, microbatches, pipeline, optax update.
+"""Parallel training: state and batch shardings, the microbatched / pipelined gradient, and
+the `Layout` the training loop uses (`esjax.train.partition`).
 
-`make_train_step` is what the report tool compiles and what the parallel tests run; the
-training loop can use the same pieces (`param_shardings`, `init_opt_state`,
-`loss_and_grads`). On any layout the batch is split into `microbatches`
-(`split_microbatches`), the loss is the mean of the microbatch losses and the gradient its
-gradient: one device with the same microbatch count computes the same function.
+On any layout the batch is split into `microbatches` (`split_microbatches`), the loss is the
+mean of the microbatch losses and the gradient its gradient: one device with the same
+microbatch count computes the same function (tests/parallel_equivalence_test.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -23,16 +23,37 @@ from esjax.train.loss import lm_loss
 Batch = dict[str, jax.Array]
 
 
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
 def param_shardings(params: nnx.State, fm: mesh_lib.FoldedMesh, cfg=None) -> nnx.State:
-  """NamedShardings of model parameters from their `axes` metadata and the layout rules."""
+  """NamedShardings of model parameters (same tree) from their `axes` metadata and rules."""
   table = rules_lib.layout_rules(fm, cfg)
 
   def sharding(v):
-    axes = v.get_metadata().get("axes") if isinstance(v, nnx.Variable) else None
+    axes = v.get_metadata().get("axes") if _is_var(v) else None
     spec = P() if axes is None else rules_lib.logical_to_spec(axes, table)
-    return v.replace(value=NamedSharding(fm.mesh, spec))
+    named = NamedSharding(fm.mesh, spec)
+    return v.replace(value=named) if _is_var(v) else named
 
-  return jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(sharding, params, is_leaf=_is_var)
+
+
+def mirror_shardings(tree: Any, params: Any, params_sharding: Any, default: Any) -> Any:
+  """Shardings for e.g. an optax state: subtrees shaped like `params` get `params_sharding`,
+  every other leaf `default`."""
+  params_def = jax.tree.structure(params)
+
+  def visit(node):
+    if jax.tree.structure(node) == params_def:
+      return params_sharding
+    children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+    if jax.tree_util.treedef_is_leaf(treedef):
+      return default
+    return jax.tree.unflatten(treedef, [visit(c) for c in children])
+
+  return visit(tree)
 
 
 def batch_sharding(fm: mesh_lib.FoldedMesh) -> NamedSharding:
@@ -53,21 +74,30 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
-                   layout: mesh_lib.Layout, rest: nnx.State | None = None,
-                   loss_fn: Callable = lm_loss) -> tuple[jax.Array, dict, nnx.State]:
-  """Mean loss over microbatches, its metrics (means) and gradients w.r.t. `params`.
+def prepare_batch(batch: Batch) -> Batch:
+  """The batch as the active layout's model expects it (CP load-balanced sequence order)."""
+  fm = mesh_lib.active()
+  return batch if fm is None else context.reorder_batch(fm.layout, batch)
 
-  Runs the pipeline when layout.pp > 1. `rest` holds non-parameter model state (if any).
+
+def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: Batch,
+                   loss_fn: Callable = lm_loss, layout: mesh_lib.Layout | None = None
+                   ) -> tuple[jax.Array, dict, Any]:
+  """(mean loss over microbatches, mean metrics, gradients w.r.t. `params`).
+
+  `layout` defaults to the active one (`mesh.activate`), else a single device. Under an
+  active layout the batch is put in CP load-balanced order, and pp > 1 runs the pipeline.
   """
-  rest = nnx.State({}) if rest is None else rest
+  fm = mesh_lib.active()
+  if layout is None:
+    layout = fm.layout if fm is not None else mesh_lib.Layout(dp=1)
+  batch = prepare_batch(batch)
   if layout.pp > 1:
     from esjax.parallel import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.loss_and_grads(graphdef, params, batch, layout, rest, loss_fn)
+    return pipeline.loss_and_grads(graphdef, params, batch, layout, loss_fn)
 
   def micro_loss(p, mb):
-    model = nnx.merge(graphdef, p, rest)
-    return loss_fn(model, mb)
+    return loss_fn(nnx.merge(graphdef, p), mb)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   n = layout.microbatches
@@ -87,22 +117,17 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    fm: mesh_lib.FoldedMesh | None, cfg=None,
                     layout: mesh_lib.Layout | None = None, with_grads: bool = False
                     ) -> Callable:
   """step(params, opt_state, batch) -> (params, opt_state, metrics), not yet jitted.
 
-  With a folded mesh `fm` the step runs under its layout (rules, EP/CP overrides) and the
-  batch is put in load-balanced order for CP. Without one it is the single-device step;
-  `layout` then only supplies the microbatch count. `with_grads` adds the gradients to the
-  metrics (tests).
+  A minimal step for the parallel tests, the report and the benchmark (the training loop's
+  step, `esjax.train.step`, calls the same `loss_and_grads`). `with_grads` adds the
+  gradients to the metrics.
   """
-  layout = fm.layout if fm is not None else (layout or mesh_lib.Layout(dp=1))
 
   def step(params, opt_state, batch):
-    if fm is not None:
-      batch = context.reorder_batch(layout, batch)
-    loss, metrics, grads = loss_and_grads(graphdef, params, batch, layout)
+    loss, metrics, grads = loss_and_grads(graphdef, params, batch, layout=layout)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
@@ -113,9 +138,30 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return step
 
 
+def init_opt_state(tx: optax.GradientTransformation, params: Any,
+                   fm: mesh_lib.FoldedMesh | None, params_sharding: Any = None
+                   ) -> tuple[Any, Any]:
+  """Optimizer state built on device, parameter-shaped leaves sharded like the parameters.
+
+  Returns (opt_state, its shardings); shardings are None without a mesh.
+  """
+  if fm is None:
+    return tx.init(params), None
+  if params_sharding is None:
+    params_sharding = jax.tree.map(lambda x: x.sharding, params)
+  shapes = jax.eval_shape(tx.init, params)
+  opt_sharding = mirror_shardings(shapes, params, params_sharding,
+                                  NamedSharding(fm.mesh, P()))
+  opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+  return opt_state, opt_sharding
+
+
 def jit_train_step(step: Callable, fm: mesh_lib.FoldedMesh, params_sharding: Any,
                    opt_sharding: Any, cfg=None) -> Callable:
-  """jax.jit of `step` with the state's shardings in and out, run under the layout."""
+  """jax.jit of `step` with the state's shardings in and out; calls run under the layout.
+
+  `run.lower(*args)` lowers it (for the report) under the layout as well.
+  """
   jitted = jax.jit(step, in_shardings=(params_sharding, opt_sharding, batch_sharding(fm)),
                    out_shardings=(params_sharding, opt_sharding, None), donate_argnums=(0, 1))
 
@@ -123,28 +169,40 @@ def jit_train_step(step: Callable, fm: mesh_lib.FoldedMesh, params_sharding: Any
     with mesh_lib.activate(fm, cfg):
       return jitted(*args)
 
-  run.lower = lambda *args: _lower(jitted, fm, cfg, *args)  # type: ignore[attr-defined]
+  def lower(*args):
+    with mesh_lib.activate(fm, cfg):
+      return jitted.lower(*args)
+
+  run.lower = lower  # type: ignore[attr-defined]
   return run
 
 
-def _lower(jitted, fm, cfg, *args):
-  with mesh_lib.activate(fm, cfg):
-    return jitted.lower(*args)
+class ParallelTraining:
+  """`esjax.train.partition.Layout` of a folded mesh: what the training loop uses."""
 
+  def __init__(self, layout: mesh_lib.Layout, model_cfg, devices=None):
+    self.fm = mesh_lib.make_mesh(layout, devices)
+    self.layout = self.fm.layout
+    self.model_cfg = model_cfg
+    mesh_lib.check_model(self.layout, model_cfg)
 
-def init_opt_state(tx: optax.GradientTransformation, params: nnx.State,
-                   fm: mesh_lib.FoldedMesh | None, cfg=None) -> tuple[Any, Any]:
-  """Optimizer state created on device, each parameter-shaped leaf sharded like its parameter.
+  def context(self) -> ContextManager[Any]:
+    return mesh_lib.activate(self.fm, self.model_cfg)
 
-  Returns (opt_state, its shardings); shardings are None without a mesh.
-  """
-  if fm is None:
-    return tx.init(params), None
-  shapes = jax.eval_shape(tx.init, params)
-  replicated = NamedSharding(fm.mesh, P())
-  opt_sharding = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, shapes, param_shardings(params, fm, cfg),
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
-  opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
-  return opt_state, opt_sharding
+  def state_shardings(self, abstract_state: Any, abstract_params: nnx.State) -> Any:
+    """TrainState of shardings: params by the rules, optimizer state mirroring them."""
+    params = param_shardings(abstract_params, self.fm, self.model_cfg)
+    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    replicated = NamedSharding(self.fm.mesh, P())
+    return mirror_shardings(abstract_state, abstract_state.params, params, replicated)
+
+  def batch_sharding(self) -> NamedSharding:
+    return batch_sharding(self.fm)
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global batch (the same on every process) -> global device arrays."""
+    sharding = self.batch_sharding()
+    if jax.process_count() == 1:
+      return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}

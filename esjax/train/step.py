@@ -8,6 +8,7 @@ import jax
 import optax
 from flax import nnx
 
+from esjax.parallel import step as parallel_step
 from esjax.train import loss as loss_lib
 from esjax.train.state import TrainState
 
@@ -25,10 +26,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    def objective(params):
-      return loss_fn(nnx.merge(graphdef, params), batch)
-
-    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    # Microbatches, pipeline and CP order as the active esjax.parallel layout says.
+    _, metrics, grads = parallel_step.loss_and_grads(graphdef, state.params, batch, loss_fn)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
@@ -42,6 +41,7 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn = loss_lib.lm_loss
   """`eval_step(params, batch) -> metrics` of `loss_fn` (no update)."""
 
   def eval_step(params: Any, batch: dict[str, jax.Array]):
+    batch = parallel_step.prepare_batch(batch)  # CP load-balanced order under a layout
     return loss_fn(nnx.merge(graphdef, params), batch)[1]
 
   return eval_step
