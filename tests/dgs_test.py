@@ -9,7 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from esjax.distributed.data import synthetic_text
+import ml_collections
+
+from esjax.configs import common
+from esjax.data import dataset
 from esjax.distributed.server import ParameterServer
 from esjax.distributed.worker import Worker, init_params
 from esjax.models import ModelConfig
@@ -158,10 +161,16 @@ SCHEDULE = [(0, "c"), (1, "c"), (2, "c"), (0, "p"), (0, "c"), (2, "p"), (1, "p")
 EXPECTED_STALENESS = [0, 1, 2, 2, 1, 3, 2, 2]
 
 
+def _windows():
+  data = ml_collections.ConfigDict(
+      {"source": "stdlib", "tokenizer": "byte", "max_bytes": 50_000, "val_fraction": 0.0})
+  return dataset.build(data, seq_len=16, batch_size=4, seed=0).train.windows
+
+
 def _replay(mode, ratio, down_ratio, resync_every=0, check=None):
-  tokens = np.frombuffer(synthetic_text(20_000), np.uint8)
+  windows = _windows()
   server = ParameterServer(init_params(TINY, 0), mode, down_ratio, resync_every)
-  workers = [Worker(k, TINY.to_dict(), OPTIM, mode, ratio, tokens, 4, 16, seed=0)
+  workers = [Worker(k, TINY.to_dict(), OPTIM, mode, ratio, windows[k::3], 4, seed=0)
              for k in range(3)]
   for k, w in enumerate(workers):
     w.set_params(server.register(k))
@@ -229,14 +238,42 @@ def test_server_rejects_bad_input():
     ParameterServer([np.zeros(3)], mode="dense").push(0, [np.zeros(3)])
 
 
-@pytest.mark.parametrize("arg", ["dense", "oneway", "dgs", "dgs,test"])
+@pytest.mark.parametrize("arg", ["dense", "oneway", "dgs", "dgs,test=1"])
 def test_shipped_config_builds(arg):
   spec = importlib.util.spec_from_file_location("tiny_lm", CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg)
-  from esjax.distributed.runtime import expected_density, model_dict  # noqa: PLC0415
-  ModelConfig.from_dict(model_dict(config))
+  from esjax.distributed.runtime import expected_density  # noqa: PLC0415
+  common.model_config(config)
   assert abs(expected_density(config) - config.dgs.ratio) < 0.2 * config.dgs.ratio
   with pytest.raises(ValueError, match="expected one of"):
     module.get_config("sync")
+  assert config.dgs.mode == arg.split(",")[0]
+
+
+def test_bad_config_gets_a_one_line_error():
+  spec = importlib.util.spec_from_file_location("tiny_lm", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  from esjax.distributed.runtime import validate  # noqa: PLC0415
+  validate(module.get_config("dgs"))
+  for section, key, value, match in [("dgs", "ratio", 0.0, "dgs.ratio"),
+                                     ("dgs", "down_ratio", 2.0, "dgs.down_ratio"),
+                                     ("dgs", "mode", "sync", "dgs.mode"),
+                                     ("train", "num_workers", 0, "num_workers"),
+                                     ("optim", "schedule", "step", "optim.schedule")]:
+    config = module.get_config("dgs")
+    config[section][key] = value
+    with pytest.raises(ValueError, match=match):
+      validate(config)
+
+
+def test_lr_schedule():
+  from esjax.distributed.worker import lr_schedule  # noqa: PLC0415
+  constant = lr_schedule({"lr": 0.1, "warmup_steps": 10})
+  assert [float(constant(i)) for i in (0, 5, 10, 500)] == pytest.approx([0.0, 0.05, 0.1, 0.1])
+  cosine = lr_schedule({"lr": 0.1, "warmup_steps": 10, "schedule": "cosine",
+                        "decay_steps": 110, "final_lr_fraction": 0.1})
+  assert float(cosine(60)) == pytest.approx(0.01 + 0.09 * 0.5)  # halfway down the cosine
+  assert float(cosine(110)) == pytest.approx(0.01)

@@ -26,12 +26,13 @@ import ray
 from absl import logging
 from flax import nnx
 
-from esjax.distributed import data as dist_data
-from esjax.distributed.server import ParameterServer
+from esjax.configs import common
+from esjax.data import dataset
+from esjax.distributed.server import MODES, ParameterServer
 from esjax.distributed.worker import Worker, abstract_model, init_params
-from esjax.models import ModelConfig
 from esjax.optim import dgs
 from esjax.train.loss import lm_loss
+from esjax.train.metrics import MetricWriter
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,44 +69,30 @@ class WorkerActor:
     return {"worker": self.worker_id, "steps": self.worker.step}
 
 
-class MetricWriter:
-  """One JSON object per line in `<workdir>/metrics.jsonl`, scalars also to TensorBoard."""
-
-  def __init__(self, workdir: str):
-    from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional at import time)
-    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-  def write(self, record: dict[str, Any], tb_keys: tuple[str, ...] = ()) -> None:
-    self.file.write(json.dumps(record) + "\n")
-    for key in tb_keys:
-      if key in record:
-        self.tb.add_scalar(key, record[key], record["step"])
-
-  def close(self) -> None:
-    self.file.close()
-    self.tb.close()
-
-
 class AsyncTraining:
   """Driver of one asynchronous run: `start()`, then `poll()` until `done`, then `finish()`."""
 
   def __init__(self, config, workdir: str):
+    validate(config)
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
-    self.model_cfg = ModelConfig.from_dict(model_dict(config))
+    self.model_cfg = common.model_config(config)
     self.graphdef, abstract, self.rest = abstract_model(self.model_cfg)
     self.treedef = jax.tree.structure(abstract)
-    self.train_tokens, self.val_tokens = dist_data.load_tokens(config.data)
-    self.val_batches = dist_data.eval_batches(self.val_tokens, config.data.batch_size,
-                                              config.data.seq_len, config.eval.batches)
+    train = config.train
+    self.data = dataset.build(config.data, train.seq_len, train.batch_size, train.seed,
+                              train.eval_batches)
+    if self.data.tokenizer.vocab_size > self.model_cfg.vocab_size:
+      raise ValueError(f"tokenizer vocab {self.data.tokenizer.vocab_size} > model.vocab_size="
+                       f"{self.model_cfg.vocab_size}")
+    self.val_batches = self.data.val
     self._eval_fn = jax.jit(lambda p, b: lm_loss(nnx.merge(self.graphdef, p, self.rest), b)[0])
     self.ckpt = None
     if config.checkpoint.enabled:
       import orbax.checkpoint as ocp  # noqa: PLC0415
       self.ckpt = ocp.CheckpointManager(
           os.path.join(os.path.abspath(workdir), "checkpoints"),
-          options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.max_to_keep))
+          options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep))
     self.server = None
     self.workers: dict[int, Any] = {}
     self.running: dict[Any, int] = {}  # run() ref -> worker id
@@ -113,6 +100,7 @@ class AsyncTraining:
     self.dead: dict[int, str] = {}
     self.last_eval = -1
     self.staleness_sum = self.staleness_n = 0
+    self.updates_by_worker: dict[int, int] = {}  # server updates logged, per worker
     self.writer = None
     self.summary: dict[str, Any] = {}
 
@@ -133,13 +121,15 @@ class AsyncTraining:
     self.server = ray.remote(ParameterServer).options(num_cpus=cfg.ray.cpus_per_server).remote(
         params, mode, cfg.dgs.down_ratio, cfg.dgs.resync_every, version)
     remaining = max(0, cfg.train.steps_per_worker * n - version)
-    shards = dist_data.shard(self.train_tokens, n)
+    shards = np.array_split(self.data.train.windows, n)  # contiguous, disjoint
+    optim = cfg.optim.to_dict()
+    optim["decay_steps"] = optim["decay_steps"] or cfg.train.steps_per_worker
     for k in range(n):
       self.workers[k] = WorkerActor.options(
           num_cpus=cfg.ray.cpus_per_worker, runtime_env=_worker_env(cfg)).remote(
-              self.server, k, model_cfg=model_dict(cfg), optim=cfg.optim.to_dict(), mode=mode,
-              ratio=cfg.dgs.ratio, tokens=ray.put(shards[k]), batch_size=cfg.data.batch_size,
-              seq_len=cfg.data.seq_len, seed=cfg.seed)
+              self.server, k, model_cfg=self.model_cfg.to_dict(), optim=optim,
+              mode=mode, ratio=cfg.dgs.ratio, windows=ray.put(shards[k]),
+              batch_size=cfg.train.batch_size, seed=cfg.train.seed)
       steps = remaining // n + (k < remaining % n)
       self.running[self.workers[k].run.remote(steps)] = k
     logging.info("DGS %s: %d workers, %d updates to go from version %d", mode, n, remaining,
@@ -161,7 +151,7 @@ class AsyncTraining:
         logging.warning("worker %d died (%s); the others go on", k, type(e).__name__)
         self.writer.write({"step": self.server_version(), "event": "worker_died", "worker": k})
     self._log_records()
-    every = self.config.eval.every
+    every = self.config.train.eval_every
     if every and self.server_version() // every > self.last_eval // every:
       self.evaluate()
 
@@ -210,7 +200,8 @@ class AsyncTraining:
     for rec in ray.get(self.server.drain_records.remote()):
       self.staleness_sum += rec["staleness"]
       self.staleness_n += 1
-      self.writer.write(rec, ("loss", "staleness", "up_density", "down_density"))
+      self.updates_by_worker[rec["worker"]] = self.updates_by_worker.get(rec["worker"], 0) + 1
+      self.writer.write(rec)
 
   def eval_loss(self, params) -> float:
     """Mean loss over the fixed validation batches; `params` an nnx.State or its leaves."""
@@ -225,9 +216,9 @@ class AsyncTraining:
       raise FloatingPointError(f"val_loss is {val} at server version {snap['version']}")
     snap["val_loss"] = val
     self.last_eval, self.last_snap = snap["version"], snap
-    self.writer.write({"step": snap["version"], "val_loss": val, "bytes_up_total": snap["bytes_up"],
-                       "bytes_down_total": snap["bytes_down"], "time": snap["time"]},
-                      ("val_loss", "bytes_up_total", "bytes_down_total"))
+    self.writer.write({"step": snap["version"], "val_loss": val,
+                       "bytes_up_total": snap["bytes_up"], "bytes_down_total": snap["bytes_down"],
+                       "time": snap["time"]})
     if self.ckpt is not None:
       import orbax.checkpoint as ocp  # noqa: PLC0415
       # The checkpoint step is the server version.
@@ -238,7 +229,7 @@ class AsyncTraining:
   def _initial_params(self) -> tuple[list[np.ndarray], int]:
     """Fresh parameters, or the server model of the last checkpoint in `workdir`."""
     if self.ckpt is None or self.ckpt.latest_step() is None:
-      return init_params(self.model_cfg, self.config.seed), 0
+      return init_params(self.model_cfg, self.config.train.seed), 0
     import orbax.checkpoint as ocp  # noqa: PLC0415
     step = self.ckpt.latest_step()
     state = abstract_model(self.model_cfg)[1]
@@ -249,12 +240,20 @@ class AsyncTraining:
     return [np.asarray(x) for x in jax.tree.leaves(state)], int(step)
 
 
-def model_dict(config) -> dict[str, Any]:
-  """ModelConfig fields from `config.model`: an optional `preset` plus overrides."""
-  from esjax.models.presets import get_preset  # noqa: PLC0415
-  fields = dict(config.model.to_dict())
-  preset = fields.pop("preset", None)
-  return get_preset(preset, **fields).to_dict() if preset else ModelConfig(**fields).to_dict()
+def validate(config) -> None:
+  """One-line errors for a bad config, before any actor starts."""
+  if config.dgs.mode not in MODES:
+    raise ValueError(f"dgs.mode={config.dgs.mode!r}, expected one of {MODES}")
+  for name in ("ratio", "down_ratio"):
+    if not 0.0 < config.dgs[name] <= 1.0:
+      raise ValueError(f"dgs.{name}={config.dgs[name]} must be in (0, 1]")
+  if config.dgs.resync_every < 0:
+    raise ValueError(f"dgs.resync_every={config.dgs.resync_every} must be >= 0 (0: never)")
+  if config.train.num_workers < 1 or config.train.steps_per_worker < 0:
+    raise ValueError(f"train.num_workers={config.train.num_workers} must be >= 1 and "
+                     f"train.steps_per_worker={config.train.steps_per_worker} >= 0")
+  if config.optim.schedule not in ("constant", "cosine"):
+    raise ValueError(f"optim.schedule={config.optim.schedule!r}, expected 'constant' or 'cosine'")
 
 
 def _worker_env(config) -> dict[str, Any] | None:
@@ -264,6 +263,6 @@ def _worker_env(config) -> dict[str, Any] | None:
 
 def expected_density(config) -> float:
   """The fraction of entries a sparse upload sends under `config` (per-tensor rounding)."""
-  _, abstract, _ = abstract_model(ModelConfig.from_dict(model_dict(config)))
+  _, abstract, _ = abstract_model(common.model_config(config))
   return dgs.expected_density(abstract, config.dgs.ratio)
 

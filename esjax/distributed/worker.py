@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from esjax.data import dataset
 from esjax.models import ModelConfig, Transformer
 from esjax.optim import dgs
 from esjax.train.loss import lm_loss
@@ -34,35 +35,28 @@ def init_params(model_cfg: ModelConfig, seed: int) -> list[np.ndarray]:
 
 
 def lr_schedule(optim: dict[str, Any]) -> optax.Schedule:
-  """Linear warmup to `lr`, then constant or cosine to `lr * final_lr_frac` at `decay_steps`."""
+  """Linear warmup to `lr`, then constant, or cosine to `lr * final_lr_fraction` at
+  `decay_steps` (steps of this worker)."""
   lr, warmup = optim["lr"], optim.get("warmup_steps", 0)
-  if optim.get("cosine", False):
+  if optim.get("schedule", "constant") == "cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup, max(optim["decay_steps"], warmup + 1), lr * optim.get("final_lr_frac", 0.0))
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
-                              [warmup])
-
-
-def sample_batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int
-                 ) -> dict[str, np.ndarray]:
-  """Random windows of `seq_len + 1` tokens: inputs and next-token targets [B, S] int32."""
-  if tokens.size < seq_len + 2:
-    raise ValueError(f"a data shard of {tokens.size} tokens is too short for seq_len={seq_len}")
-  starts = rng.integers(0, tokens.size - seq_len - 1, size=batch_size)
-  windows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
-  return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+        0.0, lr, warmup, max(optim["decay_steps"], warmup + 1),
+        lr * optim.get("final_lr_fraction", 0.0))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
 class Worker:
-  """Model copy + data shard + SAMomentum (sparse modes) or heavy-ball (dense) state."""
+  """Model copy + data shard + SAMomentum (sparse modes) or heavy-ball (dense) state.
+
+  `windows` [N, seq_len + 1] are this worker's token windows (its shard of the corpus); it
+  draws shuffled batches of them with `esjax.data.dataset.BatchIterator`.
+  """
 
   def __init__(self, worker_id: int, model_cfg: dict[str, Any], optim: dict[str, Any],
-               mode: str, ratio: float, tokens: np.ndarray, batch_size: int, seq_len: int,
-               seed: int = 0):
+               mode: str, ratio: float, windows: np.ndarray, batch_size: int, seed: int = 0):
     self.worker_id, self.mode, self.ratio = worker_id, mode, ratio
-    self.batch_size, self.seq_len = batch_size, seq_len
-    self.tokens = np.asarray(tokens)
-    self.rng = np.random.default_rng([seed, worker_id])
+    self.batches = dataset.BatchIterator(np.asarray(windows), batch_size, seed + worker_id)
     self.graphdef, abstract, self.rest = abstract_model(ModelConfig.from_dict(dict(model_cfg)))
     self.treedef = jax.tree.structure(abstract)
     self.params = None
@@ -82,7 +76,7 @@ class Worker:
 
   def compute(self) -> tuple[list, dict[str, Any]]:
     """One gradient step on the local model; returns (payload leaves, info for the log)."""
-    batch = sample_batch(self.tokens, self.rng, self.batch_size, self.seq_len)
+    batch = next(self.batches)
     lr = self.schedule(self.step)
     payload, self.opt_state, loss = self._step_fn(self.params, self.rest, self.opt_state, batch,
                                                   lr)

@@ -45,10 +45,14 @@ def main(argv):
 
   fig, (ax_bytes, ax_steps) = plt.subplots(1, 2, figsize=(11, 4))
   for label, (evals, _) in data.items():
-    total = [(r["bytes_up_total"] + r["bytes_down_total"]) / MB for r in evals]
-    ax_bytes.plot(total, [r["val_loss"] for r in evals], marker=".", label=label)
+    sent = [r for r in evals if r["bytes_up_total"] + r["bytes_down_total"] > 0]  # log axis
+    total = [(r["bytes_up_total"] + r["bytes_down_total"]) / MB for r in sent]
+    ax_bytes.plot(total, [r["val_loss"] for r in sent], marker=".", label=label)
     ax_steps.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker=".",
                   label=label)
+  first = next(iter(data.values()))[0][0]
+  if first["step"] == 0:
+    ax_bytes.axhline(first["val_loss"], color="gray", ls=":", label="initial model")
   ax_bytes.set(xscale="log", xlabel="MB communicated (up + down, all workers)",
                ylabel="validation loss", title="loss vs bytes")
   ax_steps.set(xlabel="server updates", ylabel="validation loss", title="loss vs updates")
