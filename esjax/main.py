@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
   except (ValueError, FileNotFoundError, guard.TrainingCollapsed) as e:
     logging.info("full traceback:", exc_info=True)
     sys.exit(f"esjax: error: {e}")
-  print(f"done: {summary}", file=sys.stderr)
+  print(f"done: {summary}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ shared experts). `tiny.py:moe,steps=50` also sets the number of steps.
 from esjax.configs import common
 
 VARIANTS = {"moe": "tiny-mixtral", "dense": "tiny-llama", "qwen2": "tiny-qwen2-moe"}
+TEST_ARGS = tuple(VARIANTS)  # tests/configs_test.py builds each variant
 
 
 def get_config(arg: str | None = None):

@@ -48,19 +48,21 @@ def check_fit(params: Any, abstract_params: Any, source: str) -> None:
                      f"checkpoint but not in the model ({len(extra)} such)")
 
 
-def convert(src_cfg: ModelConfig, params: Any, dst_cfg: ModelConfig, config: Any) -> Any:
-  """Load-time conversion hook (see module docstring). Identity for now: the checkpoint must
-  already have this model's parameter shapes, which `check_fit` verifies."""
-  del src_cfg, dst_cfg, config
+def convert(src_cfg: ModelConfig, params: Any, dst_cfg: ModelConfig, config: Any,
+            shardings: Any = None) -> Any:
+  """Load-time conversion hook (see module docstring). `shardings`: pure dict of the target
+  parameters' shardings (None on one device). Identity for now: the checkpoint must already
+  have this model's parameter shapes, which `check_fit` verifies."""
+  del src_cfg, dst_cfg, config, shardings
   return params
 
 
-def load(config: Any, model_cfg: ModelConfig) -> Any:
+def load(config: Any, model_cfg: ModelConfig, shardings: Any = None) -> Any:
   """Parameters for this run's model from `config.checkpoint.init_from`, cast to the
-  model's parameter dtypes."""
+  model's parameter dtypes. `shardings`: as in `convert`."""
   source = config.checkpoint.init_from
   src_cfg, params = checkpoint.restore_params(source)
-  params = convert(src_cfg, params, model_cfg, config)
+  params = convert(src_cfg, params, model_cfg, config, shardings)
   _, abstract = state_lib.abstract_model(model_cfg)
   abstract = nnx.to_pure_dict(abstract)
   check_fit(params, abstract, source)

@@ -90,7 +90,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data.train.restore(data_state)
         tqdm.tqdm.write(f"resumed from {ckpt.directory}/{latest}")
       else:
-        params = init_from.load(config, model_cfg) if config.checkpoint.init_from else None
+        params = None
+        if config.checkpoint.init_from:
+          params = init_from.load(config, model_cfg,
+                                  None if shardings is None else shardings.params)
         state = state_lib.create_train_state(model_cfg, tx, jax.random.key(tc.seed), shardings,
                                              params)
       start = int(jax.device_get(state.step))
@@ -136,9 +139,9 @@ def _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt, 
 
   def finish(step: int, metrics: Any, val_loss: float | None) -> None:
     """Host side of a dispatched step: guard, log record, progress."""
-    loss = float(jax.device_get(metrics["loss"]))
+    loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
     try:
-      guard.check(step, loss)
+      guard.check(step, loss, grad_norm)
     except guard_lib.TrainingCollapsed as e:
       raise guard_lib.TrainingCollapsed(f"{e}{where()}") from None
     summary["first_loss"] = loss if summary["first_loss"] is None else summary["first_loss"]

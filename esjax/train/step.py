@@ -30,7 +30,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     _, metrics, grads = parallel_step.loss_and_grads(graphdef, state.params, batch, loss_fn)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

@@ -1,0 +1,76 @@
+"""`python -m esjax.main` end to end (train, metrics, resume) and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.data.max_bytes=150000", "--config.train.seq_len=32",
+         "--config.train.batch_size=4", "--config.train.log_every=1",
+         "--config.train.eval_every=2", "--config.train.eval_batches=1",
+         "--config.checkpoint.every=2", "--config.optim.warmup_steps=1"]
+
+
+def run_main(*args, config="esjax/configs/tiny.py:steps=3", workdir="/nonexistent", cache=""):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if cache:  # The resumed run reuses the first run's compiled steps.
+    env["JAX_COMPILATION_CACHE_DIR"] = cache
+  return subprocess.run([sys.executable, "-m", "esjax.main", f"--config={config}",
+                         f"--workdir={workdir}", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_train_writes_metrics_then_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  cache = str(tmp_path / "jax_cache")
+  first = run_main(*SMALL, workdir=workdir, cache=cache)
+  assert first.returncode == 0, first.stderr[-3000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for r in records:  # The default experiment is an MoE: router figures in every record.
+    for key in ("loss", "lr", "aux_loss", "z_loss", "drop_fraction", "expert_load"):
+      assert key in r, key
+    loads = r["expert_load"]
+    assert len(loads) == 2 and all(len(l) == 8 and abs(sum(l) - 1) < 1e-5 for l in loads)
+  assert all("tokens_per_s" in r for r in records[1:])
+  assert "val_loss" in records[1] and "val_loss" in records[2] and "val_loss" not in records[0]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert json.load(open(os.path.join(workdir, "model_config.json")))["n_experts"] == 8
+
+  assert "step      3 | loss" in first.stdout  # The log line of each logged step.
+  second = run_main(*SMALL, "--config.train.steps=5", workdir=workdir, cache=cache)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from" in second.stdout and "/checkpoints/3" in second.stdout
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.optim.lrr=0.1"],
+     "--config.optim.lrr: unknown config field 'lrr'; did you mean 'lr'?"),
+    (["--config.train.steps=many"], "--config.train.steps=many"),
+    (["--config.data.source=/no/such/corpus"], "'/no/such/corpus' is not a file"),
+], ids=["unknown_key", "wrong_type", "missing_dataset"])
+def test_bad_input_is_one_line_error(args, message, tmp_path):
+  out = run_main(*args, workdir=str(tmp_path))
+  assert out.returncode != 0
+  lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("esjax: error:"), out.stderr[-2000:]
+  assert message in lines[0]
+
+
+def test_empty_dataset_and_bad_config_arg(tmp_path):
+  (tmp_path / "empty.txt").write_text("")
+  out = run_main(f"--config.data.source={tmp_path}/empty.txt", workdir=str(tmp_path / "w"))
+  assert out.returncode != 0 and "esjax: error:" in out.stderr
+  assert "empty.txt" in out.stderr and "too small" in out.stderr
+  assert "Traceback" not in out.stderr
+  out = run_main(config="esjax/configs/tiny.py:huge", workdir=str(tmp_path / "w"))
+  assert out.returncode != 0 and "variant 'huge'" in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1

@@ -1,0 +1,172 @@
+"""The training system: schedule, one step against a hand-written AdamW, the collapse guard,
+exact resume, init_from and collapse through the loop."""
+
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from esjax.configs import common, tiny
+from esjax.models.transformer import Transformer
+from esjax.train import (checkpoint, guard, init_from, loop, loss, metrics, optimizer,
+                         state as state_lib, step as step_lib)
+
+
+def small_config(steps=4, variant="moe", **train):
+  """tiny.py at the smallest size that still reads real text."""
+  c = tiny.get_config(f"{variant},steps={steps}")
+  c.data.max_bytes = 150_000
+  c.train.update({**dict(seq_len=32, batch_size=4, log_every=1, eval_every=0, eval_batches=2),
+                  **train})
+  c.checkpoint.async_save = False
+  c.optim.warmup_steps = 2
+  return c
+
+
+def test_schedule_is_linear_warmup_then_cosine():
+  cfg = ml_collections.ConfigDict(dict(lr=1.0, schedule="cosine", warmup_steps=10,
+                                       final_lr_fraction=0.1))
+  lr = optimizer.learning_rate(cfg, total_steps=110)
+  for t in (0, 5, 10, 60, 110, 200):
+    if t < 10:
+      want = t / 10
+    else:
+      frac = min(t - 10, 100) / 100
+      want = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+    assert float(lr(t)) == pytest.approx(want, abs=1e-6), t
+  cfg.schedule = "constant"
+  const = optimizer.learning_rate(cfg, total_steps=110)
+  assert [float(const(t)) for t in (5, 10, 1000)] == pytest.approx([0.5, 1.0, 1.0])
+  cfg.schedule = "linear"
+  with pytest.raises(ValueError, match="optim.schedule='linear'"):
+    optimizer.learning_rate(cfg, 10)
+
+
+def test_train_step_matches_reference_adamw():
+  """One jitted, donated step == nnx gradients + AdamW written out in float64 numpy."""
+  c = small_config()
+  # eps 1e-6 keeps g / (|g| + eps) insensitive to float32 summation order for tiny g.
+  c.optim.update(dict(warmup_steps=0, lr=1e-2, grad_clip=0.5, weight_decay=0.1, eps=1e-6))
+  model_cfg = common.model_config(c)
+  tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
+  state = state_lib.create_train_state(model_cfg, tx, jax.random.key(1))
+  graphdef, _ = state_lib.abstract_model(model_cfg)
+  rng = np.random.default_rng(0)
+  batch = {k: jnp.asarray(rng.integers(0, 256, (2, 16)), jnp.int32)
+           for k in ("inputs", "targets")}
+
+  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
+  grad_fn = nnx.jit(nnx.value_and_grad(loss.lm_loss, has_aux=True))
+  (ref_loss, _), grads = grad_fn(model, batch)
+  g = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(grads))
+  p0 = jax.tree.map(lambda x: np.asarray(x, np.float64), state.params)
+
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule), donate_argnums=0)
+  new, m = step(state, batch)
+  norm = math.sqrt(sum(float(np.sum(x * x)) for x in jax.tree.leaves(g)))
+  scale = min(1.0, 0.5 / norm)
+  assert float(m["loss"]) == pytest.approx(float(ref_loss), rel=1e-6)
+  assert float(m["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+  assert int(new.step) == 1 and float(m["lr"]) == pytest.approx(1e-2)
+
+  def adamw_first_step(p, grad):  # m_hat = g, v_hat = g^2 after one step.
+    gc = grad * scale
+    upd = gc / (np.abs(gc) + 1e-6)
+    if p.ndim >= 2:
+      upd = upd + 0.1 * p
+    return p - 1e-2 * upd
+
+  want = jax.tree.map(adamw_first_step, p0, g)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6),
+               new.params, want)
+
+
+def test_guard_names_the_step():
+  g = guard.CollapseGuard(spike_factor=2.0, spike_window=3)
+  for s, l in enumerate([3.0, 2.0, 2.5, 3.0], 1):
+    g.check(s, l)
+  with pytest.raises(guard.TrainingCollapsed, match="step 5: loss 9 is above train.spike_factor"):
+    g.check(5, 9.0)
+  with pytest.raises(guard.TrainingCollapsed, match="step 6: loss is nan"):
+    g.check(6, float("nan"))
+  with pytest.raises(guard.TrainingCollapsed, match="step 7: gradient norm is inf"):
+    g.check(7, 1.0, float("inf"))
+  guard.CollapseGuard().check(8, 1e9)  # No spike check unless asked for.
+
+
+def test_resume_is_exact(tmp_path):
+  """10 steps straight == 5 steps, a restart from the step-5 checkpoint, 5 more."""
+  c = small_config(steps=10, eval_every=5)
+  c.checkpoint.every = 5
+  straight = str(tmp_path / "straight")
+  loop.train_and_evaluate(c, straight)
+  # The interrupted run: the same workdir as it was right after step 5.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "10"))
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    first_five = [line for line in f if json.loads(line)["step"] <= 5]
+  with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
+    f.writelines(first_five)
+  summary = loop.train_and_evaluate(c, resumed)
+  assert summary["step"] == 10
+
+  a, b = metrics.read_metrics(straight), metrics.read_metrics(resumed)
+  assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
+  for ra, rb in zip(a, b):  # Same batches => same losses, to float32 rounding.
+    for key in ("loss", "val_loss", "aux_loss", "lr"):
+      if key in ra:
+        assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)
+    np.testing.assert_allclose(rb["expert_load"], ra["expert_load"], atol=1e-6)
+  _, pa = checkpoint.restore_params(straight)
+  _, pb = checkpoint.restore_params(resumed)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), pa, pb)
+
+
+def test_collapse_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+  c = small_config(steps=30, variant="dense")
+  c.optim.update(dict(lr=1e6, grad_clip=0.0, warmup_steps=0, schedule="constant"))
+  c.checkpoint.every = 1
+  with pytest.raises(guard.TrainingCollapsed, match=r"step (\d+): (loss|gradient norm) is "
+                                                    r"(nan|inf).*last good checkpoint is step"
+                     ) as err:
+    loop.train_and_evaluate(c, str(tmp_path))
+  bad = int(str(err.value).split(":")[0].split()[1])
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  assert ckpt.latest_step() == bad - 1
+  ckpt.close()
+  _, params = checkpoint.restore_params(str(tmp_path))
+  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def test_init_from_starts_a_new_run_from_weights_only(tmp_path):
+  c = small_config(steps=3, variant="dense")
+  loop.train_and_evaluate(c, str(tmp_path / "a"))
+  _, trained = checkpoint.restore_params(str(tmp_path / "a"))
+  c2 = small_config(steps=1, variant="dense")
+  c2.checkpoint.init_from = str(tmp_path / "a")
+  c2.optim.lr = 0.0  # An update of zero: the loss of step 1 is that of the loaded weights.
+  loop.train_and_evaluate(c2, str(tmp_path / "b"))
+  (rec,) = metrics.read_metrics(str(tmp_path / "b"))
+  model_cfg = common.model_config(c2)
+  graphdef, _ = state_lib.abstract_model(model_cfg)
+  from esjax.data import dataset  # pylint: disable=g-import-not-at-top
+  data = dataset.build(c2.data, c2.train.seq_len, c2.train.batch_size, c2.train.seed)
+  ref, _ = loss.lm_loss(nnx.merge(graphdef, trained), jax.device_put(data.train.batch(0)))
+  assert rec["loss"] == pytest.approx(float(ref), rel=1e-6)
+  fresh_opt = checkpoint.Checkpointer(str(tmp_path / "b" / "checkpoints"))
+  tx, _ = optimizer.make_optimizer(c2.optim, 1)
+  st, _ = fresh_opt.restore(1, state_lib.abstract_train_state(model_cfg, tx))
+  fresh_opt.close()
+  assert int(st.opt_state[1][0].count) == 1  # Adam restarted: one update, not four.
+  c3 = small_config(steps=1, variant="moe")
+  c3.checkpoint.init_from = str(tmp_path / "a")
+  with pytest.raises(ValueError, match=r"init_from=.*parameter 'layers\.0\.mlp\.router'"):
+    init_from.load(c3, common.model_config(c3))
