@@ -49,7 +49,7 @@ def mirror_shardings(tree: Any, params: Any, params_sharding: Any, default: Any)
     if jax.tree.structure(node) == params_def:
       return params_sharding
     children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
-    if jax.tree_util.treedef_is_leaf(treedef):
+    if len(children) == 1 and children[0] is node:  # a leaf
       return default
     return jax.tree.unflatten(treedef, [visit(c) for c in children])
 
