@@ -40,3 +40,32 @@ def test_grow_then_upcycle_preserves_logits_sharded():
   assert rel_err(logits(moe, toks), logits(model, toks)) < 1e-5
   aki = online.convert(SRC, build.params_of(model), MOE)  # aki_pro: changes the function
   assert rel_err(logits(with_params(moe, aki), toks), logits(model, toks)) > 1e-3
+
+
+def test_online_upcycling_end_to_end(tmp_path):
+  """Tiny dense run -> MoE run with init_from: the MoE's first loss is the dense model's loss
+  on the same batch (top-k then softmax upcycling is exact; no aux losses in the CE)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from esjax.data import dataset  # pylint: disable=g-import-not-at-top
+  from esjax.train import checkpoint, loop, loss, metrics  # pylint: disable=g-import-not-at-top
+  from experiments.efficientscale import recipe  # pylint: disable=g-import-not-at-top
+
+  def tiny(stage, steps):
+    c = recipe.stage_config(stage, root=str(tmp_path), steps=steps)
+    c.data.max_bytes = 150_000
+    c.train.update(log_every=1, eval_every=0, seq_len=32, batch_size=4)
+    return c
+
+  dense = tiny("scaleup", 2)
+  dense.checkpoint.init_from = ""
+  loop.train_and_evaluate(dense, str(tmp_path / "scaleup"))
+  moe = tiny("scaleout", 1)
+  loop.train_and_evaluate(moe, str(tmp_path / "scaleout"))
+  first = metrics.read_metrics(str(tmp_path / "scaleout"))[0]
+  assert first["step"] == 1
+
+  src_cfg, params = checkpoint.restore_params(str(tmp_path / "scaleup"))
+  data = dataset.build(moe.data, moe.train.seq_len, moe.train.batch_size, moe.train.seed, 1)
+  dense_model = build.build_model(src_cfg, lambda p: p, params)
+  ref = loss.lm_loss(dense_model, jax.device_put(data.train.batch(0)))[1]["ce_loss"]
+  np.testing.assert_allclose(first["ce_loss"], float(ref), rtol=1e-5)

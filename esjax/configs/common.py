@@ -14,7 +14,9 @@ An experiment file builds on `base_config()` and changes what it needs:
 - `train`: `steps`, `batch_size`, `seq_len`, `seed`, `log_every`, `eval_every`,
   `eval_batches`, and the collapse guard (`spike_factor`, `spike_window`).
 - `checkpoint`: `every`, `keep`, `init_from` (another run's workdir or checkpoint: its
-  weights, without optimizer state, start this run), `async_save`.
+  weights, without optimizer state, start this run; a smaller dense source is grown with
+  the recipe `grow`, a dense source of an MoE run is upcycled: esjax.transforms.online),
+  `async_save`.
 - `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`), `fsdp` and
   `microbatches`; read only by `esjax.parallel`.
 """
@@ -91,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 500  # 0: only at the end
   c.checkpoint.keep = 3
   c.checkpoint.init_from = ""
+  c.checkpoint.grow = "aki_pro"  # init_from a smaller dense model: esjax.transforms.growth.METHODS
   c.checkpoint.async_save = True
 
   c.parallel = ml_collections.ConfigDict()

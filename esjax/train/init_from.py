@@ -51,10 +51,13 @@ def check_fit(params: Any, abstract_params: Any, source: str) -> None:
 def convert(src_cfg: ModelConfig, params: Any, dst_cfg: ModelConfig, config: Any,
             shardings: Any = None) -> Any:
   """Load-time conversion hook (see module docstring). `shardings`: pure dict of the target
-  parameters' shardings (None on one device). Identity for now: the checkpoint must already
-  have this model's parameter shapes, which `check_fit` verifies."""
-  del src_cfg, dst_cfg, config, shardings
-  return params
+  parameters' shardings (None on one device). `esjax.transforms.online.convert`: identity when
+  the shapes match, else growth (recipe `checkpoint.grow`) and/or upcycling, built by one jit
+  with the target shardings; `check_fit` verifies the result."""
+  from esjax.transforms import online  # pylint: disable=g-import-not-at-top
+  grow = config.checkpoint.get("grow", "aki_pro")
+  return online.convert(src_cfg, params, dst_cfg, grow=grow, seed=config.train.seed,
+                        shardings=shardings)
 
 
 def load(config: Any, model_cfg: ModelConfig, shardings: Any = None) -> Any:
