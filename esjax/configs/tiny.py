@@ -16,7 +16,7 @@ TEST_ARGS = tuple(VARIANTS)  # tests/configs_test.py builds each variant
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, variant="moe", steps=300)
+  arg = common.parse_arg(arg, variant="moe", steps=600)
   if arg.variant not in VARIANTS:
     raise ValueError(f"tiny.py: variant {arg.variant!r}, expected one of {sorted(VARIANTS)}")
   c = common.base_config()
@@ -28,9 +28,9 @@ def get_config(arg: str | None = None):
   c.train.batch_size = 16
   c.train.seq_len = 128
   c.train.log_every = 10
-  c.train.eval_every = 50
+  c.train.eval_every = 100
   c.train.eval_batches = 4
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 30
-  c.checkpoint.every = 100
+  c.checkpoint.every = 200
   return c
