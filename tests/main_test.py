@@ -74,3 +74,40 @@ def test_empty_dataset_and_bad_config_arg(tmp_path):
   out = run_main(config="esjax/configs/tiny.py:huge", workdir=str(tmp_path / "w"))
   assert out.returncode != 0 and "variant 'huge'" in out.stderr
   assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path):
+  """A run SIGKILLed mid-training (checkpointing every step, asynchronously, so the kill
+  often lands in a save) and restarted gives the same losses as a run never interrupted."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  args = [*SMALL, "--config.checkpoint.every=1", "--config.checkpoint.async_save=True",
+          "--config.checkpoint.keep=2"]
+  cache = str(tmp_path / "jax_cache")
+  straight = str(tmp_path / "straight")
+  assert run_main(*args, config="esjax/configs/tiny.py:steps=12", workdir=straight,
+                  cache=cache).returncode == 0
+  killed = str(tmp_path / "killed")
+  for kill_after in (3, 7):  # Killed twice, at different points.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "esjax.main", "--config=esjax/configs/tiny.py:steps=12",
+         f"--workdir={killed}", *args], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+      if os.path.exists(path) and len(open(path).readlines()) >= kill_after:
+        break
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # Killed, not finished.
+  final = run_main(*args, config="esjax/configs/tiny.py:steps=12", workdir=killed,
+                   cache=cache)
+  assert final.returncode == 0, final.stderr[-3000:]
+  a = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
+  b = [json.loads(l) for l in open(os.path.join(killed, "metrics.jsonl"))]
+  assert [r["step"] for r in b] == list(range(1, 13))
+  for ra, rb in zip(a, b):
+    assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6), ra["step"]

@@ -44,6 +44,8 @@ def _write_configs(workdir: str, config: ml_collections.ConfigDict, model_cfg: A
 
 
 def _jit_step(fn, donate: bool, in_sh: tuple | None, out_sh: tuple | None):
+  """jit, donating the first argument if asked; shardings only with a mesh (None inside
+  `out_sh` means replicated)."""
   kwargs = {"donate_argnums": 0} if donate else {}
   if in_sh is not None:
     kwargs.update(in_shardings=in_sh, out_shardings=out_sh)
@@ -75,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR),
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer = None
   try:
     with layout.context():
       shapes = state_lib.abstract_train_state(model_cfg, tx)
@@ -99,20 +101,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       start = int(jax.device_get(state.step))
       if data.train.position != start:
         raise ValueError(f"checkpoint step {start} but data position {data.train.position}")
+      if is_main:  # Steps after the checkpoint are run again: drop their old records.
+        metrics_lib.truncate(workdir, start)
+      writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
 
       train_step = _jit_step(step_lib.make_train_step(graphdef, tx, schedule), donate=True,
                              in_sh=None if shardings is None else (shardings, batch_sh),
                              out_sh=None if shardings is None else (shardings, None))
       eval_step = _jit_step(step_lib.make_eval_step(graphdef), donate=False,
                             in_sh=None if shardings is None else (shardings.params, batch_sh),
-                            out_sh=None if shardings is None else None)
+                            out_sh=None)  # Metrics replicated.
       val_batches = [layout.put_batch(b) for b in data.val]
       return _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt,
                   writer, model_cfg, start, t0, is_main)
   finally:
     ckpt.wait()
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
 
 
 def _evaluate(eval_step, params, val_batches) -> float:

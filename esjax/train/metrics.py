@@ -57,6 +57,25 @@ class MetricWriter:
       self._tb.close()
 
 
+def truncate(workdir: str, step: int) -> None:
+  """Drops the records after `step` from metrics.jsonl (a resumed run logs them again)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError):  # A line cut short by a killed process.
+      pass
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of `<workdir>/metrics.jsonl`, in order."""
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
