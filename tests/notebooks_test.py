@@ -25,7 +25,10 @@ def test_notebook_runs(path, tmp_path):
   env.update(ESJAX_NOTEBOOK_ROOT=str(tmp_path), MPLBACKEND="Agg")
   client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=1800,
                                    resources={"metadata": {"path": str(ROOT)}})
-  client.execute(env=env)
+  try:
+    client.execute(env=env)
+  finally:  # the executed notebook, outputs and all, next to the runs' workdirs
+    jupytext.write(nb, tmp_path / f"{pathlib.Path(path).stem}.ipynb")
   name = pathlib.Path(path).stem
   assert (tmp_path / f"{name}.png").exists()
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"

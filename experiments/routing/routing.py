@@ -28,6 +28,7 @@ import os
 import tempfile
 
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 from experiments.efficientscale import recipe
 
@@ -73,6 +74,7 @@ for name, config in configs.items():
   ax.plot([0] + tokens, [init_loss[name]] + val, marker="o", ms=3, label=name)
   zoom.plot(tokens[-3:], val[-3:], marker="o", ms=3, label=name)
 for a in (ax, zoom):
+  a.xaxis.set_major_formatter(ticker.EngFormatter())
   a.set_xlabel("tokens after upcycling")
   a.set_ylabel("validation loss")
   a.legend()

@@ -29,6 +29,7 @@ import os
 import tempfile
 
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 from experiments.efficientscale import recipe
 
@@ -74,6 +75,7 @@ for name, config in configs.items():
   if name != "moe_scratch":
     zoom.plot(tokens, val, marker="o", ms=3, label=name)
 for a in (ax, zoom):
+  a.xaxis.set_major_formatter(ticker.EngFormatter())
   a.set_xlabel("new tokens")
   a.set_ylabel("validation loss")
   a.legend()

@@ -26,6 +26,7 @@ import os
 import tempfile
 
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 from experiments.efficientscale import recipe
 
@@ -71,6 +72,7 @@ for name, config in configs.items():
     zoom.plot(tokens, val, marker="o", ms=3, label=name)
 ax.axhline(dense_summary["val_loss"], color="gray", ls=":", label="small dense (source)")
 for a in (ax, zoom):
+  a.xaxis.set_major_formatter(ticker.EngFormatter())
   a.set_xlabel("tokens of continued training")
   a.set_ylabel("validation loss")
   a.legend()
