@@ -13,7 +13,7 @@ from typing import Any
 SCORE_FNS = ("softmax", "sigmoid")
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
 DROP_POLICIES = ("probs", "position")
-MOE_IMPLS = ("ragged", "blocked")
+MOE_IMPLS = ("auto", "ragged", "blocked")
 ROUTER_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
@@ -61,7 +61,9 @@ class ModelConfig:
   capacity_factor: float = 0.0  # 0: dropless; > 0: capacity ceil(T*k/E*cf), tokens beyond it dropped
   drop_policy: str = "probs"
   pad_to_capacity: bool = False  # dropping only: every expert computes exactly `capacity` rows
-  moe_impl: str = "ragged"  # dropless grouped matmul: lax.ragged_dot, or blocked tiles
+  # Grouped matmul: "ragged" (lax.ragged_dot, GPU/TPU), "blocked" (tiles, fast on CPU),
+  # "auto" (blocked on the CPU backend, ragged elsewhere). Same numbers either way.
+  moe_impl: str = "auto"
   moe_block_size: int = 128  # tile rows for moe_impl="blocked"
   router_impl: str = "xla"
 
@@ -89,6 +91,7 @@ class ModelConfig:
       need(self.moe_every >= 1, f"moe_every={self.moe_every} must be >= 1")
       need(0 <= self.first_k_dense <= self.n_layers,
            f"first_k_dense={self.first_k_dense} must be in [0, n_layers={self.n_layers}]")
+      need(self.moe_block_size >= 1, f"moe_block_size={self.moe_block_size} must be >= 1")
       need(self.capacity_factor >= 0, f"capacity_factor={self.capacity_factor} must be >= 0")
       need(not (self.score_fn == "sigmoid" and self.routing_order == "topk_softmax"),
            "score_fn='sigmoid' needs routing_order='softmax_topk' (scores first, then top-k)")

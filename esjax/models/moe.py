@@ -1,8 +1,13 @@
 """Mixture-of-Experts block: router, routed SwiGLU experts, optional shared experts.
 
 The three stages are separate functions so the expert-parallel path can reuse them:
-`MoE.routing` (logits -> Routing), `esjax.routing.dispatch` (which rows each expert
-computes) and `expert_swiglu_*` (the grouped expert compute).
+`routing_for` (logits -> Routing), `esjax.routing.dispatch` (which rows each expert
+computes) and `expert_swiglu_*` / `grouped_expert_fn` (the grouped expert compute).
+
+`cfg.moe_impl` picks the grouped matmul of the dropless (and dropping, unpadded) path:
+"ragged" (`lax.ragged_dot`, native on GPU/TPU), "blocked" (tiles of `moe_block_size` rows,
+fast on XLA:CPU, see `esjax.routing.grouped`), or "auto" (blocked on CPU, ragged elsewhere).
+Both compute the same function; tests/moe_test.py checks values and gradients.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from esjax.models import layers
 from esjax.models.config import ModelConfig
 from esjax.models.mlp import MLP
 from esjax.parallel import hooks
-from esjax.routing import dispatch, router
+from esjax.routing import dispatch, grouped, router
 
 
 def expert_swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
@@ -25,6 +30,38 @@ def expert_swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Ar
   gate = jax.lax.ragged_dot(rows, w_gate.astype(dt), group_sizes)
   up = jax.lax.ragged_dot(rows, w_up.astype(dt), group_sizes)
   return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes)
+
+
+def expert_swiglu_blocked(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
+                          w_up: jax.Array, w_down: jax.Array, block: int) -> jax.Array:
+  """`expert_swiglu_ragged` through the blocked tile layout (one layout for all three)."""
+  layout = grouped.tile_layout(group_sizes, rows.shape[0], block)
+  tiles = grouped.to_tiles(rows, layout)
+  mm = lambda x, w: grouped.tile_matmul(x, w, layout.tile_group, layout.n_used)
+  h = jax.nn.silu(mm(tiles, w_gate)) * mm(tiles, w_up)
+  return grouped.from_tiles(mm(h, w_down), layout)
+
+
+def resolve_moe_impl(moe_impl: str) -> str:
+  """"auto" -> "blocked" on CPU (ragged_dot is ~10x slower there), else "ragged"."""
+  if moe_impl == "auto":
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+  return moe_impl
+
+
+def block_rows(cfg: ModelConfig, n_rows: int) -> int:
+  """Tile rows for `n_rows` assignments: moe_block_size, smaller when experts get fewer rows."""
+  per_expert = max(1, n_rows // cfg.n_experts)
+  return max(1, min(cfg.moe_block_size, 1 << (per_expert - 1).bit_length()))
+
+
+def grouped_expert_fn(cfg: ModelConfig, w_gate: jax.Array, w_up: jax.Array,
+                      w_down: jax.Array) -> dispatch.GroupedFn:
+  """The grouped SwiGLU `(rows, group_sizes) -> out` that `cfg.moe_impl` asks for."""
+  if resolve_moe_impl(cfg.moe_impl) == "blocked":
+    return lambda rows, gs: expert_swiglu_blocked(rows, gs, w_gate, w_up, w_down,
+                                                  block_rows(cfg, rows.shape[0]))
+  return lambda rows, gs: expert_swiglu_ragged(rows, gs, w_gate, w_up, w_down)
 
 
 def expert_swiglu_batched(buffers: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -79,7 +116,7 @@ class MoE(nnx.Module):
     else:
       keep = None
     return dispatch.grouped_moe(tokens, r.indices, r.weights, cfg.n_experts,
-                                lambda rows, gs: expert_swiglu_ragged(rows, gs, *w), keep)
+                                grouped_expert_fn(cfg, *w), keep)
 
   def shared_out(self, x: jax.Array) -> jax.Array:
     y = self.shared(x)

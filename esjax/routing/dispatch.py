@@ -1,13 +1,19 @@
-"""Token dispatch: which (token, slot) assignments an expert computes, and the grouped compute.
+"""Token dispatch: which (token, slot) assignments an expert computes, and in which buffer row.
 
-Dropless: every assignment is computed. Tokens are sorted by expert, the experts run as one
-grouped matmul over contiguous row groups, and the results are unsorted and combined with the
-routing weights.
+An assignment is one of a token's top-k choices, numbered `a = token * k + slot`. Dispatch
+gathers each computed assignment's token into a row of an expert buffer, the expert compute
+runs on that buffer, and the combine gathers each assignment's output back and sums a
+token's outputs with its routing weights. Both moves are `grouped.take_rows` gathers (their
+backward passes are gathers too); dropped assignments read zeros and are never computed.
+
+Dropless (`grouped_moe`, keep=None): every assignment is computed. Rows are sorted by expert
+into contiguous groups for a grouped matmul (`lax.ragged_dot` or the blocked CPU layout).
 
 Dropping: an expert computes at most `capacity = ceil(T * k / E * cf)` assignments; the
 policy decides which (`probs`: highest routing weight first; `position`: earliest token
-first). Dropped assignments contribute nothing (the residual carries the token). With
-`pad_to_capacity` every expert computes exactly `capacity` rows in an [E, C, D] buffer.
+first), ranked explicitly by `positions_in_expert`. Dropped assignments contribute nothing
+(the residual carries the token). `grouped_moe(..., keep)` computes the kept rows only;
+`capacity_moe` (pad_to_capacity) gives every expert exactly `capacity` rows in [E, C, D].
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from esjax.routing.grouped import take_rows
+
 # expert_fn(rows [N, D], group_sizes [E]) -> [N, D]; rows sorted by expert, rows past
-# sum(group_sizes) are padding and must come back as zeros.
+# sum(group_sizes) are padding (their output is never read).
 GroupedFn = Callable[[jax.Array, jax.Array], jax.Array]
 # capacity_fn(buffers [E, C, D]) -> [E, C, D]
 BatchedFn = Callable[[jax.Array], jax.Array]
@@ -31,7 +39,7 @@ class DispatchStats(NamedTuple):
 
 
 def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
-  """Switch capacity ceil(T * k / E * cf), at least 1."""
+  """Switch / Megatron capacity ceil(T * k / E * cf), at least 1."""
   if capacity_factor <= 0:
     raise ValueError(f"capacity_factor={capacity_factor} must be > 0 for token dropping")
   return max(1, math.ceil(n_tokens * top_k / n_experts * capacity_factor))
@@ -39,27 +47,29 @@ def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) 
 
 def positions_in_expert(indices: jax.Array, weights: jax.Array, n_experts: int,
                         policy: str) -> jax.Array:
-  """Rank of each assignment [T, k] among those routed to the same expert, by policy.
+  """Rank [T, k] int32 of each assignment among those routed to the same expert, by policy.
 
-  `position`: rank by token index (earliest first). `probs`: rank by weight, highest first,
-  ties by token index. A token reaches an expert at most once, so ranks are unique.
+  `position`: rank by token index (earliest first), a cumulative count over tokens.
+  `probs`: rank by routing weight, highest first, ties to the lower token index (an explicit
+  second sort key). A token reaches an expert at most once, so ranks within an expert are
+  0, 1, 2, ... with no repeats; an assignment is kept when its rank < capacity.
   """
-  n_tokens, top_k = indices.shape
+  n_tokens, _ = indices.shape
   routed = jax.nn.one_hot(indices, n_experts, dtype=jnp.int32).sum(axis=1)  # [T, E] 0/1
   if policy == "position":
     rank_te = jnp.cumsum(routed, axis=0) - 1
   elif policy == "probs":
+    w = weights.astype(jnp.float32) + 0.0  # -0.0 -> +0.0
     w_te = jnp.zeros((n_tokens, n_experts), jnp.float32).at[
-        jnp.arange(n_tokens)[:, None], indices].set(weights.astype(jnp.float32))
-    key = jnp.where(routed > 0, w_te, -jnp.inf)
-    # Sort each expert's column by (-weight, token index); rank = place in that order.
-    token = jnp.broadcast_to(jnp.arange(n_tokens)[:, None], key.shape)
-    _, order = jax.lax.sort((-key, token), dimension=0, num_keys=2)
+        jnp.arange(n_tokens)[:, None], indices].set(w)
+    neg_key = jnp.where(routed > 0, -w_te, jnp.inf)  # unrouted pairs sort last
+    token = jnp.broadcast_to(jnp.arange(n_tokens, dtype=jnp.int32)[:, None], neg_key.shape)
+    _, order = jax.lax.sort((neg_key, token), dimension=0, num_keys=2)  # order[r, e]: token
     rank_te = jnp.zeros_like(order).at[order, jnp.arange(n_experts)[None, :]].set(
-        jnp.broadcast_to(jnp.arange(n_tokens)[:, None], order.shape))
+        jnp.broadcast_to(jnp.arange(n_tokens, dtype=jnp.int32)[:, None], order.shape))
   else:
     raise ValueError(f"drop_policy={policy!r}, expected 'probs' or 'position'")
-  return jnp.take_along_axis(rank_te, indices, axis=1)
+  return jnp.take_along_axis(rank_te, indices, axis=1).astype(jnp.int32)
 
 
 def keep_mask(indices: jax.Array, weights: jax.Array, n_experts: int, capacity_: int,
@@ -68,35 +78,49 @@ def keep_mask(indices: jax.Array, weights: jax.Array, n_experts: int, capacity_:
   return positions_in_expert(indices, weights, n_experts, policy) < capacity_
 
 
+def _combine(out: jax.Array, weights: jax.Array, keep: jax.Array | None) -> jax.Array:
+  """y[t] = sum_j w[t, j] * out[t * k + j] in float32; dropped assignments weigh 0."""
+  n_tokens, top_k = weights.shape
+  w = weights.astype(jnp.float32)
+  if keep is not None:
+    w = jnp.where(keep, w, 0.0)
+  return jnp.einsum("tkd,tk->td", out.reshape(n_tokens, top_k, -1).astype(jnp.float32), w)
+
+
+def _stats(counts: jax.Array, keep: jax.Array | None) -> DispatchStats:
+  drop = (jnp.zeros((), jnp.float32) if keep is None
+          else jnp.mean(jnp.logical_not(keep).astype(jnp.float32)))
+  return DispatchStats(counts, drop)
+
+
 def grouped_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts: int,
                 expert_fn: GroupedFn, keep: jax.Array | None = None,
                 ) -> tuple[jax.Array, DispatchStats]:
-  """Sort assignments by expert, run `expert_fn` on contiguous groups, unsort and combine.
+  """Sort assignments by expert, run `expert_fn` on contiguous groups, gather back, combine.
 
   x: [T, D]; indices, weights: [T, k]; keep: optional [T, k] bool (dropped assignments are
-  sorted past every group and not computed). Returns y [T, D] in x.dtype and the stats.
+  placed after every group and not computed). Returns y [T, D] in x.dtype and the stats.
   """
   n_tokens, top_k = indices.shape
-  flat_e = indices.reshape(-1)
+  n = n_tokens * top_k
+  flat_e = indices.reshape(-1).astype(jnp.int32)
   counts = jnp.bincount(flat_e, length=n_experts).astype(jnp.int32)
   if keep is None:
-    sort_key = flat_e
+    kept = jnp.ones((n,), bool)
     group_sizes = counts
-    drop_fraction = jnp.zeros((), jnp.float32)
   else:
-    flat_keep = keep.reshape(-1)
-    sort_key = jnp.where(flat_keep, flat_e, n_experts)  # dropped rows sort last
-    group_sizes = jnp.bincount(flat_e, weights=flat_keep.astype(jnp.int32), length=n_experts).astype(jnp.int32)
-    drop_fraction = 1.0 - jnp.mean(flat_keep.astype(jnp.float32))
-  order = jnp.argsort(sort_key, stable=True)
-  rows = jnp.take(x, order // top_k, axis=0)
-  out_sorted = expert_fn(rows, group_sizes)
-  out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
-  combine = weights.astype(jnp.float32)
-  if keep is not None:
-    combine = jnp.where(keep, combine, 0.0)
-  y = jnp.einsum("tkd,tk->td", out.reshape(n_tokens, top_k, -1).astype(jnp.float32), combine)
-  return y.astype(x.dtype), DispatchStats(counts, drop_fraction)
+    kept = keep.reshape(-1)
+    group_sizes = jnp.bincount(jnp.where(kept, flat_e, n_experts), length=n_experts
+                               ).astype(jnp.int32)
+  # The buffer row of each assignment: its expert's group, any order inside the group.
+  order = jnp.argsort(jnp.where(kept, flat_e, n_experts))  # row -> assignment
+  pos = jnp.arange(n, dtype=jnp.int32)
+  row = jnp.zeros((n,), jnp.int32).at[order].set(pos)  # assignment -> row
+  src = jnp.where(pos < jnp.sum(group_sizes), order, n).astype(jnp.int32)  # n: empty row
+  row = jnp.where(kept, row, n)
+  rows = take_rows(jnp.repeat(x, top_k, axis=0), src, row)
+  out = take_rows(expert_fn(rows, group_sizes), row, src)
+  return _combine(out, weights, keep).astype(x.dtype), _stats(counts, keep)
 
 
 def capacity_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts: int,
@@ -104,18 +128,15 @@ def capacity_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts
                  ) -> tuple[jax.Array, DispatchStats]:
   """Dropping with buffers padded to capacity: every expert computes exactly C rows."""
   n_tokens, top_k = indices.shape
+  n = n_tokens * top_k
   pos = positions_in_expert(indices, weights, n_experts, policy)
   keep = pos < capacity_
   counts = jnp.bincount(indices.reshape(-1), length=n_experts).astype(jnp.int32)
-  # Slot of each kept assignment in the flat [E * C] buffer; dropped ones go to a spill row.
-  slot = jnp.where(keep, indices * capacity_ + pos, n_experts * capacity_)
-  token = jnp.broadcast_to(jnp.arange(n_tokens)[:, None], indices.shape)
-  buffers = jnp.zeros((n_experts * capacity_ + 1, x.shape[-1]), x.dtype).at[
-      slot.reshape(-1)].set(jnp.take(x, token.reshape(-1), axis=0))
-  out = expert_fn(buffers[:-1].reshape(n_experts, capacity_, -1)).reshape(-1, x.shape[-1])
-  out = jnp.concatenate([out, jnp.zeros_like(out[:1])], axis=0)
-  gathered = jnp.take(out, slot.reshape(-1), axis=0).reshape(n_tokens, top_k, -1)
-  combine = jnp.where(keep, weights.astype(jnp.float32), 0.0)
-  y = jnp.einsum("tkd,tk->td", gathered.astype(jnp.float32), combine)
-  drop_fraction = 1.0 - jnp.mean(keep.astype(jnp.float32))
-  return y.astype(x.dtype), DispatchStats(counts, drop_fraction)
+  n_rows = n_experts * capacity_
+  row = jnp.where(keep, indices * capacity_ + pos, n_rows).reshape(-1).astype(jnp.int32)
+  src = jnp.full((n_rows,), n, jnp.int32).at[row].set(jnp.arange(n, dtype=jnp.int32),
+                                                     mode="drop")
+  buffers = take_rows(jnp.repeat(x, top_k, axis=0), src, row)
+  out = expert_fn(buffers.reshape(n_experts, capacity_, -1)).reshape(n_rows, -1)
+  out = take_rows(out, row, src)
+  return _combine(out, weights, keep).astype(x.dtype), _stats(counts, keep)

@@ -1,0 +1,1 @@
+"""Throughput and kernel benchmarks; run each as `python -m benchmarks.<name>`, JSON lines out."""

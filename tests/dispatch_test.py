@@ -1,0 +1,219 @@
+"""Token dispatch and the grouped matmuls, on hand-built routing.
+
+The expert of the hand-built tests multiplies a row by (expert + 1), so the combined output
+of token t is x[t] * sum over its kept assignments of w * (e + 1): which assignments were
+computed can be read off exactly.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esjax.routing import dispatch, grouped
+
+
+def scale_by_expert(rows, group_sizes):
+  """expert_fn for grouped_moe: row of expert e -> (e + 1) * row; rows past the groups -> 0."""
+  e = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right")
+  scale = jnp.append(jnp.arange(1.0, group_sizes.shape[0] + 1), 0.0)[e]
+  return rows * scale[:, None]
+
+
+def scale_blocked(rows, group_sizes, block):
+  """The same expert through the blocked layout: w[e] = (e + 1) * I."""
+  n_exp, d = group_sizes.shape[0], rows.shape[1]
+  w = jnp.arange(1.0, n_exp + 1)[:, None, None] * jnp.eye(d)[None]
+  return grouped.blocked_matmul(rows, w, group_sizes, block)
+
+
+def scale_batched(buffers):
+  return buffers * jnp.arange(1.0, buffers.shape[0] + 1)[:, None, None]
+
+
+# T=6 tokens, E=2, k=1. Expert 0 gets tokens 0, 1, 3, 4; expert 1 gets 2, 5.
+IND = jnp.array([[0], [0], [1], [0], [0], [1]], jnp.int32)
+W = jnp.array([[0.9], [0.2], [0.5], [0.7], [0.2], [-0.0]], jnp.float32)
+# Capacity 2. position: expert 0 keeps its earliest two tokens 0, 1 (drops 3, 4).
+# probs: expert 0 keeps 0 (0.9) and 3 (0.7); expert 1 keeps 2 and 5 under both.
+KEEP = {"position": [1, 1, 1, 0, 0, 1], "probs": [1, 0, 1, 1, 0, 1]}
+# Capacity 3 under probs: 1 and 4 tie at 0.2, the lower token index (1) wins.
+KEEP3_PROBS = [1, 1, 1, 1, 0, 1]
+
+
+def test_capacity_formula():
+  assert dispatch.capacity(10, 2, 4, 1.0) == 5
+  assert dispatch.capacity(10, 2, 4, 1.1) == 6  # ceil(5.5)
+  assert dispatch.capacity(3, 1, 8, 0.5) == 1  # at least 1
+  with pytest.raises(ValueError, match="capacity_factor=0"):
+    dispatch.capacity(10, 2, 4, 0)
+
+
+def _np_ranks(indices, weights, n_experts, policy):
+  """Loop reference: per expert, order its assignments by policy and number them."""
+  indices, weights = np.asarray(indices), np.asarray(weights) + 0.0
+  rank = np.full(indices.shape, -1)
+  for e in range(n_experts):
+    members = [(t, j) for t in range(indices.shape[0]) for j in range(indices.shape[1])
+               if indices[t, j] == e]
+    if policy == "probs":
+      members.sort(key=lambda tj: (-weights[tj], tj[0]))
+    for r, tj in enumerate(members):
+      rank[tj] = r
+  return rank
+
+
+_positions = jax.jit(dispatch.positions_in_expert, static_argnums=(2, 3))
+_keep_mask = jax.jit(dispatch.keep_mask, static_argnums=(2, 3, 4))
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_positions_in_expert(policy):
+  got = _positions(IND, W, 2, policy)
+  np.testing.assert_array_equal(np.asarray(got), _np_ranks(IND, W, 2, policy))
+  rng = np.random.default_rng(0)
+  t, e, k = 40, 5, 2
+  ind = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
+  w = np.round(rng.uniform(size=(t, k)), 1).astype(np.float32)  # many exact ties
+  got = _positions(jnp.asarray(ind), jnp.asarray(w), e, policy)
+  np.testing.assert_array_equal(np.asarray(got), _np_ranks(ind, w, e, policy))
+
+
+def test_position_policy_is_explicit_not_sort_order():
+  """Token order decides even when the routing weights would order the tokens otherwise."""
+  ind = jnp.zeros((5, 1), jnp.int32)
+  w = jnp.array([[0.1], [0.9], [0.5], [0.8], [0.3]])
+  keep = _keep_mask(ind, w, 1, 2, "position")
+  np.testing.assert_array_equal(np.asarray(keep[:, 0]), [1, 1, 0, 0, 0])
+  keep = _keep_mask(ind, w, 1, 2, "probs")
+  np.testing.assert_array_equal(np.asarray(keep[:, 0]), [0, 1, 0, 1, 0])
+
+
+def test_probs_policy_signed_zero_weights_tie():
+  """-0.0 and +0.0 weigh the same: the earlier token wins the single slot."""
+  keep = _keep_mask(jnp.zeros((2, 1), jnp.int32), jnp.array([[-0.0], [0.0]]), 1, 1,
+                            "probs")
+  np.testing.assert_array_equal(np.asarray(keep[:, 0]), [1, 0])
+
+
+def _expected(x, ind, w, keep):
+  scale = np.where(np.asarray(keep), np.asarray(w) * (np.asarray(ind) + 1.0), 0.0)
+  return np.asarray(x) * scale.sum(1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _run(path, x, ind, w, cap, policy):
+  if path == "capacity":
+    return dispatch.capacity_moe(x, ind, w, 2, cap, policy, scale_batched)
+  keep = _keep_mask(ind, w, 2, cap, policy)
+  fn = scale_by_expert if path == "ragged" else functools.partial(scale_blocked, block=3)
+  return dispatch.grouped_moe(x, ind, w, 2, fn, keep)
+
+
+@pytest.mark.parametrize("path", ["ragged", "blocked", "capacity"])
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_small_capacity_drops_exactly_the_policy_assignments(path, policy):
+  x = jax.random.normal(jax.random.key(0), (6, 4))
+  y, stats = _run(path, x, IND, W, 2, policy)
+  keep = np.array(KEEP[policy])[:, None]
+  np.testing.assert_allclose(np.asarray(y), _expected(x, IND, W, keep), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(stats.counts), [4, 2])
+  np.testing.assert_allclose(float(stats.drop_fraction), 2 / 6, rtol=1e-6)
+  if policy == "probs":
+    y, stats = _run(path, x, IND, W, 3, policy)
+    keep = np.array(KEEP3_PROBS)[:, None]
+    np.testing.assert_allclose(np.asarray(y), _expected(x, IND, W, keep), rtol=1e-6)
+    np.testing.assert_allclose(float(stats.drop_fraction), 1 / 6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["ragged", "blocked", "capacity"])
+def test_top2_dropping_and_gradients(path):
+  """k=2 on random routing: the kept set matches the loop ranks; gradients are masked."""
+  rng = np.random.default_rng(1)
+  t, d = 12, 3
+  ind = jnp.asarray(np.stack([rng.choice(2, 2, replace=False) for _ in range(t)]), jnp.int32)
+  w = jnp.asarray(rng.uniform(size=(t, 2)), jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (t, d))
+  keep = _np_ranks(ind, w, 2, "probs") < 5
+  run = lambda x, w: _run(path, x, ind, w, 5, "probs")
+  y, stats = run(x, w)
+  np.testing.assert_allclose(np.asarray(y), _expected(x, ind, w, keep), rtol=1e-6)
+  np.testing.assert_allclose(float(stats.drop_fraction), 1 - keep.mean(), rtol=1e-6)
+  gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(run(x, w)[0]), argnums=(0, 1)))(x, w)
+  scale = np.where(keep, np.asarray(w) * (np.asarray(ind) + 1.0), 0.0).sum(1)
+  np.testing.assert_allclose(np.asarray(gx), np.broadcast_to(scale[:, None], (t, d)),
+                             rtol=1e-6)
+  want_gw = np.where(keep, (np.asarray(ind) + 1.0) * np.asarray(x).sum(1)[:, None], 0.0)
+  np.testing.assert_allclose(np.asarray(gw), want_gw, rtol=1e-5, atol=1e-6)
+
+
+def test_dropless_counts_and_no_drops():
+  x = jax.random.normal(jax.random.key(2), (6, 4))
+  y, stats = dispatch.grouped_moe(x, IND, W, 2, scale_by_expert)
+  np.testing.assert_allclose(np.asarray(y), _expected(x, IND, W, np.ones((6, 1))), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(stats.counts), [4, 2])
+  assert float(stats.drop_fraction) == 0.0
+
+
+# Grouped matmul: blocked layout == lax.ragged_dot, values and gradients.
+
+
+def _group_cases():
+  yield np.array([3, 0, 5, 1]), 9, 2  # an empty group
+  yield np.array([0, 0, 7, 0]), 7, 4  # all in one group
+  yield np.array([2, 2, 0, 2]), 11, 1  # rows past the groups; block 1
+  yield np.array([5, 1, 0, 0]), 9, 8  # block larger than the groups; nothing in 2 groups
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _ragged_and_blocked(rows, w, gs, block, ct):
+  """(out, grads) of lax.ragged_dot and of the blocked layout for the same inputs."""
+  outs = []
+  for fn in (grouped.ragged_matmul, functools.partial(grouped.blocked_matmul, block=block)):
+    out, vjp = jax.vjp(lambda r, w, fn=fn: fn(r, w, gs), rows, w)
+    outs.append((out, vjp(ct)))
+  return outs
+
+
+@pytest.mark.parametrize("case", list(_group_cases()))
+def test_blocked_matmul_equals_ragged_dot(case):
+  sizes, n, block = case
+  rows = jax.random.normal(jax.random.key(3), (n, 5))
+  w = jax.random.normal(jax.random.key(4), (4, 5, 6))
+  ct = jax.random.normal(jax.random.key(5), (n, 6))
+  (out_r, g_r), (out_b, g_b) = _ragged_and_blocked(rows, w, jnp.asarray(sizes, jnp.int32),
+                                                   block, ct)
+  np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_r), rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(out_b)[sizes.sum():] == 0)
+  for a, b in zip(g_r, g_b):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def test_tile_layout_bound_and_tiles():
+  """n_used never exceeds the static bound; every tile holds rows of a single group."""
+  rng = np.random.default_rng(6)
+  n_groups, n = 4, 24
+  layout = jax.jit(grouped.tile_layout, static_argnums=(1, 2))
+  for _ in range(24):
+    block = int(rng.integers(1, 5))
+    sizes = rng.multinomial(rng.integers(0, n + 1), np.ones(n_groups) / n_groups)
+    lay = layout(jnp.asarray(sizes, jnp.int32), n, block)
+    want_used = int(np.sum(-(-sizes // block)))
+    assert int(lay.n_used) == want_used <= grouped.max_tiles(n, n_groups, block)
+    group_of_row = np.repeat(np.arange(n_groups), sizes)
+    src = np.asarray(lay.src).reshape(-1, block)
+    for tile, g in zip(src[:want_used], np.asarray(lay.tile_group)):
+      assert all(group_of_row[s] == g for s in tile if s < n)
+    assert np.all(src[want_used:] == n)
+
+
+def test_take_rows_gradient_is_the_plain_gather_gradient():
+  x = jax.random.normal(jax.random.key(7), (5, 3))
+  idx = jnp.array([4, 0, 5, 2, 9, 1])  # 5 and 9: empty rows; row 3 of x unused
+  inv = jnp.array([1, 5, 3, 6, 0])
+  ct = jax.random.normal(jax.random.key(8), (6, 3))
+  g = jax.grad(lambda x: jnp.sum(grouped.take_rows(x, idx, inv) * ct))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(jnp.take(x, idx, axis=0, mode="fill", fill_value=0) * ct))(x)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref))
