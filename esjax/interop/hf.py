@@ -1,0 +1,98 @@
+"""`from_pretrained` / `save_pretrained`: local Hugging Face folders <-> esjax models.
+
+No hub access and no torch: config.json is mapped by `hf_config`, tensors are read and
+written with safetensors' numpy API, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from esjax.interop import hf_config, hf_params, safetensors_io
+from esjax.models.config import ModelConfig
+from esjax.models.transformer import Transformer
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def read_config(folder: str | os.PathLike, **overrides: Any) -> ModelConfig:
+  """ModelConfig of `folder/config.json` (see `hf_config.config_from_hf`)."""
+  path = Path(folder) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face model folder")
+  return hf_config.config_from_hf(json.loads(path.read_text()), **overrides)
+
+
+def load_pretrained_params(folder: str | os.PathLike, *, shardings: Any = None,
+                           **overrides: Any) -> tuple[ModelConfig, dict[str, Any]]:
+  """(config, parameter tree) of a local HF folder; `overrides` replace config fields."""
+  cfg = read_config(folder, **overrides)
+  with safetensors_io.SafetensorsCheckpoint(folder) as tensors:
+    params = hf_params.hf_to_esjax_params(cfg, tensors, shardings=shardings)
+  return cfg, params
+
+
+def model_from_params(cfg: ModelConfig, params: Any) -> Transformer:
+  """A Transformer holding `params` (a pure dict or nnx.State), without a random init."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  nnx.replace_by_pure_dict(state, hf_params.to_pure_dict(params))
+  return nnx.merge(graphdef, state)
+
+
+def from_pretrained(folder: str | os.PathLike, *, shardings: Any = None,
+                    **overrides: Any) -> Transformer:
+  """An esjax model from a local HF Llama / Qwen2 / Mixtral / Qwen2-MoE folder.
+
+  `model.cfg` is the config read from config.json with `overrides` applied (e.g.
+  `dtype="float32"`, `aux_loss_coef=0.01`, `capacity_factor=1.25`). Parameters keep the
+  checkpoint's dtype unless `param_dtype` is overridden.
+  """
+  return model_from_params(*load_pretrained_params(folder, shardings=shardings, **overrides))
+
+
+def save_pretrained_params(cfg: ModelConfig, params: Any, folder: str | os.PathLike, *,
+                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                           dtype: str | None = None) -> list[str]:
+  """Writes config.json and safetensors of (cfg, params) that transformers loads.
+
+  Files are written to a temporary folder inside `folder` and moved in only when complete,
+  so a failure leaves no half-written checkpoint; stale `model*.safetensors` files and index
+  of an earlier save are removed. Returns the names of the files written.
+  """
+  hf = hf_config.config_to_hf(cfg, dtype)  # raises before anything touches the disk
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=".esjax-save-", dir=folder))
+  try:
+    files = safetensors_io.write_safetensors(
+        hf_params.iter_hf_tensors(cfg, params, dtype), tmp, max_shard_bytes)
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for old in list(folder.glob("model*.safetensors")) + [folder / safetensors_io.INDEX]:
+      if old.name not in files and old.is_file():
+        old.unlink()
+    for name in files + ["config.json"]:
+      os.replace(tmp / name, folder / name)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return files + ["config.json"]
+
+
+def save_pretrained(model: Transformer, folder: str | os.PathLike, *,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    dtype: str | None = None) -> list[str]:
+  """Writes `model` as a Hugging Face folder (`transformers.AutoModelForCausalLM` loads it).
+
+  The architecture is the one that computes what the model computes (`hf_config.
+  architecture_for`); configs with no HF equivalent raise ValueError. Training-only settings
+  (router loss coefficients, token dropping) are not part of the export.
+  """
+  return save_pretrained_params(model.cfg, nnx.state(model, nnx.Param), folder,
+                                max_shard_bytes=max_shard_bytes, dtype=dtype)
