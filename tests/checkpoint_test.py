@@ -9,11 +9,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from esjax.configs import common
 from esjax.models.presets import get_preset
 from esjax.train import checkpoint, init_from, state as state_lib
 
@@ -47,7 +47,8 @@ def test_roundtrip_keeps_last_k_and_restores_exactly(tmp_path):
 
 _SAVER = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, optax
-    from esjax.models.presets import get_preset
+    from esjax.configs import common
+from esjax.models.presets import get_preset
     from esjax.train import checkpoint, state as state_lib
     cfg = get_preset("tiny-llama", vocab_size=4096, d_model=256, d_ff=1024, n_layers=4,
                      n_heads=4, n_kv_heads=4)  # 6 M parameters, 75 MB with Adam's moments
@@ -94,7 +95,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
 
 
 def _init_from_config(path):
-  return ml_collections.ConfigDict({"checkpoint": {"init_from": str(path)}})
+  c = common.base_config()
+  c.checkpoint.init_from = str(path)
+  return c
 
 
 def test_init_from_loads_params_and_names_misfit_parameter(tmp_path):
@@ -107,13 +110,24 @@ def test_init_from_loads_params_and_names_misfit_parameter(tmp_path):
   for path in (tmp_path / "checkpoints", tmp_path / "checkpoints" / "7"):
     cfg, _ = checkpoint.restore_params(str(path))
     assert cfg == CFG
+  # Shapes no load-time conversion (esjax.transforms.online) can reach: the error names the
+  # first parameter that differs.
   with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.w_down' has shape \(64, 32\) in the "
-                                       r"checkpoint but the model expects \(96, 32\)"):
-    init_from.load(_init_from_config(tmp_path), CFG.replace(d_ff=96))
-  with pytest.raises(ValueError, match=r"'layers\.1\.attn\.wk' \(shape \(32, 1, 16\)\) is missing"):
-    init_from.load(_init_from_config(tmp_path), CFG.replace(n_layers=2))
+                                       r"checkpoint but the model expects \(32, 32\)"):
+    init_from.load(_init_from_config(tmp_path), CFG.replace(d_ff=32))
+  with pytest.raises(ValueError, match=r"'embed' has shape \(256, 32\) in the checkpoint but "
+                                       r"the model expects \(300, 32\)"):
+    init_from.load(_init_from_config(tmp_path), CFG.replace(vocab_size=300))
   with pytest.raises(FileNotFoundError, match="no such directory"):
     init_from.load(_init_from_config(tmp_path / "nope"), CFG)
+  abstract = {"a": jax.ShapeDtypeStruct((2,), jnp.float32), "b": {0: jax.ShapeDtypeStruct((3,),
+                                                                                      jnp.float32)}}
+  with pytest.raises(ValueError, match=r"init_from='src': parameter 'b\.0' \(shape \(3,\)\) is "
+                                       "missing"):
+    init_from.check_fit({"a": np.zeros(2)}, abstract, "src")
+  with pytest.raises(ValueError, match=r"parameter 'c' is in the checkpoint but not in the model"):
+    init_from.check_fit({"a": np.zeros(2), "b": {0: np.zeros(3)}, "c": np.zeros(1)}, abstract,
+                        "src")
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
     init_from.load(_init_from_config(tmp_path / "empty"), CFG)

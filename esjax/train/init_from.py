@@ -31,21 +31,26 @@ def _paths(tree: Any) -> dict[str, Any]:
           for path, leaf in flat}
 
 
-def check_fit(params: Any, abstract_params: Any, source: str) -> None:
-  """Raises ValueError naming the first parameter that is missing, extra or mis-shaped."""
+def misfit(params: Any, abstract_params: Any) -> str | None:
+  """The first parameter that is missing, extra or mis-shaped in `params`, in words."""
   got, want = _paths(params), _paths(abstract_params)
   for name, spec in want.items():
     if name not in got:
-      raise ValueError(f"checkpoint.init_from={source!r}: parameter {name!r} (shape "
-                       f"{tuple(spec.shape)}) is missing from the checkpoint")
+      return f"parameter {name!r} (shape {tuple(spec.shape)}) is missing from the checkpoint"
     if tuple(np.shape(got[name])) != tuple(spec.shape):
-      raise ValueError(f"checkpoint.init_from={source!r}: parameter {name!r} has shape "
-                       f"{tuple(np.shape(got[name]))} in the checkpoint but the model expects "
-                       f"{tuple(spec.shape)}")
+      return (f"parameter {name!r} has shape {tuple(np.shape(got[name]))} in the checkpoint "
+              f"but the model expects {tuple(spec.shape)}")
   extra = sorted(set(got) - set(want))
   if extra:
-    raise ValueError(f"checkpoint.init_from={source!r}: parameter {extra[0]!r} is in the "
-                     f"checkpoint but not in the model ({len(extra)} such)")
+    return f"parameter {extra[0]!r} is in the checkpoint but not in the model ({len(extra)} such)"
+  return None
+
+
+def check_fit(params: Any, abstract_params: Any, source: str) -> None:
+  """Raises ValueError naming the first parameter that is missing, extra or mis-shaped."""
+  problem = misfit(params, abstract_params)
+  if problem:
+    raise ValueError(f"checkpoint.init_from={source!r}: {problem}")
 
 
 def convert(src_cfg: ModelConfig, params: Any, dst_cfg: ModelConfig, config: Any,
@@ -65,8 +70,12 @@ def load(config: Any, model_cfg: ModelConfig, shardings: Any = None) -> Any:
   model's parameter dtypes. `shardings`: as in `convert`."""
   source = config.checkpoint.init_from
   src_cfg, params = checkpoint.restore_params(source)
-  params = convert(src_cfg, params, model_cfg, config, shardings)
   _, abstract = state_lib.abstract_model(model_cfg)
   abstract = nnx.to_pure_dict(abstract)
+  try:
+    params = convert(src_cfg, params, model_cfg, config, shardings)
+  except ValueError as e:  # No conversion fits: say also which parameter differs.
+    raise ValueError(f"checkpoint.init_from={source!r}: {misfit(params, abstract)}; {e}"
+                     ) from None
   check_fit(params, abstract, source)
   return jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract)
