@@ -21,9 +21,6 @@ def get_config(arg: str | None = None):
     raise ValueError(f"tiny.py: variant {arg.variant!r}, expected one of {sorted(VARIANTS)}")
   c = common.base_config()
   c.model = common.model_section(VARIANTS[arg.variant], max_seq_len=128)
-  if arg.variant != "dense":
-    c.model.moe_impl = "blocked"  # The fast dropless path on CPU (see DESIGN.md).
-    c.model.moe_block_size = 64
   c.train.steps = arg.steps
   c.train.batch_size = 16
   c.train.seq_len = 128
