@@ -47,8 +47,7 @@ def test_roundtrip_keeps_last_k_and_restores_exactly(tmp_path):
 
 _SAVER = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp, optax
-    from esjax.configs import common
-from esjax.models.presets import get_preset
+    from esjax.models.presets import get_preset
     from esjax.train import checkpoint, state as state_lib
     cfg = get_preset("tiny-llama", vocab_size=4096, d_model=256, d_ff=1024, n_layers=4,
                      n_heads=4, n_kv_heads=4)  # 6 M parameters, 75 MB with Adam's moments
