@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from esjax.transforms import build, growth
-from transforms_testlib import SRC, logits, random_model, rel_err, tokens, with_params
+from transforms_testlib import (SRC, logits, model_from, random_model, rel_err, tokens,
+                                with_params)
 
 HD = SRC.head_dim_  # growth keeps head_dim
 
@@ -46,7 +47,7 @@ def test_fpi_any_ffn_and_head_maps_are_exact(source):
   assert any((m[48:] != np.arange(48, 80) % 48).any() for m in maps.ffn)  # really random
   params = growth.grow_params(SRC, build.params_of(model), tgt, width="fpi", depth="stack",
                               maps=maps)
-  grown = with_params(random_model(tgt), params)
+  grown = model_from(tgt, params)
   assert rel_err(logits(grown, toks), ref) < 1e-5
 
 
@@ -73,13 +74,18 @@ def test_depth_growth_is_the_source_blocks_in_map_order(source):
                          ("stack_top", [0, 1, 2, 0, 1, 2, 2])):
     np.testing.assert_array_equal(growth.depth_map(3, 7, how), layer_map)
     params = growth.grow_params(SRC, build.params_of(model), tgt, width="fpi", depth=how)
-    grown = with_params(random_model(tgt), params)
-    x = model.embed_tokens(toks)
-    pos = np.broadcast_to(np.arange(toks.shape[1]), toks.shape)
-    for s in layer_map:
-      x, _ = model.layers[int(s)](x, pos)
-    ref = np.asarray(model.logits(x), np.float64)
+    grown = model_from(tgt, params)
+    ref = np.asarray(jax.jit(blocks_in_order, static_argnums=2)(model, toks, tuple(layer_map)),
+                     np.float64)
     assert rel_err(logits(grown, toks), ref) < 1e-5
+
+
+def blocks_in_order(model, toks, layer_map):
+  x = model.embed_tokens(toks)
+  pos = jax.numpy.broadcast_to(jax.numpy.arange(toks.shape[1]), toks.shape)
+  for s in layer_map:
+    x, _ = model.layers[s](x, pos)
+  return model.logits(x)
 
 
 @pytest.mark.parametrize("method", ["fpi", "fpi_interp"])

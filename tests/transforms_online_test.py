@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import AxisType
 
 from esjax.transforms import build, online
-from transforms_testlib import SRC, logits, random_model, rel_err, tokens, with_params
+from transforms_testlib import SRC, logits, model_from, random_model, rel_err, tokens, with_params
 
 BIG = SRC.replace(d_model=64, n_heads=8, d_ff=96, n_layers=6, head_dim=SRC.head_dim_)
 MOE = BIG.replace(n_experts=8, top_k=2, router_init_std=0.5)
@@ -36,7 +36,7 @@ def test_grow_then_upcycle_preserves_logits_sharded():
   params = online.convert(SRC, build.params_of(model), MOE, grow="fpi_interp",
                           zero_new_layers=True, shardings=shardings)
   assert params["layers"][5]["mlp"]["w_gate"].sharding.spec[0] == "model"
-  moe = with_params(random_model(MOE), jax.device_get(params))
+  moe = model_from(MOE, jax.device_get(params))
   assert rel_err(logits(moe, toks), logits(model, toks)) < 1e-5
   aki = online.convert(SRC, build.params_of(model), MOE)  # aki_pro: changes the function
   assert rel_err(logits(with_params(moe, aki), toks), logits(model, toks)) > 1e-3

@@ -41,10 +41,15 @@ def tokens(cfg: ModelConfig, batch: int = 2, seq: int = 12, seed: int = 7) -> ja
   return jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.vocab_size, jnp.int32)
 
 
+def forward(model: Transformer, toks: jax.Array):
+  """Jitted `model(toks)` on one device (gathering sharded parameters): (logits, aux)."""
+  graphdef, _ = build.abstract_model(model.cfg)
+  params = jax.device_get(build.params_of(model))
+  return jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, toks)
+
+
 def logits(model: Transformer, toks: jax.Array) -> np.ndarray:
-  """Float64 copy of the logits, computed on one device (gathering sharded parameters)."""
-  local = model_from(model.cfg, jax.device_get(build.params_of(model)))
-  return np.asarray(local(toks)[0], np.float64)
+  return np.asarray(forward(model, toks)[0], np.float64)
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
