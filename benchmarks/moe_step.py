@@ -1,7 +1,7 @@
 """Train-step throughput of a dropless MoE against the dense model with the same active FLOPs.
 
-    python -m benchmarks.moe_step                 # 8 experts, top-2, d_model 256, 4096 tokens
-    python -m benchmarks.moe_step --repeats 15 --impls blocked
+    python -m benchmarks.moe_step        # 8 experts, top-2, d_model 256, d_ff_expert 1024, 4096 tokens
+    python -m benchmarks.moe_step --repeats 15 --impls blocked:128,blocked:512
 
 A step is forward + backward + AdamW update, jitted with the parameters and optimizer state
 donated. The dense model has d_ff = top_k * d_ff_expert, so both do the same matmul FLOPs per
@@ -56,11 +56,13 @@ def main(argv=None):
   ap.add_argument("--n_layers", type=int, default=2)
   ap.add_argument("--n_experts", type=int, default=8)
   ap.add_argument("--top_k", type=int, default=2)
-  ap.add_argument("--d_ff_expert", type=int, default=512)
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--seq", type=int, default=256)
-  ap.add_argument("--block", type=int, default=256, help="moe_block_size for 'blocked'")
-  ap.add_argument("--impls", default="blocked,ragged", help="comma-separated moe_impl values")
+  ap.add_argument("--d_ff_expert", type=int, default=1024)
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--block", type=int, default=ModelConfig.moe_block_size,
+                  help="moe_block_size for 'blocked'")
+  ap.add_argument("--impls", default="blocked,ragged",
+                  help="comma-separated moe_impl values, each optionally impl:block_size")
   ap.add_argument("--repeats", type=int, default=9)
   args = ap.parse_args(argv)
 
@@ -70,10 +72,11 @@ def main(argv=None):
   # "rest": the same decoder with a negligible MLP, i.e. the cost both models share
   # (attention, embeddings, LM head, optimizer); it gives the MLP-only ratio as well.
   models = {"dense": base, "rest": base.replace(d_ff=8)}
-  for impl in args.impls.split(","):
-    models[f"moe_{impl}"] = base.replace(
+  for spec in args.impls.split(","):
+    impl, _, block = spec.partition(":")
+    models[f"moe_{spec.replace(':', '')}"] = base.replace(
         n_experts=args.n_experts, top_k=args.top_k, d_ff_expert=args.d_ff_expert,
-        moe_impl=impl, moe_block_size=args.block, capacity_factor=0.0)
+        moe_impl=impl, moe_block_size=int(block or args.block), capacity_factor=0.0)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, base.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
   batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
@@ -94,6 +97,7 @@ def main(argv=None):
   for name, cfg in models.items():
     print(json.dumps({
         "model": name, "moe_impl": resolve_moe_impl(cfg.moe_impl) if cfg.is_moe else None,
+        "block": cfg.moe_block_size if cfg.is_moe else None,
         "step_ms": round(1e3 * med[name], 2), "min_ms": round(1e3 * min(times[name]), 2),
         "tokens_per_s": round(n_tokens / med[name], 1),
         "active_params": count_params(cfg)["active"], "total_params": count_params(cfg)["total"],

@@ -227,3 +227,21 @@ def test_model_blocked_equals_ragged_logits_and_grads():
   np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_blocked_matches_ragged():
+  """bf16 compute (float32 params): both grouped matmuls round alike, to bf16 accuracy."""
+  cfg = BASE.replace(dtype="bfloat16")
+  model, x = make(cfg)
+  x = x.astype(jnp.bfloat16)
+  outs = []
+  for impl in ("ragged", "blocked"):
+    m = moe_lib.MoE(cfg.replace(moe_impl=impl), nnx.Rngs(0))
+    y, _ = jax.jit(lambda m, x: m(x))(m, x)
+    assert y.dtype == jnp.bfloat16
+    outs.append(np.asarray(y, np.float32))
+  np.testing.assert_allclose(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+  p = params_of(model)
+  x64 = np.asarray(x.astype(jnp.float32), np.float64)
+  ref = ref_forward(p, x64, cfg, *ref_decisions(p, x64, cfg), np)
+  np.testing.assert_allclose(outs[1], ref, rtol=5e-2, atol=5e-2)

@@ -34,12 +34,11 @@ def expert_swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Ar
 
 def expert_swiglu_blocked(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
                           w_up: jax.Array, w_down: jax.Array, block: int) -> jax.Array:
-  """`expert_swiglu_ragged` through the blocked tile layout (one layout for all three)."""
+  """`expert_swiglu_ragged` through the blocked tile layout, one fused loop over the tiles."""
   layout = grouped.tile_layout(group_sizes, rows.shape[0], block)
-  tiles = grouped.to_tiles(rows, layout)
-  mm = lambda x, w: grouped.tile_matmul(x, w, layout.tile_group, layout.n_used)
-  h = jax.nn.silu(mm(tiles, w_gate)) * mm(tiles, w_up)
-  return grouped.from_tiles(mm(h, w_down), layout)
+  out = grouped.tile_swiglu(grouped.to_tiles(rows, layout), w_gate, w_up, w_down,
+                            layout.tile_group, layout.n_used)
+  return grouped.from_tiles(out, layout)
 
 
 def resolve_moe_impl(moe_impl: str) -> str:

@@ -11,6 +11,11 @@ belongs to one group; a loop over the tiles in use multiplies each by its group'
 (one 2-D matmul per tile, which XLA:CPU runs at dense-matmul speed). Shapes are static: at
 most `(N + G * (block - 1)) // block` tiles exist, and only the `n_used` tiles that hold rows
 are computed. Exact: every row is computed, nothing is dropped.
+
+`tile_matmul` is one grouped matmul on tiles; `tile_swiglu` fuses an expert's whole SwiGLU
+into one loop over the tiles (forward and backward), which is what the MoE block uses:
+per 2-D matmul on 2 cores, one loop instead of three saves ~20% of the expert time.
+Both have hand-written VJPs whose backward loops are gathers and in-place accumulations.
 """
 
 from __future__ import annotations
@@ -147,3 +152,69 @@ def blocked_matmul(rows: jax.Array, w: jax.Array, group_sizes: jax.Array, block:
   out = tile_matmul(to_tiles(rows, layout), w, layout.tile_group, layout.n_used)
   return from_tiles(out, layout)
 
+
+
+def _index(w: jax.Array, e: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+
+
+@jax.custom_vjp
+def tile_swiglu(tiles: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                tile_group: jax.Array, n_used: jax.Array) -> jax.Array:
+  """SwiGLU of each used tile with its group's weights, in one loop over the tiles.
+
+  out[i] = (silu(x_i @ wg[e]) * (x_i @ wu[e])) @ wd[e], e = tile_group[i]; zeros after n_used.
+  """
+  return _tile_swiglu_fwd(tiles, w_gate, w_up, w_down, tile_group, n_used)[0]
+
+
+def _tile_swiglu_fwd(tiles, w_gate, w_up, w_down, tile_group, n_used):
+  dt = tiles.dtype
+  n_tiles, block, _ = tiles.shape
+  f = w_gate.shape[-1]
+
+  def body(i, carry):
+    out, gate, up = carry
+    e = tile_group[i]
+    g = tiles[i] @ _index(w_gate, e).astype(dt)
+    u = tiles[i] @ _index(w_up, e).astype(dt)
+    y = (jax.nn.silu(g) * u) @ _index(w_down, e).astype(dt)
+    put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, i, 0)
+    return put(out, y), put(gate, g), put(up, u)
+
+  init = (jnp.zeros_like(tiles), jnp.zeros((n_tiles, block, f), dt),
+          jnp.zeros((n_tiles, block, f), dt))
+  out, gate, up = jax.lax.fori_loop(0, n_used, body, init)
+  return out, (tiles, w_gate, w_up, w_down, tile_group, n_used, gate, up)
+
+
+def _tile_swiglu_bwd(res, dy):
+  tiles, w_gate, w_up, w_down, tile_group, n_used, gate, up = res
+  dt = tiles.dtype
+
+  def acc(dw, e, v):
+    return jax.lax.dynamic_update_index_in_dim(dw, _index(dw, e) + v, e, 0)
+
+  def outer(a, b):
+    return jnp.einsum("bi,bj->ij", a, b, preferred_element_type=jnp.float32)
+
+  def body(i, carry):
+    dx, dwg, dwu, dwd = carry
+    e, x, g, u = tile_group[i], tiles[i], gate[i], up[i]
+    sg = jax.nn.sigmoid(g)
+    silu = g * sg
+    dh = dy[i] @ _index(w_down, e).astype(dt).T
+    dg = dh * u * (sg * (1 + g * (1 - sg)))
+    du = dh * silu
+    dxi = dg @ _index(w_gate, e).astype(dt).T + du @ _index(w_up, e).astype(dt).T
+    return (jax.lax.dynamic_update_index_in_dim(dx, dxi, i, 0), acc(dwg, e, outer(x, dg)),
+            acc(dwu, e, outer(x, du)), acc(dwd, e, outer(silu * u, dy[i])))
+
+  zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
+  init = (jnp.zeros_like(tiles), zeros(w_gate), zeros(w_up), zeros(w_down))
+  dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
+  return (dx, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype),
+          None, None)
+
+
+tile_swiglu.defvjp(_tile_swiglu_fwd, _tile_swiglu_bwd)
