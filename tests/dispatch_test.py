@@ -22,13 +22,6 @@ def scale_by_expert(rows, group_sizes):
   return rows * scale[:, None]
 
 
-def scale_blocked(rows, group_sizes, block):
-  """The same expert through the blocked layout: w[e] = (e + 1) * I."""
-  n_exp, d = group_sizes.shape[0], rows.shape[1]
-  w = jnp.arange(1.0, n_exp + 1)[:, None, None] * jnp.eye(d)[None]
-  return grouped.blocked_matmul(rows, w, group_sizes, block)
-
-
 def scale_batched(buffers):
   return buffers * jnp.arange(1.0, buffers.shape[0] + 1)[:, None, None]
 
@@ -108,11 +101,10 @@ def _run(path, x, ind, w, cap, policy):
   if path == "capacity":
     return dispatch.capacity_moe(x, ind, w, 2, cap, policy, scale_batched)
   keep = _keep_mask(ind, w, 2, cap, policy)
-  fn = scale_by_expert if path == "ragged" else functools.partial(scale_blocked, block=3)
-  return dispatch.grouped_moe(x, ind, w, 2, fn, keep)
+  return dispatch.grouped_moe(x, ind, w, 2, scale_by_expert, keep)
 
 
-@pytest.mark.parametrize("path", ["ragged", "blocked", "capacity"])
+@pytest.mark.parametrize("path", ["grouped", "capacity"])
 @pytest.mark.parametrize("policy", ["position", "probs"])
 def test_small_capacity_drops_exactly_the_policy_assignments(path, policy):
   x = jax.random.normal(jax.random.key(0), (6, 4))
@@ -128,7 +120,7 @@ def test_small_capacity_drops_exactly_the_policy_assignments(path, policy):
     np.testing.assert_allclose(float(stats.drop_fraction), 1 / 6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["ragged", "blocked", "capacity"])
+@pytest.mark.parametrize("path", ["grouped", "capacity"])
 def test_top2_dropping_and_gradients(path):
   """k=2 on random routing: the kept set matches the loop ranks; gradients are masked."""
   rng = np.random.default_rng(1)
@@ -157,56 +149,70 @@ def test_dropless_counts_and_no_drops():
   assert float(stats.drop_fraction) == 0.0
 
 
-# Grouped matmul: blocked layout == lax.ragged_dot, values and gradients.
+# Grouped SwiGLU: the blocked layout == lax.ragged_dot, values and gradients.
 
 
 def _group_cases():
-  yield np.array([3, 0, 5, 1]), 9, 2  # an empty group
-  yield np.array([0, 0, 7, 0]), 7, 4  # all in one group
+  yield np.array([3, 0, 5, 1]), 9, 2  # an empty group; chunks of 2, 4, 8
+  yield np.array([0, 0, 19, 0]), 19, 2  # all in one group: 16 + 2 + 2 (padded 20)
   yield np.array([2, 2, 0, 2]), 11, 1  # rows past the groups; block 1
-  yield np.array([5, 1, 0, 0]), 9, 8  # block larger than the groups; nothing in 2 groups
+  yield np.array([5, 1, 0, 0]), 9, 8  # block larger than the groups
+  yield np.array([0, 0, 0, 0]), 4, 3  # nothing to compute
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _ragged_and_blocked(rows, w, gs, block, ct):
-  """(out, grads) of lax.ragged_dot and of the blocked layout for the same inputs."""
+@functools.partial(jax.jit, static_argnums=(5,))
+def _ragged_and_blocked(rows, wg, wu, wd, gs, block, ct):
+  """(out, grads) of the ragged_dot SwiGLU and of the blocked one for the same inputs."""
   outs = []
-  for fn in (grouped.ragged_matmul, functools.partial(grouped.blocked_matmul, block=block)):
-    out, vjp = jax.vjp(lambda r, w, fn=fn: fn(r, w, gs), rows, w)
+  for fn in (grouped.swiglu_ragged,
+             functools.partial(grouped.swiglu_blocked, block=block, max_chunk=8)):
+    out, vjp = jax.vjp(lambda *a, fn=fn: fn(a[0], gs, *a[1:]), rows, wg, wu, wd)
     outs.append((out, vjp(ct)))
   return outs
 
 
 @pytest.mark.parametrize("case", list(_group_cases()))
-def test_blocked_matmul_equals_ragged_dot(case):
+def test_blocked_swiglu_equals_ragged_dot(case):
   sizes, n, block = case
-  rows = jax.random.normal(jax.random.key(3), (n, 5))
-  w = jax.random.normal(jax.random.key(4), (4, 5, 6))
-  ct = jax.random.normal(jax.random.key(5), (n, 6))
-  (out_r, g_r), (out_b, g_b) = _ragged_and_blocked(rows, w, jnp.asarray(sizes, jnp.int32),
-                                                   block, ct)
-  np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_r), rtol=1e-5, atol=1e-6)
+  k = jax.random.split(jax.random.key(3), 5)
+  rows = jax.random.normal(k[0], (n, 5))
+  wg, wu = jax.random.normal(k[1], (4, 5, 6)), jax.random.normal(k[2], (4, 5, 6))
+  wd = jax.random.normal(k[3], (4, 6, 5))
+  ct = jax.random.normal(k[4], (n, 5))
+  (out_r, g_r), (out_b, g_b) = _ragged_and_blocked(rows, wg, wu, wd,
+                                                   jnp.asarray(sizes, jnp.int32), block, ct)
+  np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_r), rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(out_b)[sizes.sum():] == 0)
   for a, b in zip(g_r, g_b):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
 
 
-def test_tile_layout_bound_and_tiles():
-  """n_used never exceeds the static bound; every tile holds rows of a single group."""
+def test_chunks_cover_each_group_exactly():
+  """Chunks lie inside one group's padded rows, cover them once, and fit the static bounds."""
   rng = np.random.default_rng(6)
-  n_groups, n = 4, 24
-  layout = jax.jit(grouped.tile_layout, static_argnums=(1, 2))
-  for _ in range(24):
+  n_groups, n = 4, 40
+  for _ in range(12):
     block = int(rng.integers(1, 5))
     sizes = rng.multinomial(rng.integers(0, n + 1), np.ones(n_groups) / n_groups)
-    lay = layout(jnp.asarray(sizes, jnp.int32), n, block)
-    want_used = int(np.sum(-(-sizes // block)))
-    assert int(lay.n_used) == want_used <= grouped.max_tiles(n, n_groups, block)
-    group_of_row = np.repeat(np.arange(n_groups), sizes)
-    src = np.asarray(lay.src).reshape(-1, block)
-    for tile, g in zip(src[:want_used], np.asarray(lay.tile_group)):
-      assert all(group_of_row[s] == g for s in tile if s < n)
-    assert np.all(src[want_used:] == n)
+    lay = grouped.tile_layout(jnp.asarray(sizes, jnp.int32), n, block, max_chunk=8)
+    n_pad = lay.src.shape[0]
+    assert n_pad == grouped.max_tiles(n, n_groups, block) * block
+    padded = -(-sizes // block) * block
+    pstart = np.cumsum(padded) - padded
+    owner = np.full(n_pad, -1)
+    for s, c in zip(lay.sizes, lay.chunks):
+      for r0, g in zip(np.asarray(c.start)[:int(c.count)], np.asarray(c.group)[:int(c.count)]):
+        assert pstart[g] <= r0 and r0 + s <= pstart[g] + padded[g], (sizes, block, s, r0, g)
+        assert np.all(owner[r0:r0 + s] == -1)
+        owner[r0:r0 + s] = g
+    np.testing.assert_array_equal(owner[:padded.sum()], np.repeat(np.arange(n_groups), padded))
+    assert np.all(owner[padded.sum():] == -1)
+    # Padded rows hold their group's rows in order, then padding.
+    src = np.asarray(lay.src)
+    want = np.concatenate([np.r_[np.arange(a, a + z), np.full(p - z, n)]
+                           for a, z, p in zip(np.cumsum(sizes) - sizes, sizes, padded)]
+                          + [np.full(n_pad - padded.sum(), n)])
+    np.testing.assert_array_equal(src, want)
 
 
 def test_take_rows_gradient_is_the_plain_gather_gradient():

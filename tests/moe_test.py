@@ -126,8 +126,9 @@ def ref_forward(p, x, cfg, indices, keep, xp):
   return xp.stack(ys).reshape(x.shape)
 
 
-def check_values(cfg, seed=0):
-  model, x = make(cfg, seed)
+def check_values(cfg, seed=0, model=None, x=None):
+  if model is None:
+    model, x = make(cfg, seed)
   y, stats = jax.jit(lambda m, x: m(x))(model, x)
   p = params_of(model)
   indices, keep = ref_decisions(p, x, cfg)
@@ -153,6 +154,17 @@ def test_routing_modes_match_loop_reference(routing, impl):
 def test_dropping_matches_loop_reference(dispatch_mode, impl, routing):
   keep = check_values(BASE.replace(moe_impl=impl, **ROUTING[routing], **DISPATCH[dispatch_mode]))
   assert not keep.all()  # capacity 0.75 must drop something, or the test proves nothing
+
+
+@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+def test_collapsed_routing_is_dropless(impl):
+  """Every token picks experts 0 and 1: groups of T rows, two experts empty; nothing drops."""
+  cfg = BASE.replace(moe_impl=impl)
+  model, x = make(cfg)
+  x = jnp.abs(x)
+  model.router[...] = jnp.zeros((D, E)).at[:, 0].set(2.0).at[:, 1].set(1.0)
+  keep = check_values(cfg, model=model, x=x)
+  assert keep.all()
 
 
 @pytest.mark.parametrize("pad", [False, True])

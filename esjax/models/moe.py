@@ -23,22 +23,10 @@ from esjax.parallel import hooks
 from esjax.routing import dispatch, grouped, router
 
 
-def expert_swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
-                         w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-  """Grouped SwiGLU with lax.ragged_dot. rows [N, D] sorted by expert; w_* [E, ...]."""
-  dt = rows.dtype
-  gate = jax.lax.ragged_dot(rows, w_gate.astype(dt), group_sizes)
-  up = jax.lax.ragged_dot(rows, w_up.astype(dt), group_sizes)
-  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes)
-
-
-def expert_swiglu_blocked(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
-                          w_up: jax.Array, w_down: jax.Array, block: int) -> jax.Array:
-  """`expert_swiglu_ragged` through the blocked tile layout, one fused loop over the tiles."""
-  layout = grouped.tile_layout(group_sizes, rows.shape[0], block)
-  out = grouped.tile_swiglu(grouped.to_tiles(rows, layout), w_gate, w_up, w_down,
-                            layout.tile_group, layout.n_used)
-  return grouped.from_tiles(out, layout)
+# Grouped SwiGLU over rows sorted by expert (see esjax.routing.grouped):
+# rows [N, D], group_sizes [E], w_gate / w_up [E, D, F], w_down [E, F, D] -> [N, D].
+expert_swiglu_ragged = grouped.swiglu_ragged  # lax.ragged_dot (GPU/TPU)
+expert_swiglu_blocked = grouped.swiglu_blocked  # padded chunks (CPU); extra arg: block
 
 
 def resolve_moe_impl(moe_impl: str) -> str:

@@ -1,34 +1,28 @@
-"""Grouped matmul over rows sorted by group: `lax.ragged_dot`, or blocked tiles for the CPU.
+"""Grouped expert compute over rows sorted by group: `lax.ragged_dot`, or blocked for the CPU.
 
 `rows [N, D]` are sorted by group (expert) with `group_sizes [G]`; rows past
-`sum(group_sizes)` belong to no group and come back as zeros. Row `i` of group `g` is
-multiplied by `w[g]`.
+`sum(group_sizes)` belong to no group and come back as zeros. Rows of group `g` go through
+group `g`'s weights.
 
-`ragged_matmul` is `lax.ragged_dot`: native on GPU/TPU, but XLA:CPU runs it ~10x slower
-than a dense matmul of the same FLOPs. `blocked_matmul` is the CPU path (the megablox
-layout): each group is padded to a multiple of `block` rows, so every tile of `block` rows
-belongs to one group; a loop over the tiles in use multiplies each by its group's weights
-(one 2-D matmul per tile, which XLA:CPU runs at dense-matmul speed). Shapes are static: at
-most `(N + G * (block - 1)) // block` tiles exist, and only the `n_used` tiles that hold rows
-are computed. Exact: every row is computed, nothing is dropped.
-
-`tile_matmul` is one grouped matmul on tiles; `tile_swiglu` fuses an expert's whole SwiGLU
-into one loop over the tiles (forward and backward), which is what the MoE block uses:
-per 2-D matmul on 2 cores, one loop instead of three saves ~20% of the expert time.
-Both have hand-written VJPs whose backward loops are gathers and in-place accumulations.
+`swiglu_ragged` uses `lax.ragged_dot`: native on GPU/TPU, but XLA:CPU runs it ~10x slower
+than a dense matmul of the same FLOPs. `swiglu_blocked` is the CPU path, the megablox
+layout: each group is padded to a multiple of `block` rows in a buffer of static size
+`max_tiles(N, G, block) * block`, so no row is ever dropped. Each group's padded rows are cut
+into chunks of `block * 2^j` rows (largest first, the binary digits of its padded size), so
+the matmuls are as large as the group allows while the padding stays below `block` rows per
+group; a loop per chunk size runs each chunk through its group's whole SwiGLU as 2-D
+matmuls, which XLA:CPU runs at dense-matmul speed. Trip counts are dynamic (only chunks
+that hold rows run) and the VJP is written by hand: the backward loops recompute nothing,
+accumulate the weight gradients in place, and the row permutations are gathers both ways.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-
-def ragged_matmul(rows: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """rows [N, D] sorted by group, w [G, D, F] -> [N, F] (zeros past the groups)."""
-  return jax.lax.ragged_dot(rows, w.astype(rows.dtype), group_sizes)
 
 
 # Row permutations with a gather in both directions (autodiff would scatter-add backward).
@@ -57,12 +51,28 @@ def _take_rows_bwd(res, g):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+def swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
+                  w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """Grouped SwiGLU with lax.ragged_dot; w_gate, w_up [G, D, F], w_down [G, F, D]."""
+  dt = rows.dtype
+  gate = jax.lax.ragged_dot(rows, w_gate.astype(dt), group_sizes)
+  up = jax.lax.ragged_dot(rows, w_up.astype(dt), group_sizes)
+  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes)
+
+
+class Chunks(NamedTuple):
+  """Chunks of one size: the first `count` entries are used."""
+  start: jax.Array  # [bound] int32 first padded row
+  group: jax.Array  # [bound] int32
+  count: jax.Array  # int32 scalar
+
+
 class TileLayout(NamedTuple):
-  """Where the rows sorted by group go in the padded, tiled buffer of `n_tiles * block` rows."""
-  src: jax.Array  # [n_tiles * block] int32: row feeding each padded row (N: empty)
-  dest: jax.Array  # [N] int32: padded row of each row (n_tiles * block: not in a group)
-  tile_group: jax.Array  # [n_tiles] int32: the group of each tile (tiles past n_used: G - 1)
-  n_used: jax.Array  # int32 scalar: tiles that hold rows; they come first
+  """Rows sorted by group <-> the padded buffer, and the chunks that cover the groups."""
+  src: jax.Array  # [n_pad] int32: row feeding each padded row (N: padding)
+  dest: jax.Array  # [N] int32: padded row of each row (n_pad: in no group)
+  chunks: tuple[Chunks, ...]  # one per size in `sizes`
+  sizes: tuple[int, ...]  # static chunk sizes block * 2^j, ascending
 
 
 def max_tiles(n_rows: int, n_groups: int, block: int) -> int:
@@ -70,13 +80,21 @@ def max_tiles(n_rows: int, n_groups: int, block: int) -> int:
   return max(1, (n_rows + n_groups * (block - 1)) // block)
 
 
-def tile_layout(group_sizes: jax.Array, n_rows: int, block: int) -> TileLayout:
-  """The tiled layout of `n_rows` rows sorted into groups of `group_sizes` [G]."""
+def chunk_sizes(n_pad: int, block: int, max_chunk: int) -> tuple[int, ...]:
+  """block, 2 * block, ... up to max(block, max_chunk) and at most the buffer size."""
+  sizes = [block]
+  while sizes[-1] * 2 <= min(max_chunk, n_pad):
+    sizes.append(sizes[-1] * 2)
+  return tuple(sizes)
+
+
+def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int = 1024
+                ) -> TileLayout:
+  """The padded, chunked layout of `n_rows` rows sorted into groups of `group_sizes` [G]."""
   if block < 1:
     raise ValueError(f"block={block} must be >= 1")
   n_groups = group_sizes.shape[0]
-  n_tiles = max_tiles(n_rows, n_groups, block)
-  n_pad = n_tiles * block
+  n_pad = max_tiles(n_rows, n_groups, block) * block
   sizes = group_sizes.astype(jnp.int32)
   padded = (sizes + block - 1) // block * block
   end, pend = jnp.cumsum(sizes), jnp.cumsum(padded)
@@ -89,132 +107,108 @@ def tile_layout(group_sizes: jax.Array, n_rows: int, block: int) -> TileLayout:
   g_prow = jnp.minimum(jnp.searchsorted(pend, prow, side="right"), n_groups - 1)
   offset = prow - pstart[g_prow]
   src = jnp.where((prow < pend[-1]) & (offset < sizes[g_prow]), start[g_prow] + offset, n_rows)
-  tile_group = g_prow[::block]
-  return TileLayout(src.astype(jnp.int32), dest.astype(jnp.int32), tile_group.astype(jnp.int32),
-                    (pend[-1] // block).astype(jnp.int32))
 
-
-def to_tiles(rows: jax.Array, layout: TileLayout) -> jax.Array:
-  """rows [N, D] -> tiles [n_tiles, block, D], zeros in the padding."""
-  n_tiles = layout.tile_group.shape[0]
-  return take_rows(rows, layout.src, layout.dest).reshape(n_tiles, -1, rows.shape[-1])
-
-
-def from_tiles(tiles: jax.Array, layout: TileLayout) -> jax.Array:
-  """tiles [n_tiles, block, F] -> rows [N, F] (zeros for rows in no group)."""
-  return take_rows(tiles.reshape(-1, tiles.shape[-1]), layout.dest, layout.src)
-
-
-@jax.custom_vjp
-def tile_matmul(tiles: jax.Array, w: jax.Array, tile_group: jax.Array, n_used: jax.Array
-                ) -> jax.Array:
-  """out[i] = tiles[i] @ w[tile_group[i]] for i < n_used, zeros after. [T, b, D] -> [T, b, F]."""
-  w = w.astype(tiles.dtype)
-
-  def body(i, out):
-    wi = jax.lax.dynamic_index_in_dim(w, tile_group[i], 0, keepdims=False)
-    return jax.lax.dynamic_update_index_in_dim(out, tiles[i] @ wi, i, 0)
-
-  out = jnp.zeros(tiles.shape[:2] + w.shape[2:], tiles.dtype)
-  return jax.lax.fori_loop(0, n_used, body, out)
-
-
-def _tile_matmul_fwd(tiles, w, tile_group, n_used):
-  return tile_matmul(tiles, w, tile_group, n_used), (tiles, w, tile_group, n_used)
-
-
-def _tile_matmul_bwd(res, g):
-  """d tiles[i] = g[i] @ w[e_i]^T; d w[e] = sum over tiles i of group e of tiles[i]^T g[i]."""
-  tiles, w, tile_group, n_used = res
-  wc = w.astype(tiles.dtype)
-
-  def body(i, carry):
-    dx, dw = carry
-    e = tile_group[i]
-    we = jax.lax.dynamic_index_in_dim(wc, e, 0, keepdims=False)
-    dx = jax.lax.dynamic_update_index_in_dim(dx, g[i] @ we.T, i, 0)
-    acc = jax.lax.dynamic_index_in_dim(dw, e, 0, keepdims=False)
-    upd = jnp.einsum("bd,bf->df", tiles[i], g[i], preferred_element_type=jnp.float32)
-    return dx, jax.lax.dynamic_update_index_in_dim(dw, acc + upd, e, 0)
-
-  init = (jnp.zeros_like(tiles), jnp.zeros(w.shape, jnp.float32))
-  dx, dw = jax.lax.fori_loop(0, n_used, body, init)
-  return dx, dw.astype(w.dtype), None, None
-
-
-tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
-
-
-def blocked_matmul(rows: jax.Array, w: jax.Array, group_sizes: jax.Array, block: int
-                   ) -> jax.Array:
-  """Same result as `ragged_matmul(rows, w, group_sizes)`, through the tiled layout."""
-  layout = tile_layout(group_sizes, rows.shape[0], block)
-  out = tile_matmul(to_tiles(rows, layout), w, layout.tile_group, layout.n_used)
-  return from_tiles(out, layout)
-
+  # Chunks: group g's padded size in binary digits of `block`, largest chunks first.
+  csizes = chunk_sizes(n_pad, block, max_chunk)
+  chunks, offset_in_group = [], jnp.zeros_like(padded)
+  for j in reversed(range(len(csizes))):
+    s = csizes[j]
+    count = padded // s if j == len(csizes) - 1 else (padded // s) % 2
+    bound = n_pad // s if j == len(csizes) - 1 else min(n_groups, n_pad // s)
+    cend = jnp.cumsum(count)
+    k = jnp.arange(bound, dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(cend, k, side="right"), n_groups - 1)
+    first = pstart[g] + offset_in_group[g] + (k - (cend - count)[g]) * s
+    chunks.append(Chunks(first.astype(jnp.int32), g.astype(jnp.int32),
+                         cend[-1].astype(jnp.int32)))
+    offset_in_group = offset_in_group + count * s
+  return TileLayout(src.astype(jnp.int32), dest.astype(jnp.int32), tuple(chunks[::-1]),
+                    csizes)
 
 
 def _index(w: jax.Array, e: jax.Array) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
 
 
-@jax.custom_vjp
-def tile_swiglu(tiles: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                tile_group: jax.Array, n_used: jax.Array) -> jax.Array:
-  """SwiGLU of each used tile with its group's weights, in one loop over the tiles.
+def _for_chunks(sizes, chunks, body, carry):
+  """carry = body(size, first_row, group, carry) for every used chunk of every size."""
+  for s, c in zip(sizes, chunks):
+    def step(i, carry, s=s, c=c):
+      return body(s, c.start[i], c.group[i], carry)
+    carry = jax.lax.fori_loop(0, c.count, step, carry)
+  return carry
 
-  out[i] = (silu(x_i @ wg[e]) * (x_i @ wu[e])) @ wd[e], e = tile_group[i]; zeros after n_used.
+
+def _rows(x, r0, s):
+  return jax.lax.dynamic_slice_in_dim(x, r0, s, 0)
+
+
+def _put(buf, v, r0):
+  return jax.lax.dynamic_update_slice_in_dim(buf, v, r0, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def chunked_swiglu(sizes: tuple[int, ...], x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array, chunks: tuple[Chunks, ...]) -> jax.Array:
+  """(silu(x_c @ wg[g]) * (x_c @ wu[g])) @ wd[g] for every chunk c of group g; zeros elsewhere.
+
+  x: the padded buffer [n_pad, D].
   """
-  return _tile_swiglu_fwd(tiles, w_gate, w_up, w_down, tile_group, n_used)[0]
+  return _chunked_swiglu_fwd(sizes, x, w_gate, w_up, w_down, chunks)[0]
 
 
-def _tile_swiglu_fwd(tiles, w_gate, w_up, w_down, tile_group, n_used):
-  dt = tiles.dtype
-  n_tiles, block, _ = tiles.shape
+def _chunked_swiglu_fwd(sizes, x, w_gate, w_up, w_down, chunks):
+  dt = x.dtype
   f = w_gate.shape[-1]
 
-  def body(i, carry):
+  def body(s, r0, e, carry):
     out, gate, up = carry
-    e = tile_group[i]
-    g = tiles[i] @ _index(w_gate, e).astype(dt)
-    u = tiles[i] @ _index(w_up, e).astype(dt)
+    xs = _rows(x, r0, s)
+    g = xs @ _index(w_gate, e).astype(dt)
+    u = xs @ _index(w_up, e).astype(dt)
     y = (jax.nn.silu(g) * u) @ _index(w_down, e).astype(dt)
-    put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, i, 0)
-    return put(out, y), put(gate, g), put(up, u)
+    return _put(out, y, r0), _put(gate, g, r0), _put(up, u, r0)
 
-  init = (jnp.zeros_like(tiles), jnp.zeros((n_tiles, block, f), dt),
-          jnp.zeros((n_tiles, block, f), dt))
-  out, gate, up = jax.lax.fori_loop(0, n_used, body, init)
-  return out, (tiles, w_gate, w_up, w_down, tile_group, n_used, gate, up)
+  hidden = jnp.zeros((x.shape[0], f), dt)
+  out, gate, up = _for_chunks(sizes, chunks, body, (jnp.zeros_like(x), hidden, hidden))
+  return out, (x, w_gate, w_up, w_down, chunks, gate, up)
 
 
-def _tile_swiglu_bwd(res, dy):
-  tiles, w_gate, w_up, w_down, tile_group, n_used, gate, up = res
-  dt = tiles.dtype
+def _chunked_swiglu_bwd(sizes, res, dy):
+  x, w_gate, w_up, w_down, chunks, gate, up = res
+  dt = x.dtype
 
-  def acc(dw, e, v):
-    return jax.lax.dynamic_update_index_in_dim(dw, _index(dw, e) + v, e, 0)
+  def acc(dw, e, a, b):  # dw[e] += a^T b, in float32
+    upd = jnp.einsum("ri,rj->ij", a, b, preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(dw, _index(dw, e) + upd, e, 0)
 
-  def outer(a, b):
-    return jnp.einsum("bi,bj->ij", a, b, preferred_element_type=jnp.float32)
-
-  def body(i, carry):
+  def body(s, r0, e, carry):
     dx, dwg, dwu, dwd = carry
-    e, x, g, u = tile_group[i], tiles[i], gate[i], up[i]
+    xs, g, u, dys = _rows(x, r0, s), _rows(gate, r0, s), _rows(up, r0, s), _rows(dy, r0, s)
     sg = jax.nn.sigmoid(g)
     silu = g * sg
-    dh = dy[i] @ _index(w_down, e).astype(dt).T
+    dh = dys @ _index(w_down, e).astype(dt).T
     dg = dh * u * (sg * (1 + g * (1 - sg)))
     du = dh * silu
-    dxi = dg @ _index(w_gate, e).astype(dt).T + du @ _index(w_up, e).astype(dt).T
-    return (jax.lax.dynamic_update_index_in_dim(dx, dxi, i, 0), acc(dwg, e, outer(x, dg)),
-            acc(dwu, e, outer(x, du)), acc(dwd, e, outer(silu * u, dy[i])))
+    dxs = dg @ _index(w_gate, e).astype(dt).T + du @ _index(w_up, e).astype(dt).T
+    return (_put(dx, dxs, r0), acc(dwg, e, xs, dg), acc(dwu, e, xs, du),
+            acc(dwd, e, silu * u, dys))
 
   zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
-  init = (jnp.zeros_like(tiles), zeros(w_gate), zeros(w_up), zeros(w_down))
-  dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
+  dx, dwg, dwu, dwd = _for_chunks(sizes, chunks, body, (jnp.zeros_like(x), zeros(w_gate),
+                                                       zeros(w_up), zeros(w_down)))
   return (dx, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype),
-          None, None)
+          None)
 
 
-tile_swiglu.defvjp(_tile_swiglu_fwd, _tile_swiglu_bwd)
+chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
+
+
+def swiglu_blocked(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
+                   w_up: jax.Array, w_down: jax.Array, block: int, max_chunk: int = 1024
+                   ) -> jax.Array:
+  """`swiglu_ragged` through the padded, chunked layout: same numbers, fast on XLA:CPU."""
+  layout = tile_layout(group_sizes, rows.shape[0], block, max_chunk)
+  padded = take_rows(rows, layout.src, layout.dest)
+  out = chunked_swiglu(layout.sizes, padded, w_gate, w_up, w_down, layout.chunks)
+  return take_rows(out, layout.dest, layout.src)
