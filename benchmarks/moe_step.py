@@ -1,6 +1,6 @@
 """Train-step throughput of a dropless MoE against the dense model with the same active FLOPs.
 
-    python -m benchmarks.moe_step        # 8 experts, top-2, d_model 256, d_ff_expert 1024, 4096 tokens
+    python -m benchmarks.moe_step  # 8 experts, top-2, d_model 256, d_ff_expert 1024, 4096 tokens
     python -m benchmarks.moe_step --repeats 15 --impls blocked:128,blocked:512
 
 A step is forward + backward + AdamW update, jitted with the parameters and optimizer state
