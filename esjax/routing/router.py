@@ -9,7 +9,9 @@ Orders (see shared/reference/megatron.md section 3.2):
   softmax_topk: scores over all experts (softmax or sigmoid), top-k of the scores,
                 optionally renormalised to sum to 1 (Qwen2-MoE with norm_topk_prob,
                 DeepSeek-V3 with sigmoid).
-Ties go to the lowest expert index, as `jax.lax.top_k`; -0.0 is treated as +0.0.
+Ties go to the lowest expert index, as `jax.lax.top_k`; -0.0 is treated as +0.0, and NaN
+ranks above +inf (NaN logits route deterministically: lowest NaN index first). Selection
+and weighting are separate (`routing_from_indices`) so the Pallas kernel shares the math.
 """
 
 from __future__ import annotations
@@ -34,31 +36,58 @@ def scores(logits: jax.Array, score_fn: str) -> jax.Array:
   raise ValueError(f"score_fn={score_fn!r}, expected 'softmax' or 'sigmoid'")
 
 
-def canonical_zero(x: jax.Array) -> jax.Array:
-  """Maps -0.0 to +0.0 so that top-k ties between zeros go to the lowest index."""
-  return jnp.where(x == 0, jnp.zeros_like(x), x)
+def canonical_keys(x: jax.Array) -> jax.Array:
+  """Top-k keys with a platform-independent order: -0.0 -> +0.0 and every NaN -> +NaN.
+
+  `lax.top_k` uses a total order (+0.0 > -0.0, +NaN > +inf > ... > -NaN) that depends on
+  bits an op may set differently per platform; on these keys ties (zeros, NaNs) go to the
+  lowest index. Used for selection only, so gradients are untouched.
+  """
+  x = jnp.where(x == 0, jnp.zeros_like(x), x)
+  return jnp.where(jnp.isnan(x), jnp.full_like(x, jnp.nan), x)
+
+
+def check_order(score_fn: str, order: str) -> None:
+  if order not in ("topk_softmax", "softmax_topk"):
+    raise ValueError(f"order={order!r}, expected 'topk_softmax' or 'softmax_topk'")
+  if score_fn not in ("softmax", "sigmoid"):
+    raise ValueError(f"score_fn={score_fn!r}, expected 'softmax' or 'sigmoid'")
+  if order == "topk_softmax" and score_fn != "softmax":
+    raise ValueError(f"order='topk_softmax' needs score_fn='softmax', got {score_fn!r}")
 
 
 def route(logits: jax.Array, top_k: int, *, score_fn: str = "softmax",
           order: str = "topk_softmax", renormalize: bool = False,
           scaling: float = 1.0) -> Routing:
   """Top-k routing of `logits` [T, E] in the given order. Weights are float32."""
-  logits = canonical_zero(logits.astype(jnp.float32))
+  check_order(score_fn, order)
+  logits = logits.astype(jnp.float32)
+  keys = logits if order == "topk_softmax" else scores(logits, score_fn)
+  _, indices = jax.lax.top_k(canonical_keys(keys), top_k)
+  return routing_from_indices(logits, indices.astype(jnp.int32), score_fn=score_fn,
+                              order=order, renormalize=renormalize, scaling=scaling)
+
+
+def routing_from_indices(logits: jax.Array, indices: jax.Array, *, score_fn: str = "softmax",
+                         order: str = "topk_softmax", renormalize: bool = False,
+                         scaling: float = 1.0) -> Routing:
+  """The Routing of `logits` [T, E] given the chosen experts `indices` [T, k] (best first).
+
+  The math after selection: `route` uses it, and the Pallas kernel differentiates it with its
+  own indices in the backward pass (gather = the gradient of top-k's values).
+  """
+  check_order(score_fn, order)
+  logits = logits.astype(jnp.float32)
   probs = scores(logits, score_fn)
   if order == "topk_softmax":
-    if score_fn != "softmax":
-      raise ValueError(f"order='topk_softmax' needs score_fn='softmax', got {score_fn!r}")
-    top_logits, indices = jax.lax.top_k(logits, top_k)
-    weights = jax.nn.softmax(top_logits, axis=-1)
-  elif order == "softmax_topk":
-    weights, indices = jax.lax.top_k(canonical_zero(probs), top_k)
+    weights = jax.nn.softmax(jnp.take_along_axis(logits, indices, axis=-1), axis=-1)
+  else:
+    weights = jnp.take_along_axis(probs, indices, axis=-1)
     if renormalize:
       weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-  else:
-    raise ValueError(f"order={order!r}, expected 'topk_softmax' or 'softmax_topk'")
   if score_fn == "sigmoid":  # the balance loss wants a distribution over experts
     probs = probs / (jnp.sum(probs, axis=-1, keepdims=True) + 1e-20)
-  return Routing(weights * scaling, indices.astype(jnp.int32), probs)
+  return Routing(weights * scaling, indices, probs)
 
 
 def expert_counts(indices: jax.Array, n_experts: int) -> jax.Array:
