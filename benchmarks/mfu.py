@@ -35,6 +35,8 @@ from esjax.train import flops, optimizer, state as state_lib, step as step_lib
 CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {
     # esjax/configs/tiny.py:dense and tiny.py:moe (the CPU defaults).
     "tiny-dense": (get_preset("tiny-llama", max_seq_len=128), 16, 128),
+    # tiny-dense with d_ff = top_k * d_ff_expert: the same active FLOPs as tiny-moe.
+    "tiny-dense-eq": (get_preset("tiny-llama", max_seq_len=128, d_ff=256), 16, 128),
     "tiny-moe": (get_preset("tiny-mixtral", max_seq_len=128, moe_impl="auto",
                             moe_block_size=64), 16, 128),
     # ~100M-parameter Mixtral-like MoE (8 experts, top-2; ~30M active), byte vocabulary.
@@ -49,7 +51,7 @@ CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {
         max_seq_len=4096, n_experts=8, top_k=2, aux_loss_coef=0.02, moe_impl="auto",
         remat="full"), 4, 4096),
 }
-DEFAULT_CONFIGS = "tiny-dense,tiny-moe,moe100m"
+DEFAULT_CONFIGS = "tiny-dense,tiny-dense-eq,tiny-moe,moe100m"
 
 
 def matmul_peak_fn(n: int, dtype: str):
@@ -136,8 +138,8 @@ def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int) -> lis
         "total_params": params["total"], "active_params": params["active"],
         "flops_per_token": fpt, "step_ms": round(1e3 * step_s, 2),
         "min_step_ms": round(1e3 * min(r["times"]), 2), "tokens_per_s": round(tps, 1),
-        "model_tflops_per_s": round(fpt * tps / 1e12, 4),
-        "peak_tflops_per_s": round(peak / 1e12, 4), "mfu": round(fpt * tps / peak, 4),
+        "model_gflops_per_s": round(fpt * tps / 1e9, 3),
+        "peak_gflops_per_s": round(peak / 1e9, 3), "mfu": round(fpt * tps / peak, 4),
         **r["mem"],
     })
   return out
@@ -162,11 +164,11 @@ def main(argv=None):
     print(json.dumps(row))
   summary = {"summary": "mfu", "backend": jax.default_backend(),
              "device": jax.devices()[0].device_kind, "repeats": args.repeats,
-             "matmul_n": matmul_n, "peak_tflops_per_s": rows[0]["peak_tflops_per_s"]}
+             "matmul_n": matmul_n, "peak_gflops_per_s": rows[0]["peak_gflops_per_s"]}
   by_name = {r["config"]: r for r in rows}
-  if "tiny-moe" in by_name and "tiny-dense" in by_name:
-    summary["tiny_moe_step_over_dense"] = round(
-        by_name["tiny-moe"]["step_ms"] / by_name["tiny-dense"]["step_ms"], 3)
+  if "tiny-moe" in by_name and "tiny-dense-eq" in by_name:  # same active FLOPs
+    summary["tiny_moe_step_over_dense_eq"] = round(
+        by_name["tiny-moe"]["step_ms"] / by_name["tiny-dense-eq"]["step_ms"], 3)
   print(json.dumps(summary))
 
 
