@@ -9,6 +9,9 @@ the compiler reports for it).
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +54,7 @@ LAYOUTS = [
     ("etp2-gt-tp1-ep4", dict(dp=8, ep=4, etp=2), {}),
     ("tp4-etp4-ep2-drop-position", dict(dp=2, tp=4, ep=2, etp=4),
      dict(DROP, drop_policy="position")),
-    ("dp2-tp2-ep4-microbatch4", dict(dp=2, tp=2, ep=4, etp=1, microbatches=4), DROP),
+    ("dp2-tp4-ep4-microbatch4", dict(dp=2, tp=4, ep=4, etp=1, microbatches=4), DROP),
     ("cp2-ring-tp2-ep4", dict(dp=2, cp=2, tp=2, ep=4, etp=1, cp_impl="ring"), {}),
     ("pp2-dp4", dict(pp=2, dp=4, microbatches=2), {}),
     ("pp2-cp2-tp2-ep4-fsdp-drop", dict(pp=2, cp=2, tp=2, ep=4, etp=1, fsdp=True,
@@ -59,7 +62,10 @@ LAYOUTS = [
     ("pp2-dp2-cp2-ep4-etp1", dict(pp=2, dp=2, cp=2, ep=4, etp=1, microbatches=4), {}),
 ]
 DEFAULT = {"dp8-fsdp-drop", "cp4-dp2-drop-position", "tp2-ep4-etp1-folded",
-           "ep8-over-dp2xtp4-drop", "etp2-ep2-tp2-fsdp-drop"}
+           "ep8-over-dp2xtp4-drop", "etp2-ep2-tp2-fsdp-drop", "pp2-cp2-tp2-ep4-fsdp-drop"}
+# All five dimensions > 1 at once need 16 devices: run in a child process that has 16.
+ALL_FIVE = ("pp2-dp2-cp2-tp2-ep4-16dev", dict(pp=2, dp=2, cp=2, tp=2, ep=4, etp=1,
+                                               microbatches=2), DROP)
 
 
 def model_config(overrides) -> ModelConfig:
@@ -121,6 +127,9 @@ def expected_specs(fm, cfg):
     out[("layers", 1, "mlp", "router")] = P(data, None)
   else:
     out[("layers", 1, "mlp", "w_down")] = P(tp, data)
+  if fm.layout.pp > 1:  # layer weights are also split over pp, on the first dimension here
+    join = lambda e: ("pp",) + (() if e is None else (e,) if isinstance(e, str) else e)  # noqa: E731
+    out = {k: P(join(v[0]), *v[1:]) if k[0] == "layers" else v for k, v in out.items()}
   return out
 
 
@@ -181,5 +190,25 @@ def test_layout_equals_single_device(name, layout_kw, overrides):
   table = rules_lib.layout_rules(fm, cfg)
   assert records, "no constrained activation was compiled"
   for axes, sharding in records:
-    want = NamedSharding(fm.mesh, rules_lib.logical_to_spec(axes, table))
-    assert sharding.is_equivalent_to(want, len(axes)), (axes, sharding, want)
+    spec, ndim = rules_lib.logical_to_spec(axes, table), len(axes)
+    if fm.layout.pp > 1 and axes[0] != "act_stage" and sharding.spec[:1] == ("pp",):
+      spec, ndim = P("pp", *spec), ndim + 1  # inside the pipeline's vmap over stages
+    assert sharding.is_equivalent_to(NamedSharding(fm.mesh, spec), ndim), (
+        f"{axes}: compiled {sharding}, rules say {spec}")
+
+
+def test_all_five_dimensions_on_16_devices():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
+             XLA_FLAGS="--xla_force_host_platform_device_count=16")
+  proc = subprocess.run([sys.executable, __file__, "all-five"], env=env, capture_output=True,
+                        text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "all-five: ok" in proc.stdout
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["all-five"]:
+  jax.config.update("jax_default_matmul_precision", "highest")  # as conftest.py
+  assert jax.device_count() == 16, jax.devices()
+  test_layout_equals_single_device(*ALL_FIVE)
+  print("all-five: ok")

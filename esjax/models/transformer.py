@@ -12,6 +12,7 @@ from esjax.models.cache import KVCache
 from esjax.models.config import ModelConfig
 from esjax.models.mlp import MLP
 from esjax.models.moe import MoE
+from esjax.parallel import hooks
 from esjax.parallel.rules import constrain
 
 _REMAT_POLICIES = {
@@ -101,6 +102,10 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                    tokens.shape)
     x = self.embed_tokens(tokens)
+    stack = hooks.layers_override() if cache is None else None  # the pipeline (esjax.parallel)
+    if stack is not None:
+      x, stats = stack(self, x, positions)
+      return self.logits(x), aggregate_moe_stats(self.cfg, stats)
     stats, new_cache = [], []
     for i, block in enumerate(self.layers):
       if cache is not None:

@@ -84,7 +84,11 @@ def moe_forward(fm, moe, x: jax.Array, dispatch_impl: str = "auto"
   args = (x, moe.router[...], moe.w_gate[...], moe.w_up[...], moe.w_down[...])
   if fm.token_axes:
     body = jax.shard_map(body, in_specs=(x_spec, P(), w_in, w_in, w_out),
-                         out_specs=(x_spec, stat_specs), axis_names=set(fm.token_axes))
+                         out_specs=(x_spec, stat_specs),
+                         axis_names={"pp", *fm.token_axes},  # pp: see pipeline.py
+                         # Under the pipeline's vmap over pp, jax's varying-axes check
+                         # rejects constants next to pp-varying values (jax 0.10.2).
+                         check_vma=fm.layout.pp == 1)
   y, stats = body(*args)
   if cfg.n_shared_experts:
     y = y + moe.shared_out(x)

@@ -1,4 +1,4 @@
-"""Layer overrides a parallel layout installs: the expert-parallel MoE and the CP attention.
+"""Layer overrides a parallel layout installs: EP MoE, CP attention, the pipelined stack.
 
 Model code asks `moe_override()` / `attention_override()` at trace time and, when one is
 set, hands its computation over. This module imports nothing from the models, so the models
@@ -12,6 +12,8 @@ import contextvars
 from typing import Any, Callable, Iterator
 
 _MOE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("esjax_moe", default=None)
+_LAYERS: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("esjax_layers",
+                                                                        default=None)
 _ATTN: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("esjax_attn",
                                                                       default=None)
 
@@ -19,6 +21,21 @@ _ATTN: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("esjax_a
 def moe_override() -> Callable | None:
   """`fn(moe_module, x [B, S, D]) -> (y, stats)` while a parallel layout is active."""
   return _MOE.get()
+
+
+def layers_override() -> Callable | None:
+  """`fn(model, x [B, S, D], positions) -> (x, [per-MoE-layer stats])` replacing the layer
+  loop of `Transformer.__call__` (the pipeline), or None."""
+  return _LAYERS.get()
+
+
+@contextlib.contextmanager
+def override_layers(fn: Callable) -> Iterator[None]:
+  token = _LAYERS.set(fn)
+  try:
+    yield
+  finally:
+    _LAYERS.reset(token)
 
 
 def attention_override() -> Callable | None:

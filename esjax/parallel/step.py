@@ -8,6 +8,7 @@ microbatch count computes the same function (tests/parallel_equivalence_test.py)
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, ContextManager
 
 import jax
@@ -28,16 +29,36 @@ def _is_var(x) -> bool:
 
 
 def param_shardings(params: nnx.State, fm: mesh_lib.FoldedMesh, cfg=None) -> nnx.State:
-  """NamedShardings of model parameters (same tree) from their `axes` metadata and rules."""
-  table = rules_lib.layout_rules(fm, cfg)
+  """NamedShardings of model parameters (same tree) from their `axes` metadata and rules.
 
-  def sharding(v):
+  With pp > 1 every decoder layer's parameters are also split over `pp` (on their first
+  dimension that divides), so each device stores 1/pp of the layers' weights and optimizer
+  state, as a stage would; the pipeline gathers a stage's layers at the start of the step.
+  """
+  table = rules_lib.layout_rules(fm, cfg)
+  pp = fm.layout.pp
+
+  def sharding(path, v):
     axes = v.get_metadata().get("axes") if _is_var(v) else None
     spec = P() if axes is None else rules_lib.logical_to_spec(axes, table)
+    if pp > 1 and getattr(path[0], "key", None) == "layers":
+      spec = _split_over_pp(spec, v.shape, fm)
     named = NamedSharding(fm.mesh, spec)
     return v.replace(value=named) if _is_var(v) else named
 
-  return jax.tree.map(sharding, params, is_leaf=_is_var)
+  return jax.tree_util.tree_map_with_path(sharding, params, is_leaf=_is_var)
+
+
+def _split_over_pp(spec: P, shape: tuple[int, ...], fm: mesh_lib.FoldedMesh) -> P:
+  """`spec` with `pp` added to the first dimension it divides (unchanged if none)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  for d, entry in enumerate(entries):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    shards = math.prod(fm.mesh.shape[a] for a in axes) * fm.layout.pp
+    if shape[d] % shards == 0:
+      entries[d] = ("pp", *axes)
+      return P(*entries)
+  return spec
 
 
 def mirror_shardings(tree: Any, params: Any, params_sharding: Any, default: Any) -> Any:
