@@ -9,6 +9,7 @@ from flax import nnx
 from esjax.models import layers
 from esjax.models.cache import KVCache
 from esjax.models.config import ModelConfig
+from esjax.parallel import hooks
 from esjax.parallel.rules import constrain
 
 
@@ -53,7 +54,8 @@ class Attention(nnx.Module):
     (queries then see the cached tokens too; negative positions mark padding)."""
     q, k, v = self.project_qkv(x, positions)
     if cache is None:
-      return self.output(attend(q, k, v, positions, positions))
+      attend_fn = hooks.attention_override() or attend  # e.g. ring attention under CP
+      return self.output(attend_fn(q, k, v, positions, positions))
     cache = cache.update(k, v, positions)
     o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)
     return self.output(o), cache

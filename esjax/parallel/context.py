@@ -14,9 +14,14 @@ decision is taken in the original order, so results equal the unpermuted run.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 
 def sequence_permutation(layout, seq_len: int) -> np.ndarray | None:
@@ -53,4 +58,58 @@ def attention_fn(fm) -> Callable | None:
   """The `hooks.attention_override` for folded mesh `fm` (None: plain attention + rules)."""
   if fm.layout.cp == 1 or fm.layout.cp_impl == "allgather":
     return None
-  raise NotImplementedError("ring attention lands in a later commit")
+  return functools.partial(ring_attention, fm)
+
+
+def ring_attention(fm, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                   k_pos: jax.Array, k_valid: jax.Array | None = None) -> jax.Array:
+  """`attention.attend` with q, k, v sharded over cp along the sequence (same contract).
+
+  Each cp rank keeps its queries and passes its K/V block (with the blocks' positions, so
+  the causal mask holds in any sequence order) around the ring; after cp steps every query
+  has seen every key. Batch and heads stay sharded as the rules say (dp, tp).
+  """
+  if k_valid is not None:
+    raise ValueError("ring attention is for training (no KV-cache slots)")
+  cp = fm.axes("cp")
+  seq4, seq2 = P(None, cp, None, None), P(None, cp)
+  body = functools.partial(_ring_body, axes=cp, n=fm.layout.cp)
+  return jax.shard_map(body, in_specs=(seq4, seq4, seq4, seq2, seq2), out_specs=seq4,
+                       axis_names={"pp", *cp},  # pp: see pipeline.py
+                       check_vma=fm.layout.pp == 1)(q, k, v, q_pos, k_pos)
+
+
+def _ring_body(q, k, v, q_pos, k_pos, *, axes, n):
+  """Online softmax over the n K/V blocks: running max m, denominator l, numerator acc."""
+  b, sq, h, hd = q.shape
+  g = k.shape[2]
+  qg = q.reshape(b, sq, g, h // g, hd) * jnp.asarray(hd ** -0.5, q.dtype)
+  perm = [(i, (i + 1) % n) for i in range(n)]
+
+  def add_block(m, l, acc, k, v, k_pos):
+    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, k, preferred_element_type=jnp.float32)
+    mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, Sq, Sk]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m_new = lax.stop_gradient(jnp.maximum(m, logits.max(-1)))  # any shift gives the same o
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # 0 for rows that saw no key yet
+    p = jnp.exp(logits - shift[..., None])
+    scale = jnp.exp(m - shift)
+    l = l * scale + p.sum(-1)
+    acc = acc * scale[..., None] + jnp.einsum("bgrqs,bsgk->bgrqk", p.astype(v.dtype), v,
+                                              preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+  def step(carry, _):
+    m, l, acc, k, v, k_pos = carry
+    m, l, acc = add_block(m, l, acc, k, v, k_pos)
+    k, v, k_pos = (lax.ppermute(x, axes, perm) for x in (k, v, k_pos))
+    return (m, l, acc, k, v, k_pos), None
+
+  stats = (b, g, h // g, sq)
+  init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
+          jnp.zeros((*stats, hd), jnp.float32))
+  init = (*lax.pcast(init, axes, to="varying"), k, v, k_pos)  # carried like q's blocks
+  (m, l, acc, k, v, k_pos), _ = lax.scan(step, init, None, length=n - 1)
+  _, l, acc = add_block(m, l, acc, k, v, k_pos)  # the last block: no send after it
+  o = acc / l[..., None]  # every query sees itself, so l > 0
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, hd).astype(q.dtype)

@@ -75,7 +75,8 @@ def layout_rules(fm, cfg=None) -> Rules:
 
   Attention and dense layers use the attention view: heads, MLP width and vocabulary over tp,
   batch over dp, sequence over cp (and over cp then tp in the residual stream: sequence
-  parallelism). Expert weights use the MoE view: experts over ep, expert width over etp. With
+  parallelism); K/V along the sequence are replicated (all-gathered over cp) unless CP
+  attention is the ring, which keeps them sharded. Expert weights use the MoE view: experts over ep, expert width over etp. With
   fsdp, the model dimension of weights is sharded over the data axes: dp*cp for dense weights,
   edp for expert weights. KV heads are replicated when tp does not divide them.
   """
@@ -90,7 +91,8 @@ def layout_rules(fm, cfg=None) -> Rules:
       "head_dim": (), "mlp": tp, "norm": (), "layers": ax("pp"),
       "exp": ax("ep"), "embed_moe": ax("edp") if fsdp else (), "mlp_moe": ax("etp"),
       # Activations.
-      "act_batch": ax("dp"), "act_len": ax("cp"), "act_kv_len": (),
+      "act_batch": ax("dp"), "act_len": ax("cp"),
+      "act_kv_len": ax("cp") if fm.layout.cp_impl == "ring" else (),
       "act_res_len": ax("cp") + tp, "act_embed": (), "act_heads": tp, "act_kv_heads": kv_tp,
       "act_mlp": tp, "act_vocab": tp, "act_stage": ax("pp"),
   }
