@@ -3,7 +3,7 @@
 This file is intentionally short: flags in, `esjax.train.loop.train_and_evaluate` out.
 Override any config field with `--config.section.field=value`; the config is locked, so an
 unknown field or a value of the wrong type is an error. Re-running with the same --workdir
-resumes from its last checkpoint.
+resumes from its last checkpoint. Multi-process runs start from `launch/` (local.sh, slurm/).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from esjax.parallel import multihost
 from esjax.train import guard, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,6 +59,7 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:  # Keep orbax's per-save INFO lines out of the log.
     logging.set_verbosity(logging.WARNING)
   try:
+    multihost.initialize_from_env()  # a no-op unless a launcher (launch/) set ESJAX_*
     summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, guard.TrainingCollapsed) as e:
     logging.info("full traceback:", exc_info=True)

@@ -1,0 +1,55 @@
+# Shared by launch/local.sh and launch/slurm/node.sh (sourced, not run).
+
+# KEY=VALUE ... -> one --config.KEY=VALUE argument each (a leading --flag passes through).
+config_flags() {
+  local arg
+  for arg in "$@"; do
+    case "${arg}" in
+      --*) printf '%s\n' "${arg}" ;;
+      *=*) printf '%s\n' "--config.${arg}" ;;
+      *) echo "launch: expected KEY=VALUE (e.g. train.steps=100), got '${arg}'" >&2; return 2 ;;
+    esac
+  done
+}
+
+# spawn_processes COUNT FIRST_ID TOTAL COORDINATOR LOG_DIR GPU_IDS -- COMMAND...
+# Starts COUNT processes of COMMAND with process ids FIRST_ID.. (of TOTAL), each with the
+# ESJAX_* variables that esjax/parallel/multihost.py reads and its log in
+# LOG_DIR/<host>-rank<id>.log. GPU_IDS=1: process i drives local GPU i. Waits for all;
+# the first one that fails stops the others, and its exit status is returned.
+spawn_processes() {
+  local count=$1 first=$2 total=$3 coordinator=$4 log_dir=$5 gpu_ids=$6
+  shift 7  # the 6 values and "--"
+  mkdir -p "${log_dir}"
+  local pids=() i id host status=0 done_pid
+  host=$(hostname)
+  for ((i = 0; i < count; i++)); do
+    id=$((first + i))
+    (
+      export ESJAX_COORDINATOR="${coordinator}" ESJAX_NUM_PROCESSES="${total}"
+      export ESJAX_PROCESS_ID="${id}"
+      if [[ "${gpu_ids}" == 1 ]]; then export ESJAX_LOCAL_DEVICE_IDS="${i}"; fi
+      exec "$@" >"${log_dir}/${host}-rank${id}.log" 2>&1
+    ) &
+    pids+=("$!")
+  done
+  echo "launch: ${count} processes (ids ${first}..$((first + count - 1)) of ${total}," \
+       "coordinator ${coordinator}); logs in ${log_dir}" >&2
+  for ((i = 0; i < count; i++)); do
+    status=0
+    wait -n -p done_pid || status=$?
+    if [[ ${status} -ne 0 ]]; then
+      echo "launch: process pid ${done_pid} failed (exit ${status}); stopping the others" >&2
+      kill "${pids[@]}" 2>/dev/null || true
+      wait 2>/dev/null || true
+      return "${status}"
+    fi
+  done
+}
+
+# The Python to run: $ESJAX_PYTHON, else the project's .venv, else python3.
+esjax_python() {
+  if [[ -n "${ESJAX_PYTHON:-}" ]]; then echo "${ESJAX_PYTHON}"
+  elif [[ -x .venv/bin/python ]]; then echo "${PWD}/.venv/bin/python"
+  else echo python3; fi
+}

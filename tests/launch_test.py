@@ -1,0 +1,157 @@
+"""launch/: the GPU XLA flags parse, KEY=VALUE overrides, and multi-process runs for real.
+
+Two CPU processes with 4 devices each, joined by `jax.distributed` over loopback, are one
+8-device job; their losses must equal one process with 8 devices. The SLURM scripts run the
+same way with `srun` and `scontrol` replaced by stand-ins on PATH.
+"""
+
+import functools
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+# A folded layout whose EP all-to-all and DP all-reduce cross the two processes.
+OVERRIDES = ["parallel.dp=4", "parallel.tp=2", "parallel.ep=8", "parallel.etp=1",
+             f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0",
+             "train.seq_len=32", "train.batch_size=8", "data.max_bytes=200000",
+             f"checkpoint.every={STEPS}"]
+CONFIG = "esjax/configs/tiny.py"
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("ESJAX_", "SLURM_"))}
+  env.update({"JAX_PLATFORMS": "cpu", "ESJAX_PYTHON": sys.executable, "XLA_FLAGS": "", **extra})
+  return env
+
+
+def _free_port() -> str:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return str(s.getsockname()[1])
+
+
+def _losses(workdir) -> list[float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory) -> list[float]:
+  workdir = str(tmp_path_factory.mktemp("single"))
+  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-m", "esjax.main", f"--config={CONFIG}",
+                         f"--workdir={workdir}", *[f"--config.{o}" for o in OVERRIDES]],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return _losses(workdir)
+
+
+def _check_same_losses(workdir, want):
+  got = _losses(workdir)
+  assert len(got) == STEPS == len(want)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _gpu_flags() -> str:
+  out = subprocess.run(["bash", "-c", "source launch/slurm/xla_gpu_flags.sh && "
+                        "echo \"$XLA_FLAGS\""], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, check=True)
+  return out.stdout.strip()
+
+
+def _start_jax(xla_flags: str) -> subprocess.CompletedProcess:
+  code = "import jax, jax.numpy as jnp; print(float(jax.jit(lambda x: x @ x)(jnp.ones((4, 4)))[0, 0]))"
+  return subprocess.run([sys.executable, "-c", code], env=_env(XLA_FLAGS=xla_flags),
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_xla_flags_are_accepted_by_the_pinned_jaxlib():
+  flags = _gpu_flags()
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+  ok = _start_jax(flags)
+  assert ok.returncode == 0 and ok.stdout.strip() == "4.0", ok.stderr[-2000:]
+  typo = _start_jax(flags.replace("latency_hiding", "latency_hidding"))  # the check can fail
+  assert typo.returncode != 0 and "latency_hidding" in typo.stderr
+
+
+def test_key_value_overrides_become_config_flags():
+  run = functools.partial(subprocess.run, cwd=ROOT, capture_output=True, text=True)
+  out = run(["bash", "-c", "source launch/lib.sh && config_flags train.steps=5 "
+             "model.dtype=bfloat16 --verbosity=1"])
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["--config.train.steps=5", "--config.model.dtype=bfloat16",
+                                "--verbosity=1"]
+  bad = run(["bash", "-c", "source launch/lib.sh && config_flags train.steps"])
+  assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
+
+
+def test_local_two_processes_equal_one_process(tmp_path, single_process_losses):
+  workdir = tmp_path / "two"
+  proc = subprocess.run(["launch/local.sh", "2", CONFIG, str(workdir), *OVERRIDES], cwd=ROOT,
+                        env=_env(ESJAX_CPU_DEVICES="4", ESJAX_PORT=_free_port()),
+                        capture_output=True, text=True, timeout=600)
+  logs = sorted(os.listdir(workdir / "logs")) if (workdir / "logs").exists() else []
+  assert proc.returncode == 0, (proc.stderr[-2000:], [
+      open(workdir / "logs" / name).read()[-2000:] for name in logs])
+  assert [n.split("-rank")[1] for n in logs] == ["0.log", "1.log"]
+  assert os.listdir(workdir / "checkpoints") == [str(STEPS)]
+  _check_same_losses(workdir, single_process_losses)
+
+
+def _stand_in(directory, name, body):
+  path = directory / name
+  path.write_text("#!/usr/bin/env bash\n" + body)
+  path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_slurm_sbatch_runs_one_process_per_gpu(tmp_path, single_process_losses):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  # srun: one node; drops its options and runs the node script as that node.
+  _stand_in(bin_dir, "srun", 'while [[ "$1" == -* ]]; do shift; done\n'
+            'SLURM_NODEID=0 exec "$@"\n')
+  _stand_in(bin_dir, "scontrol", 'echo 127.0.0.1\n')
+  workdir = tmp_path / "slurm"
+  env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+             SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node001", SLURM_SUBMIT_DIR=ROOT,
+             GPUS_PER_NODE="2", ESJAX_CPU_DEVICES="4", ESJAX_PORT=_free_port())
+  # sbatch runs a copy of the script elsewhere: it must find the repository by itself.
+  sbatch = os.path.join(ROOT, "launch/slurm/train.sbatch")
+  proc = subprocess.run(["bash", sbatch, CONFIG, str(workdir), *OVERRIDES], cwd=str(tmp_path),
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  logs = sorted(os.listdir(workdir / "logs" / "4242"))
+  assert [n.split("-rank")[1] for n in logs] == ["0.log", "1.log"]
+  # Both processes ran to the end with the GPU flags in XLA_FLAGS (an unknown one aborts).
+  rank1 = open(workdir / "logs" / "4242" / logs[1]).read()
+  assert "done:" in rank1, rank1[-2000:]
+  _check_same_losses(workdir, single_process_losses)
+
+
+@pytest.mark.parametrize("env,message", [
+    (dict(ESJAX_NUM_PROCESSES="2", ESJAX_PROCESS_ID="0"), "expected host:port"),
+    (dict(ESJAX_COORDINATOR="h:1", ESJAX_NUM_PROCESSES="two", ESJAX_PROCESS_ID="0"),
+     "ESJAX_NUM_PROCESSES='two'"),
+    (dict(ESJAX_COORDINATOR="h:1", ESJAX_NUM_PROCESSES="2", ESJAX_PROCESS_ID="2"),
+     "ESJAX_PROCESS_ID=2 must be in [0, ESJAX_NUM_PROCESSES=2)"),
+])
+def test_bad_multihost_environment_is_named(env, message):
+  from esjax.parallel import multihost  # pylint: disable=g-import-not-at-top
+  env = dict(env)
+  env.setdefault("ESJAX_COORDINATOR", "nohost")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    multihost.initialize_from_env(env)
+
+
+def test_no_coordinator_means_one_process():
+  from esjax.parallel import multihost  # pylint: disable=g-import-not-at-top
+  assert multihost.initialize_from_env({}) is False
