@@ -30,3 +30,17 @@ def test_memory_grows_with_experts_and_seq(monkeypatch):
   assert e16["argument_bytes"] > e4["argument_bytes"]  # 4x the expert weights and Adam state
   s16, s128 = memory.point("tiny-moe", None, 16), memory.point("tiny-moe", None, 128)
   assert s128["temp_bytes"] > s16["temp_bytes"]  # activations scale with tokens
+
+
+def test_routing_rows_compare_kernel_and_reference(capsys):
+  from benchmarks import routing  # pylint: disable=g-import-not-at-top
+  routing.main(["--shapes", "mixtral,deepseek", "--tokens", "200", "--rounds", "1",
+                "--inner", "1"])
+  *rows, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r["shape"], r["experts"], r["top_k"]) for r in rows] == [("mixtral", 8, 2),
+                                                                   ("deepseek", 256, 8)]
+  for r in rows:  # 200 tokens: not a block multiple, so the kernel pads and masks
+    assert r["same_as_reference"], r
+    assert r["floor_bytes"] == 200 * r["experts"] * 4 + 200 * r["top_k"] * 8 + r["experts"] * 4
+    assert r["kernel_over_xla"] == pytest.approx(r["kernel_ms"] / r["xla_ms"], rel=1e-2)
+  assert summary["all_same_as_reference"]
