@@ -44,3 +44,19 @@ def test_routing_rows_compare_kernel_and_reference(capsys):
     assert r["floor_bytes"] == 200 * r["experts"] * 4 + 200 * r["top_k"] * 8 + r["experts"] * 4
     assert r["kernel_over_xla"] == pytest.approx(r["kernel_ms"] / r["xla_ms"], rel=1e-2)
   assert summary["all_same_as_reference"]
+
+
+def test_folding_pair_reports_bytes_time_and_the_same_loss(capsys):
+  from benchmarks import folding  # pylint: disable=g-import-not-at-top
+  folding.main(["--layouts", "tp2-etp2-ep4,tp2-etp1-ep8", "--steps", "1"])
+  unfolded, folded, summary = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert unfolded["mesh"].endswith("edp1-ep4-etp2") and folded["mesh"].endswith("ep8-etp1")
+  for row in (unfolded, folded):
+    assert row["collective_mib_per_step"] == pytest.approx(sum(row["by_op_mib"].values()),
+                                                           abs=1e-3)
+    assert row["by_op_mib"]["all-to-all"] > 0 and row["step_ms"] > 0
+  assert "reduce-scatter" in unfolded["by_op_mib"]  # ETP's partial sums; none with etp=1
+  assert "reduce-scatter" not in folded["by_op_mib"]
+  assert summary["bytes_folded_over_unfolded"] == pytest.approx(
+      folded["collective_mib_per_step"] / unfolded["collective_mib_per_step"], abs=2e-3)
+  assert summary["same_loss"]

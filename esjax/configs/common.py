@@ -17,8 +17,9 @@ An experiment file builds on `base_config()` and changes what it needs:
   weights, without optimizer state, start this run; a smaller dense source is grown with
   the recipe `grow`, a dense source of an MoE run is upcycled: esjax.transforms.online),
   `async_save`.
-- `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`), `fsdp` and
-  `microbatches`; read only by `esjax.parallel`.
+- `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`), `fsdp`,
+  `microbatches`, and the CP attention (`cp_impl`, `cp_load_balance`); read only by
+  `esjax.parallel`.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel[axis] = 1
   c.parallel.fsdp = False
   c.parallel.microbatches = 1
+  c.parallel.cp_impl = "allgather"  # or "ring" (esjax/parallel/context.py)
+  c.parallel.cp_load_balance = True
   return c
 
 

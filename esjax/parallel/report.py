@@ -186,8 +186,9 @@ def collectives(hlo: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ..
   return sorted(total.values(), key=lambda c: -c.bytes)
 
 
-def lower_train_step(config: Any):
-  """(compiled train step of the training loop, its Layout) for an esjax config."""
+def train_step_for(config: Any) -> dict[str, Any]:
+  """The training loop's jitted train step for an esjax config, with what running it needs:
+  `step`, abstract `state` and `batch` (with shardings), `layout`, `model_cfg`, `tx`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -214,8 +215,16 @@ def lower_train_step(config: Any):
                                                 out_shardings=(shardings, None))
     step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule), donate_argnums=0,
                    **kwargs)
-    compiled = step.lower(state, batch).compile()
-  return compiled, layout
+  return dict(step=step, state=state, batch=batch, layout=layout, model_cfg=model_cfg,
+              shardings=shardings, tx=tx)
+
+
+def lower_train_step(config: Any):
+  """(compiled train step of the training loop, its Layout) for an esjax config."""
+  parts = train_step_for(config)
+  with parts["layout"].context():
+    compiled = parts["step"].lower(parts["state"], parts["batch"]).compile()
+  return compiled, parts["layout"]
 
 
 def report(compiled: Any, layout: Any) -> list[Collective]:
