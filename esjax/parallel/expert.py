@@ -200,7 +200,7 @@ def _dispatch_and_compute(tokens, indices, weights, keep, capacity, w_gate, w_up
     return out
 
   if dispatch_impl == "ragged" and ep_axes:
-    out = _ragged_exchange(rows, ids, bound, ep, ep_axes, experts)
+    out = _ragged_exchange(rows, ids, nle, bound, ep_axes, experts)
   else:
     if ep_axes:
       rows = lax.all_to_all(rows, ep_axes, 0, 0, tiled=True)
@@ -217,6 +217,28 @@ def _dispatch_and_compute(tokens, indices, weights, keep, capacity, w_gate, w_up
   return y.astype(tokens.dtype)
 
 
-def _ragged_exchange(rows, ids, bound, ep, ep_axes, experts):
-  """The EP exchange with `ragged_all_to_all` (GPU/TPU): only routed rows travel."""
-  raise NotImplementedError("ragged dispatch lands in a later commit")
+def _ragged_exchange(rows, ids, nle, bound, ep_axes, experts):
+  """The EP exchange with `ragged_all_to_all` (GPU/TPU): only routed rows travel.
+
+  The buffers keep the padded layout (block j of `bound` rows for / from EP rank j, routed
+  rows first in each block), so the experts see what the padded exchange gives them; only
+  the `sizes[j]` routed rows of each block are sent, and each lands at block `me` of its
+  receiver. The way back swaps sizes and received sizes.
+  """
+  ep = rows.shape[0] // bound
+  me = lax.axis_index(ep_axes)
+  sizes = jnp.sum((ids < nle).reshape(ep, bound), axis=1, dtype=jnp.int32)  # rows I send
+  received = lax.all_to_all(sizes, ep_axes, 0, 0, tiled=True)  # rows each rank sends me
+  offsets = jnp.arange(ep, dtype=jnp.int32) * bound
+  there = jnp.full((ep,), me * bound, jnp.int32)  # where my block lands on every rank
+
+  def send(x, fill, out_sizes, in_sizes):
+    return ragged_all_to_all(x, jnp.full_like(x, fill), offsets, out_sizes, there, in_sizes,
+                             axis_name=ep_axes)
+
+  got_rows = send(rows, 0, sizes, received)
+  got_ids = send(ids[:, None], nle, sizes, received)[:, 0]  # unfilled rows: invalid id
+  return send(experts(got_rows, got_ids), 0, received, sizes)
+
+
+ragged_all_to_all = lax.ragged_all_to_all  # tests substitute an emulation (none on XLA:CPU)
