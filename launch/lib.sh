@@ -12,14 +12,23 @@ config_flags() {
   done
 }
 
-# spawn_processes COUNT FIRST_ID TOTAL COORDINATOR LOG_DIR GPU_IDS -- COMMAND...
-# Starts COUNT processes of COMMAND with process ids FIRST_ID.. (of TOTAL), each with the
+# spawn_training COUNT FIRST_ID TOTAL COORDINATOR LOG_DIR CONFIG WORKDIR [KEY=VALUE ...]
+# Starts COUNT esjax.main processes with process ids FIRST_ID.. (of TOTAL), each with the
 # ESJAX_* variables that esjax/parallel/multihost.py reads and its log in
-# LOG_DIR/<host>-rank<id>.log. GPU_IDS=1: process i drives local GPU i. Waits for all;
-# the first one that fails stops the others, and its exit status is returned.
-spawn_processes() {
-  local count=$1 first=$2 total=$3 coordinator=$4 log_dir=$5 gpu_ids=$6
-  shift 7  # the 6 values and "--"
+# LOG_DIR/<host>-rank<id>.log. Process i drives local GPU i, or, with ESJAX_CPU_DEVICES=N,
+# N CPU devices. Waits for all; the first one that fails stops the others, and its exit
+# status is returned.
+spawn_training() {
+  local count=$1 first=$2 total=$3 coordinator=$4 log_dir=$5 config=$6 workdir=$7
+  shift 7
+  local flags python overrides=()
+  flags=$(config_flags "$@") || return 2
+  if [[ -n "${flags}" ]]; then mapfile -t overrides <<<"${flags}"; fi
+  python=$(esjax_python)
+  if [[ -n "${ESJAX_CPU_DEVICES:-}" ]]; then
+    export JAX_PLATFORMS=cpu
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${ESJAX_CPU_DEVICES}"
+  fi
   mkdir -p "${log_dir}"
   local pids=() i id host status=0 done_pid
   host=$(hostname)
@@ -28,8 +37,9 @@ spawn_processes() {
     (
       export ESJAX_COORDINATOR="${coordinator}" ESJAX_NUM_PROCESSES="${total}"
       export ESJAX_PROCESS_ID="${id}"
-      if [[ "${gpu_ids}" == 1 ]]; then export ESJAX_LOCAL_DEVICE_IDS="${i}"; fi
-      exec "$@" >"${log_dir}/${host}-rank${id}.log" 2>&1
+      if [[ -z "${ESJAX_CPU_DEVICES:-}" ]]; then export ESJAX_LOCAL_DEVICE_IDS="${i}"; fi
+      exec "${python}" -m esjax.main --config="${config}" --workdir="${workdir}" \
+        ${overrides[@]+"${overrides[@]}"} >"${log_dir}/${host}-rank${id}.log" 2>&1
     ) &
     pids+=("$!")
   done

@@ -22,14 +22,5 @@ fi
 nproc=$1 config=$2 workdir=$3
 shift 3
 [[ "${nproc}" =~ ^[1-9][0-9]*$ ]] || { echo "launch: NPROC must be a positive integer, got '${nproc}'" >&2; exit 2; }
-mapfile -t overrides < <(config_flags "$@")
-
-gpu_ids=1
-if [[ -n "${ESJAX_CPU_DEVICES:-}" ]]; then
-  gpu_ids=0
-  export JAX_PLATFORMS=cpu
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${ESJAX_CPU_DEVICES}"
-fi
-spawn_processes "${nproc}" 0 "${nproc}" "127.0.0.1:${ESJAX_PORT:-12321}" "${workdir}/logs" \
-  "${gpu_ids}" -- "$(esjax_python)" -m esjax.main --config="${config}" --workdir="${workdir}" \
-  "${overrides[@]}"
+spawn_training "${nproc}" 0 "${nproc}" "127.0.0.1:${ESJAX_PORT:-12321}" "${workdir}/logs" \
+  "${config}" "${workdir}" "$@"

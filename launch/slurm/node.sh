@@ -18,7 +18,6 @@ if [[ $# -lt 2 ]]; then
 fi
 config=$1 workdir=$2
 shift 2
-mapfile -t overrides < <(config_flags "$@")
 
 : "${SLURM_JOB_ID:?node.sh runs inside a SLURM job (srun from train.sbatch)}"
 nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -28,12 +27,5 @@ if [[ -z "${gpus}" ]]; then gpus=$(nvidia-smi -L | wc -l); fi
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
 port=${ESJAX_PORT:-$((61440 + SLURM_JOB_ID % 4096))}
 
-gpu_ids=1
-if [[ -n "${ESJAX_CPU_DEVICES:-}" ]]; then
-  gpu_ids=0
-  export JAX_PLATFORMS=cpu
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${ESJAX_CPU_DEVICES}"
-fi
-spawn_processes "${gpus}" $((node_rank * gpus)) $((nodes * gpus)) "${head_node}:${port}" \
-  "${LOG_DIR:-${workdir}/logs/${SLURM_JOB_ID}}" "${gpu_ids}" -- \
-  "$(esjax_python)" -m esjax.main --config="${config}" --workdir="${workdir}" "${overrides[@]}"
+spawn_training "${gpus}" $((node_rank * gpus)) $((nodes * gpus)) "${head_node}:${port}" \
+  "${LOG_DIR:-${workdir}/logs/${SLURM_JOB_ID}}" "${config}" "${workdir}" "$@"
