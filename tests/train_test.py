@@ -171,3 +171,32 @@ def test_init_from_starts_a_new_run_from_weights_only(tmp_path):
                                        r"checkpoint but the model expects \(64, 64\).*d_ff 128 "
                                        r"-> 64 shrinks"):
     init_from.load(c3, common.model_config(c3))
+
+
+def test_eval_tasks_during_training_score_the_model_of_that_step(tmp_path):
+  """eval.tasks: metrics of the benchmark task at every eval.every steps and the last, equal
+  to evaluating the checkpoint of that step directly."""
+  from esjax.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  from esjax.eval import harness, loading, tasks  # pylint: disable=g-import-not-at-top
+  mc_dir = os.path.join(os.path.dirname(__file__), "testdata", "eval", "tiny_mc")
+  ppl_dir = tmp_path / "tiny_ppl"  # a continuous metric: bits per byte of a text
+  ppl_dir.mkdir()
+  (ppl_dir / "task.json").write_text('{"kind": "perplexity"}')
+  (ppl_dir / "test.jsonl").write_text('{"text": "def add(a, b):\\n  return a + b\\n"}\n')
+  task_dir = f"{mc_dir},{ppl_dir}"
+  c = small_config(steps=3, variant="dense")
+  c.eval.update(dict(tasks=task_dir, every=2, limit=3, batch_size=2))
+  c.checkpoint.every = 0  # only the final checkpoint (step 3)
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(c, workdir)
+  records = {r["step"]: r for r in metrics.read_metrics(workdir)}
+  assert [s for s, r in records.items() if "eval/tiny_mc/acc" in r] == [2, 3]
+  model_cfg, params = checkpoint.restore_params(os.path.join(workdir, "checkpoints", "3"))
+  want = harness.evaluate(loading.build_model(model_cfg, params), ByteTokenizer(),
+                          tasks.load_tasks(task_dir), limit=3, batch_size=2)
+  got = records[3]
+  for metric in ("acc", "acc_norm", "n"):
+    assert got[f"eval/tiny_mc/{metric}"] == want["results"]["tiny_mc"][metric], metric
+  bpb = want["results"]["tiny_ppl"]["bits_per_byte"]
+  assert got["eval/tiny_ppl/bits_per_byte"] == pytest.approx(bpb, rel=1e-6)
+  assert records[2]["eval/tiny_ppl/bits_per_byte"] != pytest.approx(bpb, rel=1e-6)

@@ -20,6 +20,8 @@ An experiment file builds on `base_config()` and changes what it needs:
 - `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`), `fsdp`,
   `microbatches`, and the CP attention (`cp_impl`, `cp_load_balance`); read only by
   `esjax.parallel`.
+- `eval`: benchmark tasks scored every `every` steps while training (`tasks`, `limit`,
+  `num_fewshot`, `batch_size`); their metrics go to metrics.jsonl as `eval/<task>/<metric>`.
 """
 
 from __future__ import annotations
@@ -104,6 +106,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel.microbatches = 1
   c.parallel.cp_impl = "allgather"  # or "ring" (esjax/parallel/context.py)
   c.parallel.cp_load_balance = True
+
+  c.eval = ml_collections.ConfigDict()  # benchmark tasks during training (esjax/eval/hook.py)
+  c.eval.tasks = ""  # comma-separated task folders / groups (esjax/eval/README.md); '': off
+  c.eval.every = 1000  # steps between task evaluations (and at the last step)
+  c.eval.limit = 0  # > 0: score only the first items of each task
+  c.eval.num_fewshot = -1  # >= 0 overrides every task's n-shot
+  c.eval.batch_size = 8
   return c
 
 

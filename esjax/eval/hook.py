@@ -47,7 +47,8 @@ class EvalHook:
   def due(self, step: int) -> bool:
     return step > 0 and step % self.every == 0
 
-  def __call__(self, step: int, model: Transformer) -> dict[str, float]:
-    if not self.due(step) or not self.tasks:
+  def __call__(self, step: int, model: Transformer, force: bool = False) -> dict[str, float]:
+    """The flat metrics at a due step (or any step with `force`), else {}."""
+    if not (self.due(step) or force) or not self.tasks:
       return {}
     return flatten(evaluate(model, self.tokenizer, self.tasks, **self.kwargs))

@@ -52,6 +52,21 @@ def _jit_step(fn, donate: bool, in_sh: tuple | None, out_sh: tuple | None):
   return jax.jit(fn, **kwargs)
 
 
+def task_hook(eval_cfg: ml_collections.ConfigDict, tokenizer):
+  """The `eval` section's EvalHook (benchmark tasks during training), or None when off."""
+  if not eval_cfg.tasks:
+    return None
+  if eval_cfg.every < 1:
+    raise ValueError(f"eval.every={eval_cfg.every} must be >= 1 when eval.tasks is set")
+  if jax.process_count() > 1:
+    raise ValueError("eval.tasks runs in single-process jobs; score a multi-process run's "
+                     "checkpoints with `python -m esjax.eval --checkpoint=...`")
+  from esjax.eval import hook, tasks  # pylint: disable=g-import-not-at-top
+  return hook.EvalHook(tasks.load_tasks(eval_cfg.tasks), tokenizer, every=eval_cfg.every,
+                       limit=eval_cfg.limit, batch_size=eval_cfg.batch_size,
+                       num_fewshot=None if eval_cfg.num_fewshot < 0 else eval_cfg.num_fewshot)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint). Returns a summary:
   `first_loss` (of this invocation), `last_loss`, `val_loss`, `step`, `wall_s`."""
@@ -69,6 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if data.tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has {data.tokenizer.vocab_size} "
                      f"ids but model.vocab_size={model_cfg.vocab_size}")
+  tasks = task_hook(config.eval, data.tokenizer)
 
   # Model, optimizer, layout, steps.
   layout = partition.make_layout(config.parallel, model_cfg)
@@ -112,8 +128,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             in_sh=None if shardings is None else (shardings.params, batch_sh),
                             out_sh=None)  # Metrics replicated.
       val_batches = [layout.put_batch(b) for b in data.val]
-      return _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt,
-                  writer, model_cfg, start, t0, is_main)
+      return _run(config, state, data, layout, train_step, eval_step, val_batches, tasks,
+                  ckpt, writer, model_cfg, start, t0, is_main)
   finally:
     ckpt.wait()
     ckpt.close()
@@ -126,8 +142,8 @@ def _evaluate(eval_step, params, val_batches) -> float:
   return float(np.mean(jax.device_get(losses)))
 
 
-def _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt, writer,
-         model_cfg, start, t0, is_main) -> dict[str, Any]:
+def _run(config, state, data, layout, train_step, eval_step, val_batches, tasks, ckpt,
+         writer, model_cfg, start, t0, is_main) -> dict[str, Any]:
   tc, cc = config.train, config.checkpoint
   guard = guard_lib.CollapseGuard(tc.spike_factor, tc.spike_window)
   tokens_per_step = tc.batch_size * tc.seq_len
@@ -143,7 +159,8 @@ def _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt, 
     return (f" The last good checkpoint is step {max(saved)} in {ckpt.directory}." if saved
             else " No checkpoint was written.")
 
-  def finish(step: int, metrics: Any, val_loss: float | None) -> None:
+  def finish(step: int, metrics: Any, val_loss: float | None,
+             task_metrics: dict[str, float]) -> None:
     """Host side of a dispatched step: guard, log record, progress."""
     loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
     try:
@@ -155,7 +172,7 @@ def _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt, 
     bar.update(step - bar.n)
     if step == start + 1:  # Throughput excludes the first step (compilation).
       clock.update(step=step, time=time.perf_counter())
-    if step % tc.log_every and val_loss is None and step != tc.steps:
+    if step % tc.log_every and val_loss is None and not task_metrics and step != tc.steps:
       return
     record = metrics_lib.step_record(step, jax.device_get(metrics))
     now = time.perf_counter()
@@ -168,6 +185,9 @@ def _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt, 
       line += f" | val_loss {val_loss:.4f}"
     if "tokens_per_s" in record:
       line += f" | {record['tokens_per_s']:,.0f} tok/s"
+    record.update(task_metrics)
+    line += "".join(f" | {k[5:]} {v:.4f}" for k, v in task_metrics.items()
+                    if k.endswith(("/acc", "/acc_norm", "/exact_match_flexible", "/bits_per_byte")))
     writer.write(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     if is_main:
@@ -182,7 +202,11 @@ def _run(config, state, data, layout, train_step, eval_step, val_batches, ckpt, 
     val_loss = None
     if tc.eval_every and val_batches and (step % tc.eval_every == 0 or step == tc.steps):
       val_loss = _evaluate(eval_step, state.params, val_batches)
-    pending = (step, metrics, val_loss)
+    task_metrics = {}
+    if tasks is not None and (tasks.due(step) or step == tc.steps):
+      from esjax.eval.loading import build_model  # pylint: disable=g-import-not-at-top
+      task_metrics = tasks(step, build_model(model_cfg, state.params), force=True)
+    pending = (step, metrics, val_loss, task_metrics)
     if step == tc.steps or (cc.every and step % cc.every == 0):
       finish(*pending)  # A checkpoint only after its step's loss passed the guard.
       pending = None
