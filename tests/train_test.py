@@ -173,6 +173,25 @@ def test_init_from_starts_a_new_run_from_weights_only(tmp_path):
     init_from.load(c3, common.model_config(c3))
 
 
+def test_init_from_onto_a_parallel_layout(tmp_path):
+  """A single-device run's weights start a pp x tp x dp run (read sharded onto its mesh):
+  with lr 0 its first loss is the loss of those weights."""
+  c = small_config(steps=2, variant="dense")
+  loop.train_and_evaluate(c, str(tmp_path / "a"))
+  _, trained = checkpoint.restore_params(str(tmp_path / "a"))
+  c2 = small_config(steps=1, variant="dense")
+  c2.checkpoint.init_from = str(tmp_path / "a")
+  c2.optim.lr = 0.0
+  c2.parallel.update(dict(pp=2, tp=2, dp=2, microbatches=2, fsdp=True))
+  loop.train_and_evaluate(c2, str(tmp_path / "b"))
+  (rec,) = metrics.read_metrics(str(tmp_path / "b"))
+  graphdef, _ = state_lib.abstract_model(common.model_config(c2))
+  from esjax.data import dataset  # pylint: disable=g-import-not-at-top
+  data = dataset.build(c2.data, c2.train.seq_len, c2.train.batch_size, c2.train.seed)
+  ref, _ = loss.lm_loss(nnx.merge(graphdef, trained), jax.device_put(data.train.batch(0)))
+  assert rec["loss"] == pytest.approx(float(ref), rel=1e-5)
+
+
 def test_eval_tasks_during_training_score_the_model_of_that_step(tmp_path):
   """eval.tasks: metrics of the benchmark task at every eval.every steps and the last, equal
   to evaluating the checkpoint of that step directly."""

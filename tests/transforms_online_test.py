@@ -42,9 +42,12 @@ def test_grow_then_upcycle_preserves_logits_sharded():
   assert rel_err(logits(with_params(moe, aki), toks), logits(model, toks)) > 1e-3
 
 
-def test_online_upcycling_end_to_end(tmp_path):
+@pytest.mark.parametrize("parallel", [{}, dict(dp=4, tp=2, ep=8, etp=1, fsdp=True)],
+                         ids=["one-device", "dp4-tp2-ep8-fsdp"])
+def test_online_upcycling_end_to_end(tmp_path, parallel):
   """Tiny dense run -> MoE run with init_from: the MoE's first loss is the dense model's loss
-  on the same batch (top-k then softmax upcycling is exact; no aux losses in the CE)."""
+  on the same batch (top-k then softmax upcycling is exact; no aux losses in the CE). On a
+  mesh the dense checkpoint is read sharded and upcycled into the MoE's shardings."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from esjax.data import dataset  # pylint: disable=g-import-not-at-top
   from esjax.train import checkpoint, loop, loss, metrics  # pylint: disable=g-import-not-at-top
@@ -60,6 +63,7 @@ def test_online_upcycling_end_to_end(tmp_path):
   dense.checkpoint.init_from = ""
   loop.train_and_evaluate(dense, str(tmp_path / "scaleup"))
   moe = tiny("scaleout", 1)
+  moe.parallel.update(parallel)
   loop.train_and_evaluate(moe, str(tmp_path / "scaleout"))
   first = metrics.read_metrics(str(tmp_path / "scaleout"))[0]
   assert first["step"] == 1
@@ -69,3 +73,17 @@ def test_online_upcycling_end_to_end(tmp_path):
   dense_model = build.build_model(src_cfg, lambda p: p, params)
   ref = loss.lm_loss(dense_model, jax.device_put(data.train.batch(0)))[1]["ce_loss"]
   np.testing.assert_allclose(first["ce_loss"], float(ref), rtol=1e-5)
+
+
+def test_source_is_read_sharded_where_the_rules_divide_it():
+  from esjax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from esjax.train import init_from  # pylint: disable=g-import-not-at-top
+  src = SRC.replace(n_heads=4, n_kv_heads=2)  # 4 query heads: tp=8 cannot split them
+  fm = mesh_lib.make_mesh(mesh_lib.Layout(tp=8))
+  with mesh_lib.activate(fm, MOE):
+    target = init_from.source_target(src, fm.mesh)
+  tp = fm.axes("tp")
+  assert target["layers"][0]["attn"]["wq"].sharding.spec == jax.sharding.PartitionSpec(
+      None, None, None)  # heads 4 % 8: replicated
+  vocab = target["embed"].sharding.spec[0]  # 64 divides: split over tp
+  assert ((vocab,) if isinstance(vocab, str) else tuple(vocab)) == tp

@@ -108,12 +108,14 @@ def _locate(path: str) -> tuple[str, int]:
 def restore_params(path: str, target: Any = None) -> tuple[ModelConfig, Any]:
   """(model config, params) of the latest checkpoint at `path` (a workdir, its checkpoints
   directory or a step directory), without optimizer state. `target` (abstract params with
-  shardings) places them; by default they are built for the checkpoint's own model config
-  on the default device."""
+  shardings, or a function of the checkpoint's model config that returns them) places them;
+  by default they are built for the checkpoint's own model config on the default device."""
   directory, step = _locate(path)
   ckpt = Checkpointer(directory, keep=0, async_save=False, read_only=True)
   try:
     model_cfg = ckpt.model_config(step)
+    if callable(target):
+      target = target(model_cfg)
     if target is None:
       _, abstract = state_lib.abstract_model(model_cfg)
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -15,13 +15,16 @@ run under jit with the target's shardings.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from esjax.models.config import ModelConfig
+from esjax.parallel import rules as rules_lib
 from esjax.train import checkpoint, state as state_lib
 
 
@@ -65,11 +68,35 @@ def convert(src_cfg: ModelConfig, params: Any, dst_cfg: ModelConfig, config: Any
                         shardings=shardings)
 
 
+def source_target(src_cfg: ModelConfig, mesh: Any) -> Any:
+  """Abstract params of a source checkpoint placed on `mesh` by the active logical rules,
+  so every device reads only its shards of it (a dimension the rule's axes do not divide,
+  e.g. a smaller source's heads, is replicated instead)."""
+  rules = rules_lib.active_rules() or {}
+  _, abstract = state_lib.abstract_model(src_cfg)
+
+  def place(v):
+    spec = rules_lib.logical_to_spec(v.get_metadata().get("axes", ()), rules)
+    fitted = []
+    for size, entry in zip(v.shape, tuple(spec) + (None,) * (len(v.shape) - len(spec))):
+      axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+      fitted.append(entry if size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+    return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P(*fitted)))
+
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  return nnx.to_pure_dict(jax.tree.map(place, abstract, is_leaf=is_var))
+
+
 def load(config: Any, model_cfg: ModelConfig, shardings: Any = None) -> Any:
   """Parameters for this run's model from `config.checkpoint.init_from`, cast to the
-  model's parameter dtypes. `shardings`: as in `convert`."""
+  model's parameter dtypes. `shardings`: as in `convert`; with them the source is read
+  sharded over the same mesh (`source_target`)."""
   source = config.checkpoint.init_from
-  src_cfg, params = checkpoint.restore_params(source)
+  target = None
+  if shardings is not None:
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    target = lambda src_cfg: source_target(src_cfg, mesh)  # noqa: E731
+  src_cfg, params = checkpoint.restore_params(source, target)
   _, abstract = state_lib.abstract_model(model_cfg)
   abstract = nnx.to_pure_dict(abstract)
   try:
