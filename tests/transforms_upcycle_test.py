@@ -27,7 +27,8 @@ def moe_cfg(n, g, k, **kw):
     (8, 1, 2, dict(moe_every=2, first_k_dense=1)),  # Sparse Upcycling: odd layers only
     (8, 1, 2, dict(capacity_factor=4.0)),  # capacity T*k/E*4 >= T*k / 2: nothing dropped
     (8, 2, 2, {}),  # E4G2T2 virtual groups
-    (8, 4, 8, {}),  # E2G4T8
+    (8, 4, 8, {}),  # E2G4T8 (every expert chosen)
+    (16, 4, 8, {}),  # E4G4T8: half of the 16 experts per token, groups of 4
 ])
 def test_topk_softmax_is_exact_for_any_router(dense, n, g, k, extra):
   model, toks, ref = dense
