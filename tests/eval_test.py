@@ -412,3 +412,25 @@ def test_hf_llama_batched_greedy_generation_equals_transformers(hf_llama):
   for row, ours in zip(out[:, width:].tolist(), got):
     want = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
     assert ours == want
+
+
+def test_hf_folder_with_only_a_sentencepiece_tokenizer(tmp_path):
+  spm = pytest.importorskip("sentencepiece")
+  from esjax.eval import loading  # pylint: disable=g-import-not-at-top
+  from esjax.interop import hf  # pylint: disable=g-import-not-at-top
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("def add(a, b):\n  return a + b\n" * 50 + "the lazy dog sleeps\n" * 50)
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
+                                 vocab_size=48, model_type="bpe", minloglevel=2)
+  folder = tmp_path / "hf"
+  model = Transformer(get_preset("tiny-llama", vocab_size=64), nnx.Rngs(0))
+  hf.save_pretrained(model, str(folder))
+  os.replace(tmp_path / "sp.model", folder / "tokenizer.model")
+  loaded, tok, _ = loading.load(str(folder))
+  ref = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+  assert tok.vocab_size == 48
+  np.testing.assert_array_equal(tok.encode("the lazy dog"), ref.encode("the lazy dog"))
+  assert loaded.cfg.vocab_size == 64
+  os.remove(folder / "tokenizer.model")
+  with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+    loading.load(str(folder))

@@ -39,7 +39,8 @@ def is_hf_folder(path: str) -> bool:
 
 
 def load_hf(folder: str) -> tuple[Transformer, Tokenizer]:
-  """A Hugging Face Llama / Mixtral / Qwen2(-MoE) folder and its `tokenizer.json`."""
+  """A Hugging Face Llama / Mixtral / Qwen2(-MoE) folder and its tokenizer (`tokenizer.json`,
+  or a SentencePiece `tokenizer.model` when that is all the folder has)."""
   from esjax.interop import hf_config, hf_params  # pylint: disable=g-import-not-at-top
   from esjax.interop.safetensors_io import SafetensorsCheckpoint  # pylint: disable=g-import-not-at-top
 
@@ -47,10 +48,11 @@ def load_hf(folder: str) -> tuple[Transformer, Tokenizer]:
     cfg = hf_config.config_from_hf(json.load(f))
   with SafetensorsCheckpoint(folder) as tensors:
     params = hf_params.hf_to_esjax_params(cfg, tensors)
-  tok_path = os.path.join(folder, "tokenizer.json")
-  if not os.path.isfile(tok_path):
-    raise FileNotFoundError(f"{folder}: no tokenizer.json next to the weights")
-  return build_model(cfg, params), load_tokenizer(tok_path)
+  for name in ("tokenizer.json", "tokenizer.model"):  # tokenizers, else SentencePiece
+    tok_path = os.path.join(folder, name)
+    if os.path.isfile(tok_path):
+      return build_model(cfg, params), load_tokenizer(tok_path)
+  raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model next to the weights")
 
 
 def run_config(checkpoint: str) -> ml_collections.ConfigDict | None:
