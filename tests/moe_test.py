@@ -150,7 +150,7 @@ def test_routing_modes_match_loop_reference(routing, impl):
 @pytest.mark.parametrize("dispatch_mode,impl", [
     ("drop_probs", "ragged"), ("drop_probs", "blocked"), ("drop_position", "ragged"),
     ("drop_position", "blocked"), ("pad_probs", "blocked"), ("pad_position", "blocked")])
-@pytest.mark.parametrize("routing", ["topk_softmax", "sigmoid_renorm_scaled"])
+@pytest.mark.parametrize("routing", list(ROUTING))
 def test_dropping_matches_loop_reference(dispatch_mode, impl, routing):
   keep = check_values(BASE.replace(moe_impl=impl, **ROUTING[routing], **DISPATCH[dispatch_mode]))
   assert not keep.all()  # capacity 0.75 must drop something, or the test proves nothing
