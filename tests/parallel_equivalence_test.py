@@ -128,7 +128,7 @@ def expected_specs(fm, cfg):
   else:
     out[("layers", 1, "mlp", "w_down")] = P(tp, data)
   if fm.layout.pp > 1:  # layer weights are also split over pp, on the first dimension here
-    join = lambda e: ("pp",) + (() if e is None else (e,) if isinstance(e, str) else e)  # noqa: E731
+    join = lambda e: ("pp", *rules_lib.entry_axes(e))  # noqa: E731
     out = {k: P(join(v[0]), *v[1:]) if k[0] == "layers" else v for k, v in out.items()}
   return out
 

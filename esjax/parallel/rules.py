@@ -39,6 +39,11 @@ def logical_to_spec(axes: LogicalAxes, rules: Rules) -> P:
   return P(*(rules.get(a) if a is not None else None for a in axes))
 
 
+def entry_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry, as a tuple (() for None)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
   """with_sharding_constraint by logical names; identity without rules or mesh."""
   rules = _RULES.get()

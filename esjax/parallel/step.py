@@ -53,7 +53,7 @@ def _split_over_pp(spec: P, shape: tuple[int, ...], fm: mesh_lib.FoldedMesh) -> 
   """`spec` with `pp` added to the first dimension it divides (unchanged if none)."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
   for d, entry in enumerate(entries):
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    axes = rules_lib.entry_axes(entry)
     shards = math.prod(fm.mesh.shape[a] for a in axes) * fm.layout.pp
     if shape[d] % shards == 0:
       entries[d] = ("pp", *axes)

@@ -79,7 +79,7 @@ def source_target(src_cfg: ModelConfig, mesh: Any) -> Any:
     spec = rules_lib.logical_to_spec(v.get_metadata().get("axes", ()), rules)
     fitted = []
     for size, entry in zip(v.shape, tuple(spec) + (None,) * (len(v.shape) - len(spec))):
-      axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+      axes = rules_lib.entry_axes(entry)
       fitted.append(entry if size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
     return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P(*fitted)))
 
