@@ -8,9 +8,9 @@ training loop's step) is compiled once; its collectives are summed per (op, mesh
 the comm report (bytes per device per step, ring model), and the same executable is run
 `--steps` times on real arrays for the median step time. Pairs share the attention layout
 and differ only in the MoE mapping: unfolded (what Megatron allowed before folding: etp = tp,
-ep within dp) against folded (etp = 1, ep spanning tp x dp or dp x cp). On fake CPU devices the time is
-the sum of 8 devices' work on the host's cores: the bytes are the figure that carries to a
-GPU cluster. One JSON line per layout, then a summary of each pair.
+ep within dp) against folded (etp = 1, ep spanning tp x dp or dp x cp). On fake CPU devices
+the time is the sum of 8 devices' work on the host's cores: the bytes are the figure that
+carries to a GPU cluster. One JSON line per layout, then a summary of each pair.
 """
 
 from __future__ import annotations

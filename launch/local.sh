@@ -21,6 +21,9 @@ if [[ $# -lt 3 ]]; then
 fi
 nproc=$1 config=$2 workdir=$3
 shift 3
-[[ "${nproc}" =~ ^[1-9][0-9]*$ ]] || { echo "launch: NPROC must be a positive integer, got '${nproc}'" >&2; exit 2; }
+if [[ ! "${nproc}" =~ ^[1-9][0-9]*$ ]]; then
+  echo "launch: NPROC must be a positive integer, got '${nproc}'" >&2
+  exit 2
+fi
 spawn_training "${nproc}" 0 "${nproc}" "127.0.0.1:${ESJAX_PORT:-12321}" "${workdir}/logs" \
   "${config}" "${workdir}" "$@"

@@ -69,7 +69,8 @@ def _gpu_flags() -> str:
 
 
 def _start_jax(xla_flags: str) -> subprocess.CompletedProcess:
-  code = "import jax, jax.numpy as jnp; print(float(jax.jit(lambda x: x @ x)(jnp.ones((4, 4)))[0, 0]))"
+  code = ("import jax, jax.numpy as jnp; "
+          "print(float(jax.jit(lambda x: x @ x)(jnp.ones((4, 4)))[0, 0]))")
   return subprocess.run([sys.executable, "-c", code], env=_env(XLA_FLAGS=xla_flags),
                         capture_output=True, text=True, timeout=120)
 

@@ -111,15 +111,20 @@ class Transformer(nnx.Module):
       if cache is not None:
         x, s, c = block(x, positions, cache[i])
         new_cache.append(c)
-      elif self.cfg.remat != "none":
-        x, s = nnx.remat(lambda blk, h, p: blk(h, p), policy=_REMAT_POLICIES[self.cfg.remat])(
-            block, x, positions)
       else:
-        x, s = block(x, positions)
+        x, s = run_block(block, x, positions, self.cfg.remat)
       if s is not None:
         stats.append(s)
     out = self.logits(x), aggregate_moe_stats(self.cfg, stats)
     return out if cache is None else (*out, new_cache)
+
+
+def run_block(block: Block, x: jax.Array, positions: jax.Array, remat: str):
+  """`block(x, positions)`, under `nnx.remat` with the named policy unless remat='none'."""
+  if remat == "none":
+    return block(x, positions)
+  return nnx.remat(lambda blk, h, p: blk(h, p), policy=_REMAT_POLICIES[remat])(
+      block, x, positions)
 
 
 def aggregate_moe_stats(cfg: ModelConfig, stats: list[dict[str, jax.Array]]

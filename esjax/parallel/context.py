@@ -37,17 +37,22 @@ def sequence_permutation(layout, seq_len: int) -> np.ndarray | None:
   return chunks[order].reshape(-1)
 
 
+def with_positions(batch: dict) -> dict:
+  """`batch` with `positions` [B, S] (0 .. S-1 in every row) unless it has them."""
+  if "positions" in batch:
+    return batch
+  inputs = batch["inputs"]
+  return dict(batch, positions=jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32),
+                                                inputs.shape))
+
+
 def reorder_batch(layout, batch: dict) -> dict:
   """Permutes every [B, S] array of `batch` into load-balanced order, adding `positions`."""
   inputs = batch["inputs"]
   perm = sequence_permutation(layout, inputs.shape[1])
   if perm is None:
     return batch
-  out = dict(batch)
-  if "positions" not in out:
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    out["positions"] = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32),
-                                        inputs.shape)
+  out = dict(with_positions(batch))  # a copy: the caller's batch stays as it is
   for key, value in out.items():
     if getattr(value, "ndim", 0) >= 2 and value.shape[:2] == inputs.shape:
       out[key] = value[:, perm]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esjax.parallel import hooks, mesh as mesh_lib
+from esjax.parallel import context, hooks, mesh as mesh_lib
 from esjax.parallel.rules import active_rules, constrain, logical_to_spec
 
 _RESIDUAL = ("act_batch", "act_res_len", "act_embed")
@@ -55,18 +55,11 @@ def _stack_stage_params(model, pp: int) -> tuple[list[nnx.GraphDef], list[Any]]:
   return graphdefs, stacked
 
 
-def _run_block(block, x, positions, cfg):
-  if cfg.remat != "none":
-    from esjax.models.transformer import _REMAT_POLICIES  # pylint: disable=g-import-not-at-top
-    return nnx.remat(lambda blk, h, p: blk(h, p), policy=_REMAT_POLICIES[cfg.remat])(
-        block, x, positions)
-  return block(x, positions)
-
-
 def run_pipeline(model, x: jax.Array, positions: jax.Array, pp: int
                  ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
   """x [M, mb, S, D] embedded microbatches -> (outputs [M, mb, S, D], per MoE layer (in layer
   order) a dict of stats with a leading microbatch axis [M, ...])."""
+  from esjax.models.transformer import run_block  # pylint: disable=g-import-not-at-top
   cfg = model.cfg
   m = x.shape[0]
   graphdefs, stacked = _stack_stage_params(model, pp)
@@ -74,7 +67,7 @@ def run_pipeline(model, x: jax.Array, positions: jax.Array, pp: int
   def stage(states, h, pos):
     stats = []
     for graphdef, state in zip(graphdefs, states):
-      h, s = _run_block(nnx.merge(graphdef, state), h, pos, cfg)
+      h, s = run_block(nnx.merge(graphdef, state), h, pos, cfg.remat)
       stats.append(s)
     return h, [s for s in stats if s is not None]
 
@@ -119,10 +112,7 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Arr
   pp, n_micro = layout.pp, layout.microbatches
   if n_micro < 1:
     raise ValueError(f"microbatches={n_micro} must be >= 1")
-  inputs = batch["inputs"]
-  if "positions" not in batch:
-    batch = dict(batch, positions=jnp.broadcast_to(
-        jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape))
+  batch = context.with_positions(batch)
   micro = split_microbatches(batch, n_micro)
 
   def total(p):

@@ -81,9 +81,10 @@ def layout_rules(fm, cfg=None) -> Rules:
   Attention and dense layers use the attention view: heads, MLP width and vocabulary over tp,
   batch over dp, sequence over cp (and over cp then tp in the residual stream: sequence
   parallelism); K/V along the sequence are replicated (all-gathered over cp) unless CP
-  attention is the ring, which keeps them sharded. Expert weights use the MoE view: experts over ep, expert width over etp. With
-  fsdp, the model dimension of weights is sharded over the data axes: dp*cp for dense weights,
-  edp for expert weights. KV heads are replicated when tp does not divide them.
+  attention is the ring, which keeps them sharded. Expert weights use the MoE view: experts
+  over ep, expert width over etp. With fsdp, the model dimension of weights is sharded over
+  the data axes: dp*cp for dense weights, edp for expert weights. KV heads are replicated
+  when tp does not divide them.
   """
   ax = fm.axes
   tp = ax("tp")

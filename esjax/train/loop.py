@@ -186,8 +186,8 @@ def _run(config, state, data, layout, train_step, eval_step, val_batches, tasks,
     if "tokens_per_s" in record:
       line += f" | {record['tokens_per_s']:,.0f} tok/s"
     record.update(task_metrics)
-    line += "".join(f" | {k[5:]} {v:.4f}" for k, v in task_metrics.items()
-                    if k.endswith(("/acc", "/acc_norm", "/exact_match_flexible", "/bits_per_byte")))
+    shown = ("/acc", "/acc_norm", "/exact_match_flexible", "/bits_per_byte")
+    line += "".join(f" | {k[5:]} {v:.4f}" for k, v in task_metrics.items() if k.endswith(shown))
     writer.write(record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     if is_main:
