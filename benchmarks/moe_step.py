@@ -27,7 +27,7 @@ from flax import nnx
 
 from esjax.models import ModelConfig, Transformer, count_params
 from esjax.models.moe import resolve_moe_impl
-from esjax.train.loss import lm_loss
+from esjax.models.loss import lm_loss
 
 
 def make_step(cfg: ModelConfig, batch: dict[str, jax.Array]):

@@ -20,7 +20,7 @@ from esjax.kernels.routing import kernel, ops, reference
 from esjax.models import presets
 from esjax.models.transformer import Transformer
 from esjax.routing import router
-from esjax.train.loss import lm_loss
+from esjax.models.loss import lm_loss
 
 # (order, score_fn, renormalize, scaling): every order and score function.
 MODES = [

@@ -12,7 +12,7 @@ from esjax.transforms import build, growth
 from transforms_testlib import (SRC, logits, model_from, random_model, rel_err, tokens,
                                 with_params)
 
-HD = SRC.head_dim_  # growth keeps head_dim
+HD = SRC.effective_head_dim  # growth keeps head_dim
 
 WIDTH_CASES = {
     "d_model": dict(d_model=64, head_dim=HD),

@@ -8,7 +8,7 @@ from jax.sharding import AxisType
 from esjax.transforms import build, online
 from transforms_testlib import SRC, logits, model_from, random_model, rel_err, tokens, with_params
 
-BIG = SRC.replace(d_model=64, n_heads=8, d_ff=96, n_layers=6, head_dim=SRC.head_dim_)
+BIG = SRC.replace(d_model=64, n_heads=8, d_ff=96, n_layers=6, head_dim=SRC.effective_head_dim)
 MOE = BIG.replace(n_experts=8, top_k=2, router_init_std=0.5)
 
 

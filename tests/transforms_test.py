@@ -55,7 +55,7 @@ def test_each_device_builds_only_its_shards(mesh):
 
 def test_grow_then_upcycle_sharded(mesh):
   small = random_model(SRC)
-  big = SRC.replace(d_model=64, n_heads=8, d_ff=96, n_layers=4, head_dim=SRC.head_dim_)
+  big = SRC.replace(d_model=64, n_heads=8, d_ff=96, n_layers=4, head_dim=SRC.effective_head_dim)
   grown = growth.grow(small, big, "fpi", mesh=mesh, rules=RULES, zero_new_layers=True)
   wq = build.params_of(grown)["layers"][0]["attn"]["wq"]
   assert wq.sharding == NamedSharding(mesh, P("data", "model", None))

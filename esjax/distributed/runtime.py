@@ -31,7 +31,7 @@ from esjax.data import dataset
 from esjax.distributed.server import MODES, ParameterServer
 from esjax.distributed.worker import Worker, abstract_model, init_params
 from esjax.optim import dgs
-from esjax.train.loss import lm_loss
+from esjax.models.loss import lm_loss
 from esjax.train.metrics import MetricWriter
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

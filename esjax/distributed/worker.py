@@ -20,7 +20,7 @@ from flax import nnx
 from esjax.data import dataset
 from esjax.models import ModelConfig, Transformer
 from esjax.optim import dgs
-from esjax.train.loss import lm_loss
+from esjax.models.loss import lm_loss
 
 
 def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:

@@ -166,7 +166,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
       architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size,
       hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
       num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-      head_dim=cfg.head_dim_, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+      head_dim=cfg.effective_head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
       rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
       tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
@@ -176,13 +176,13 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
   elif model_type == "qwen2":
     hf.update(use_sliding_window=False)
   elif model_type == "mixtral":
-    hf.update(intermediate_size=cfg.d_ff_expert_, num_local_experts=cfg.n_experts,
+    hf.update(intermediate_size=cfg.effective_d_ff_expert, num_local_experts=cfg.n_experts,
               num_experts_per_tok=cfg.top_k, sliding_window=None)
   else:
     hf.update(
         num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k,
-        moe_intermediate_size=cfg.d_ff_expert_,
-        shared_expert_intermediate_size=cfg.n_shared_experts * cfg.d_ff_shared_,
+        moe_intermediate_size=cfg.effective_d_ff_expert,
+        shared_expert_intermediate_size=cfg.n_shared_experts * cfg.effective_d_ff_shared,
         norm_topk_prob=cfg.routing_order == "topk_softmax" or cfg.renormalize,
         decoder_sparse_step=1,
         mlp_only_layers=[i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],

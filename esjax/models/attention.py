@@ -1,24 +1,36 @@
-"""Causal grouped-query attention with RoPE (Llama / Mixtral / Qwen2 layout)."""
+"""Causal grouped-query attention with RoPE (Llama / Mixtral / Qwen2 layout), tensor and
+context parallel as in Megatron.
+
+Under a plan with tp > 1 the input is the sequence-parallel residual shard [B, S_c/tp, D]: it
+is all-gathered over tp along the sequence, q/k/v are column-parallel (this rank's heads), the
+output projection is row-parallel and its partial sums are reduce-scattered back. K/V heads
+are sharded over tp when tp divides them; when they divide tp instead they are replicated and
+each rank uses the one K/V head its query heads share. With cp > 1 the sequence is also split
+over cp and keys/values come from every cp rank (`esjax.models.context_parallel`).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
-from esjax.models import layers
+from esjax.models import context_parallel, layers
 from esjax.models.cache import KVCache
 from esjax.models.config import ModelConfig
-from esjax.parallel import hooks
-from esjax.parallel.rules import constrain
+from esjax.sharding import collectives as col
+from esjax.sharding.plan import ParallelPlan
 
 
 class Attention(nnx.Module):
   """wq [D, H, hd], wk/wv [D, KV, hd], wo [H, hd, D]; optional q/k/v biases (Qwen2)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, plan: ParallelPlan | None = None):
     self.cfg = cfg
-    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_
+    self.plan = plan or ParallelPlan.single()
+    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.effective_head_dim
     std, pd = cfg.init_std, cfg.param_dtype
     self.wq = layers.param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
     self.wk = layers.param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, pd)
@@ -29,36 +41,60 @@ class Attention(nnx.Module):
       self.bk = layers.const_param(jnp.zeros((kv, hd), pd), ("kv_heads", "head_dim"))
       self.bv = layers.const_param(jnp.zeros((kv, hd), pd), ("kv_heads", "head_dim"))
 
+  def _kv_params(self) -> list[jax.Array]:
+    """wk, wv (and bk, bv) for this rank's query heads (see the module docstring)."""
+    cfg, tp = self.cfg, self.plan.tp
+    ps = [self.wk[...], self.wv[...]]
+    if cfg.qkv_bias:
+      ps += [self.bk[...], self.bv[...]]
+    n_tp = self.plan.size(tp)
+    if n_tp > 1 and cfg.n_kv_heads % n_tp:  # replicated: pick the shared head
+      head = col.axis_index(tp) * (cfg.n_heads // n_tp) // (cfg.n_heads // cfg.n_kv_heads)
+      axis = lambda p: p.ndim - 2  # noqa: E731  (the kv_heads axis)
+      ps = [lax.dynamic_slice_in_dim(p, head, 1, axis=axis(p)) for p in ps]
+    return ps
+
   def project_qkv(self, x: jax.Array, positions: jax.Array
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q [B, S, H, hd], k/v [B, S, KV, hd], RoPE applied to q and k."""
+    """x [B, S, D] -> q [B, S, H_l, hd], k/v [B, S, KV_l, hd] (this rank's heads), RoPE
+    applied to q and k."""
     cfg, dt = self.cfg, x.dtype
+    kv = self._kv_params()
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
-    k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
-    v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
+    k = jnp.einsum("bsd,dhk->bshk", x, kv[0].astype(dt))
+    v = jnp.einsum("bsd,dhk->bshk", x, kv[1].astype(dt))
     if cfg.qkv_bias:
-      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
-    cos, sin = layers.rope_tables(positions, cfg.head_dim_, cfg.rope_theta)
-    q = constrain(layers.apply_rope(q, cos, sin), ("act_batch", "act_len", "act_heads", None))
-    k = constrain(layers.apply_rope(k, cos, sin), ("act_batch", "act_kv_len", "act_kv_heads", None))
-    v = constrain(v, ("act_batch", "act_kv_len", "act_kv_heads", None))
-    return q, k, v
+      q, k, v = q + self.bq[...].astype(dt), k + kv[2].astype(dt), v + kv[3].astype(dt)
+    cos, sin = layers.rope_tables(positions, cfg.effective_head_dim, cfg.rope_theta)
+    return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
 
   def output(self, o: jax.Array) -> jax.Array:
-    """o [B, S, H, hd] -> [B, S, D]."""
+    """o [B, S, H_l, hd] -> partial sums [B, S, D] of this rank's heads."""
     return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(o.dtype))
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
                ) -> jax.Array | tuple[jax.Array, KVCache]:
-    """Attention output [B, S, D]; with a `cache`, also the cache with these tokens added
-    (queries then see the cached tokens too; negative positions mark padding)."""
-    q, k, v = self.project_qkv(x, positions)
-    if cache is None:
-      attend_fn = hooks.attention_override() or attend  # e.g. ring attention under CP
-      return self.output(attend_fn(q, k, v, positions, positions))
-    cache = cache.update(k, v, positions)
-    o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)
-    return self.output(o), cache
+    """x [B, S_l, D] (this rank's residual shard), positions [B, S_c] of the cp rank's
+    tokens -> attention output [B, S_l, D]. With a `cache` (one device), also the cache with
+    these tokens added: queries then see the cached tokens too; negative positions mark
+    padding."""
+    plan = self.plan
+    if cache is not None:
+      if plan.tp or plan.cp:
+        raise ValueError(f"KV-cache decoding runs on one device, not on {plan}")
+      q, k, v = self.project_qkv(x, positions)
+      cache = cache.update(k, v, positions)
+      return self.output(attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)), cache
+    x = col.all_gather(x, plan.tp, 1)
+    q, k, v = (checkpoint_name(t, "qkv") for t in self.project_qkv(x, positions))
+    if not plan.cp:
+      o = attend(q, k, v, positions, positions)
+    elif plan.layout.cp_impl == "ring":
+      o = context_parallel.ring_attend(q, k, v, positions, positions, plan.cp, plan.layout.cp)
+    else:
+      o = context_parallel.allgather_attend(attend, q, k, v, positions, positions, plan.cp)
+    o = checkpoint_name(o, "attn_out")  # names for the remat policies of transformer.py
+    return col.psum_scatter(checkpoint_name(self.output(o), "attn_proj"), plan.tp, 1)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,

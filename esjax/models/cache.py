@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from esjax.models.config import ModelConfig
-from esjax.parallel.rules import constrain
 
 
 @struct.dataclass
@@ -53,14 +52,12 @@ class KVCache:
     new_v = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at)
     pos = jnp.where(positions >= 0, positions, -1).astype(jnp.int32)
     new_pos = jax.lax.dynamic_update_slice(self.pos, pos, (0, self.index))
-    axes = ("act_batch", None, "act_kv_heads", None)
-    return KVCache(k=constrain(new_k, axes), v=constrain(new_v, axes), pos=new_pos,
-                   index=self.index + k.shape[1])
+    return KVCache(k=new_k, v=new_v, pos=new_pos, index=self.index + k.shape[1])
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[KVCache]:
   """An empty cache for every layer of a `Transformer(cfg)`, in the compute dtype."""
   if batch <= 0 or length <= 0:
     raise ValueError(f"init_cache: batch={batch} and length={length} must be > 0")
-  return [KVCache.zeros(batch, length, cfg.n_kv_heads, cfg.head_dim_, cfg.dtype)
+  return [KVCache.zeros(batch, length, cfg.n_kv_heads, cfg.effective_head_dim, cfg.dtype)
           for _ in range(cfg.n_layers)]

@@ -16,7 +16,12 @@ DROP_POLICIES = ("probs", "position")
 MOE_IMPLS = ("auto", "ragged", "blocked")
 ROUTER_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots")
+# Activation checkpointing per decoder layer (esjax.models.transformer.REMAT_POLICIES):
+# none, full (keep only the layer input), dots (keep matmul outputs), dots_except_mlp (keep
+# attention-side matmul outputs, recompute the MLP/experts), attn (keep the attention output),
+# offload_attn (the attention output to pinned host memory, where XLA supports it).
+REMAT = ("none", "full", "dots", "dots_except_mlp", "attn", "offload_attn")
+SCOPES = ("batch", "rank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +59,18 @@ class ModelConfig:
   renormalize: bool = False  # softmax_topk only: divide the k weights by their sum
   routed_scaling: float = 1.0  # multiplies the routed weights (DeepSeek's scaling factor)
   router_init_std: float = 0.02
-  aux_loss_coef: float = 0.0  # Switch load balancing, over the whole batch
+  aux_loss_coef: float = 0.0  # Switch load balancing (see balance_scope)
   seq_aux_loss_coef: float = 0.0  # the same, per sequence (DeepSeek-V2)
   z_loss_coef: float = 0.0  # ST-MoE router z-loss
   max_z_loss_coef: float = 0.0  # Baichuan-2 max-z loss on the LM-head logits
   capacity_factor: float = 0.0  # 0: dropless; > 0: capacity ceil(T*k/E*cf), tokens beyond it dropped
   drop_policy: str = "probs"
+  # Over which tokens capacity and the balance loss are computed: the whole micro-batch
+  # ("batch": what one device computes; routing is all-gathered over the data ranks) or each
+  # rank's share ("rank": Megatron's semantics, capacity per device and the balance loss per
+  # data-parallel rank, which scales without gathering routing).
+  capacity_scope: str = "batch"
+  balance_scope: str = "batch"
   pad_to_capacity: bool = False  # dropping only: every expert computes exactly `capacity` rows
   # Grouped matmul: "ragged" (lax.ragged_dot, GPU/TPU), "blocked" (tiles, fast on CPU),
   # "auto" (blocked on the CPU backend, ragged elsewhere). Same numbers either way.
@@ -78,11 +89,13 @@ class ModelConfig:
          f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
     need(self.head_dim > 0 or self.d_model % self.n_heads == 0,
          f"d_model={self.d_model} not divisible by n_heads={self.n_heads}; set head_dim")
-    need(self.head_dim_ % 2 == 0, f"head_dim={self.head_dim_} must be even for RoPE")
+    need(self.effective_head_dim % 2 == 0,
+         f"head_dim={self.effective_head_dim} must be even for RoPE")
     for name, allowed in (("score_fn", SCORE_FNS), ("routing_order", ROUTING_ORDERS),
                           ("drop_policy", DROP_POLICIES), ("moe_impl", MOE_IMPLS),
                           ("router_impl", ROUTER_IMPLS), ("dtype", DTYPES),
-                          ("param_dtype", DTYPES), ("remat", REMAT)):
+                          ("param_dtype", DTYPES), ("remat", REMAT),
+                          ("capacity_scope", SCOPES), ("balance_scope", SCOPES)):
       need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
     need(self.n_experts >= 0, f"n_experts={self.n_experts} must be >= 0")
     if self.n_experts:
@@ -98,16 +111,16 @@ class ModelConfig:
 
   # Derived shapes.
   @property
-  def head_dim_(self) -> int:
+  def effective_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
 
   @property
-  def d_ff_expert_(self) -> int:
+  def effective_d_ff_expert(self) -> int:
     return self.d_ff_expert or self.d_ff
 
   @property
-  def d_ff_shared_(self) -> int:
-    return self.d_ff_shared or self.d_ff_expert_
+  def effective_d_ff_shared(self) -> int:
+    return self.d_ff_shared or self.effective_d_ff_expert
 
   @property
   def is_moe(self) -> bool:
@@ -138,14 +151,15 @@ class ModelConfig:
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
   """Total and active (per token) parameter counts, embeddings included."""
-  d, hd = cfg.d_model, cfg.head_dim_
+  d, hd = cfg.d_model, cfg.effective_head_dim
   attn = d * hd * (cfg.n_heads + 2 * cfg.n_kv_heads) + cfg.n_heads * hd * d
   if cfg.qkv_bias:
     attn += hd * (cfg.n_heads + 2 * cfg.n_kv_heads)
   norms = 2 * d
   dense_mlp = 3 * d * cfg.d_ff
-  expert = 3 * d * cfg.d_ff_expert_
-  shared = cfg.n_shared_experts * 3 * d * cfg.d_ff_shared_ + (d if cfg.shared_expert_gate else 0)
+  expert = 3 * d * cfg.effective_d_ff_expert
+  shared = (cfg.n_shared_experts * 3 * d * cfg.effective_d_ff_shared
+            + (d if cfg.shared_expert_gate else 0))
   router = d * cfg.n_experts
   total = active = 0
   for i in range(cfg.n_layers):

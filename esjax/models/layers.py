@@ -1,4 +1,10 @@
-"""Small building blocks: parameter creation with logical axes, RMSNorm, RoPE."""
+"""Small building blocks: parameter creation with logical axes, RMSNorm, RoPE.
+
+Every parameter names its dimensions logically in flax's `out_sharding` metadata (`embed`,
+`heads`, `mlp`, `exp`, ...); `esjax.parallel.rules` maps the names onto a plan's mesh axes
+with flax's `nnx.get_partition_spec`. esjax places parameters itself (jit out_shardings), so
+flax's eager sharding of new variables is off (`esjax/__init__.py`).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,15 @@ from flax import nnx
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
           std: float, dtype: str = "float32") -> nnx.Param:
-  """A normal(0, std) parameter whose metadata `axes` names each dimension logically."""
+  """A normal(0, std) parameter whose `out_sharding` metadata names each dimension."""
   if len(shape) != len(axes):
     raise ValueError(f"param: shape {shape} and logical axes {axes} differ in rank")
   value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-  return nnx.Param(value.astype(dtype), axes=tuple(axes))
+  return nnx.Param(value.astype(dtype), out_sharding=tuple(axes))
 
 
 def const_param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
-  return nnx.Param(value, axes=tuple(axes))
+  return nnx.Param(value, out_sharding=tuple(axes))
 
 
 class RMSNorm(nnx.Module):
@@ -28,9 +34,14 @@ class RMSNorm(nnx.Module):
     self.scale = const_param(jnp.ones((dim,), dtype), ("norm",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) * scale over the last axis, in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float

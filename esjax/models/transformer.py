@@ -1,4 +1,11 @@
-"""The decoder: embeddings, a stack of (attention, MLP or MoE) blocks, final norm, LM head."""
+"""The decoder: embeddings, a stack of (attention, MLP or MoE) blocks, final norm, LM head.
+
+Tensor parallel as in Megatron when the plan has tp > 1: the embedding and the LM head are
+split over the vocabulary, the residual stream between blocks is split over the sequence
+(sequence parallelism: [B, S_c/tp, D], where S_c is the cp rank's share of the sequence),
+and every block gathers and scatters it itself. With a one-device plan (the default) all of
+it is the plain model.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +19,35 @@ from esjax.models.cache import KVCache
 from esjax.models.config import ModelConfig
 from esjax.models.mlp import MLP
 from esjax.models.moe import MoE
-from esjax.parallel import hooks
-from esjax.parallel.rules import constrain
+from esjax.sharding import collectives as col
+from esjax.sharding.plan import ParallelPlan
 
-_REMAT_POLICIES = {
+_cp = jax.checkpoint_policies
+# ModelConfig.remat -> jax.checkpoint policy of one decoder layer (None: save nothing).
+REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": _cp.checkpoint_dots_with_no_batch_dims,
+    "dots_except_mlp": _cp.save_only_these_names("qkv", "attn_out", "attn_proj"),
+    "attn": _cp.save_only_these_names("attn_out"),
+    "offload_attn": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("attn_out",),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs,
+               plan: ParallelPlan | None = None):
     self.cfg = cfg
     self.attn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, plan)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
     if cfg.is_moe_layer(layer):
-      self.mlp = MoE(cfg, rngs)
+      self.mlp = MoE(cfg, rngs, plan)
     else:
-      self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.init_std, rngs, cfg.param_dtype)
+      self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.init_std, rngs, cfg.param_dtype, plan)
 
   @property
   def is_moe(self) -> bool:
@@ -45,15 +60,22 @@ class Block(nnx.Module):
     else:
       a, cache = self.attn(self.attn_norm(x), positions, cache)
       x = x + a
-    x = constrain(x, ("act_batch", "act_res_len", "act_embed"))
     h = self.mlp_norm(x)
     stats = None
     if self.is_moe:
       h, stats = self.mlp(h)
     else:
       h = self.mlp(h)
-    x = constrain(x + h, ("act_batch", "act_res_len", "act_embed"))
+    x = x + h
     return (x, stats) if cache is None else (x, stats, cache)
+
+
+def run_block(block: Block, x: jax.Array, positions: jax.Array, remat: str):
+  """`block(x, positions)`, under `nnx.remat` with the named policy unless remat='none'."""
+  if remat == "none":
+    return block(x, positions)
+  return nnx.remat(lambda blk, h, p: blk(h, p), policy=REMAT_POLICIES[remat])(
+      block, x, positions)
 
 
 class Transformer(nnx.Module):
@@ -62,36 +84,38 @@ class Transformer(nnx.Module):
   `model(tokens [B, S] int32)` returns float32 logits [B, S, V] and an aux dict: `moe_loss`
   (the weighted router losses to add to the LM loss) and, for MoE models, `aux_loss`,
   `seq_aux_loss`, `z_loss` (means over MoE layers), `expert_load` [n_moe_layers, E] and
-  `drop_fraction`.
+  `drop_fraction`. Under a plan with tp > 1 (inside the step's shard_map) the logits are this
+  rank's vocabulary shard.
 
-  Incremental decoding: `model(tokens, positions, cache=init_cache(cfg, B, L))` writes the
-  tokens' keys/values at the cache's index and returns `(logits, aux, cache)`; tokens with a
-  negative position are padding (see `esjax.models.cache`). Positions default to
+  Incremental decoding (one device): `model(tokens, positions, cache=init_cache(cfg, B, L))`
+  writes the tokens' keys/values at the cache's index and returns `(logits, aux, cache)`;
+  tokens with a negative position are padding (see `esjax.models.cache`). Positions default to
   `cache index + arange(S)`.
   """
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, plan: ParallelPlan | None = None):
     self.cfg = cfg
+    self.plan = plan or ParallelPlan.single()
     self.embed = layers.param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                               cfg.init_std, cfg.param_dtype)
-    self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    self.layers = nnx.List([Block(cfg, i, rngs, plan) for i in range(cfg.n_layers)])
     self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
     if not cfg.tie_embeddings:
       self.lm_head = layers.param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                   cfg.init_std, cfg.param_dtype)
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype)
-    return constrain(x, ("act_batch", "act_res_len", "act_embed"))
+    """tokens [B, S_c] -> residual stream [B, S_c/tp, D] (vocabulary-parallel lookup)."""
+    return embed_lookup(self.embed[...], tokens, self.plan.tp, self.cfg.dtype)
+
+  def head_weights(self) -> jax.Array:
+    """[D, V_l]: the LM head (or the tied embedding), this rank's vocabulary shard."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
   def logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    if self.cfg.tie_embeddings:
-      w = self.embed[...].T
-    else:
-      w = self.lm_head[...]
-    logits = jnp.einsum("bsd,dv->bsv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, ("act_batch", "act_len", "act_vocab"))
+    """Residual stream [B, S_c/tp, D] -> float32 logits [B, S_c, V_l] (vocabulary shard)."""
+    return head_logits(x, self.final_norm.scale[...], self.head_weights(), self.cfg.norm_eps,
+                       self.plan.tp)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                cache: list[KVCache] | None = None):
@@ -102,10 +126,6 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                    tokens.shape)
     x = self.embed_tokens(tokens)
-    stack = hooks.layers_override() if cache is None else None  # the pipeline (esjax.parallel)
-    if stack is not None:
-      x, stats = stack(self, x, positions)
-      return self.logits(x), aggregate_moe_stats(self.cfg, stats)
     stats, new_cache = [], []
     for i, block in enumerate(self.layers):
       if cache is not None:
@@ -119,12 +139,26 @@ class Transformer(nnx.Module):
     return out if cache is None else (*out, new_cache)
 
 
-def run_block(block: Block, x: jax.Array, positions: jax.Array, remat: str):
-  """`block(x, positions)`, under `nnx.remat` with the named policy unless remat='none'."""
-  if remat == "none":
-    return block(x, positions)
-  return nnx.remat(lambda blk, h, p: blk(h, p), policy=_REMAT_POLICIES[remat])(
-      block, x, positions)
+def embed_lookup(table: jax.Array, tokens: jax.Array, tp: tuple[str, ...], dtype
+                 ) -> jax.Array:
+  """Embedding rows of `tokens` [B, S] from this rank's vocabulary shard `table` [V/tp, D],
+  summed over tp and scattered along the sequence: [B, S/tp, D] (Megatron's
+  VocabParallelEmbedding with sequence parallelism)."""
+  if not tp:
+    return jnp.take(table, tokens, axis=0).astype(dtype)
+  rows = table.shape[0]
+  ids = tokens - col.axis_index(tp) * rows
+  here = (ids >= 0) & (ids < rows)
+  x = jnp.take(table, jnp.where(here, ids, 0), axis=0) * here[..., None].astype(table.dtype)
+  return col.psum_scatter(x.astype(dtype), tp, 1)
+
+
+def head_logits(x: jax.Array, norm_scale: jax.Array, w: jax.Array, eps: float,
+                tp: tuple[str, ...]) -> jax.Array:
+  """Final norm of the residual shard x [B, S/tp, D], gathered over tp along the sequence,
+  times this rank's head shard w [D, V/tp]: float32 logits [B, S, V/tp]."""
+  h = col.all_gather(layers.rms_norm(x, norm_scale, eps), tp, 1)
+  return jnp.einsum("bsd,dv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def aggregate_moe_stats(cfg: ModelConfig, stats: list[dict[str, jax.Array]]
@@ -133,6 +167,11 @@ def aggregate_moe_stats(cfg: ModelConfig, stats: list[dict[str, jax.Array]]
   if not stats:
     return {"moe_loss": jnp.zeros((), jnp.float32)}
   stacked = {k: jnp.stack([s[k] for s in stats]) for k in stats[0]}
+  return stacked_moe_stats(cfg, stacked)
+
+
+def stacked_moe_stats(cfg: ModelConfig, stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """`aggregate_moe_stats` of statistics stacked over MoE layers (leading axis)."""
   moe_loss = (cfg.aux_loss_coef * jnp.sum(stacked["aux_loss"])
               + cfg.seq_aux_loss_coef * jnp.sum(stacked["seq_aux_loss"])
               + cfg.z_loss_coef * jnp.sum(stacked["z_loss"]))

@@ -19,7 +19,7 @@ first), ranked explicitly by `positions_in_expert`. Dropped assignments contribu
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +31,6 @@ from esjax.routing.grouped import take_rows
 GroupedFn = Callable[[jax.Array, jax.Array], jax.Array]
 # capacity_fn(buffers [E, C, D]) -> [E, C, D]
 BatchedFn = Callable[[jax.Array], jax.Array]
-
-
-class DispatchStats(NamedTuple):
-  counts: jax.Array  # [E] int32 assignments routed to each expert (before dropping)
-  drop_fraction: jax.Array  # scalar float32, dropped assignments / all assignments
 
 
 def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -87,27 +82,20 @@ def _combine(out: jax.Array, weights: jax.Array, keep: jax.Array | None) -> jax.
   return jnp.einsum("tkd,tk->td", out.reshape(n_tokens, top_k, -1).astype(jnp.float32), w)
 
 
-def _stats(counts: jax.Array, keep: jax.Array | None) -> DispatchStats:
-  drop = (jnp.zeros((), jnp.float32) if keep is None
-          else jnp.mean(jnp.logical_not(keep).astype(jnp.float32)))
-  return DispatchStats(counts, drop)
-
-
 def grouped_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts: int,
                 expert_fn: GroupedFn, keep: jax.Array | None = None,
-                ) -> tuple[jax.Array, DispatchStats]:
+                ) -> jax.Array:
   """Sort assignments by expert, run `expert_fn` on contiguous groups, gather back, combine.
 
   x: [T, D]; indices, weights: [T, k]; keep: optional [T, k] bool (dropped assignments are
-  placed after every group and not computed). Returns y [T, D] in x.dtype and the stats.
+  placed after every group and not computed). Returns y [T, D] in x.dtype.
   """
   n_tokens, top_k = indices.shape
   n = n_tokens * top_k
   flat_e = indices.reshape(-1).astype(jnp.int32)
-  counts = jnp.bincount(flat_e, length=n_experts).astype(jnp.int32)
   if keep is None:
     kept = jnp.ones((n,), bool)
-    group_sizes = counts
+    group_sizes = jnp.bincount(flat_e, length=n_experts).astype(jnp.int32)
   else:
     kept = keep.reshape(-1)
     group_sizes = jnp.bincount(jnp.where(kept, flat_e, n_experts), length=n_experts
@@ -120,23 +108,25 @@ def grouped_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts:
   row = jnp.where(kept, row, n)
   rows = take_rows(jnp.repeat(x, top_k, axis=0), src, row)
   out = take_rows(expert_fn(rows, group_sizes), row, src)
-  return _combine(out, weights, keep).astype(x.dtype), _stats(counts, keep)
+  return _combine(out, weights, keep).astype(x.dtype)
 
 
 def capacity_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts: int,
-                 capacity_: int, policy: str, expert_fn: BatchedFn,
-                 ) -> tuple[jax.Array, DispatchStats]:
-  """Dropping with buffers padded to capacity: every expert computes exactly C rows."""
+                 capacity_: int, positions: jax.Array, expert_fn: BatchedFn,
+                 ) -> jax.Array:
+  """Dropping with buffers padded to capacity: every expert computes exactly C rows.
+
+  `positions` [T, k]: each assignment's rank in its expert (`positions_in_expert`, or ranks
+  decided over more tokens than these); assignments ranked >= C are dropped.
+  """
   n_tokens, top_k = indices.shape
   n = n_tokens * top_k
-  pos = positions_in_expert(indices, weights, n_experts, policy)
-  keep = pos < capacity_
-  counts = jnp.bincount(indices.reshape(-1), length=n_experts).astype(jnp.int32)
+  keep = positions < capacity_
   n_rows = n_experts * capacity_
-  row = jnp.where(keep, indices * capacity_ + pos, n_rows).reshape(-1).astype(jnp.int32)
+  row = jnp.where(keep, indices * capacity_ + positions, n_rows).reshape(-1).astype(jnp.int32)
   src = jnp.full((n_rows,), n, jnp.int32).at[row].set(jnp.arange(n, dtype=jnp.int32),
                                                      mode="drop")
   buffers = take_rows(jnp.repeat(x, top_k, axis=0), src, row)
   out = expert_fn(buffers.reshape(n_experts, capacity_, -1)).reshape(n_rows, -1)
   out = take_rows(out, row, src)
-  return _combine(out, weights, keep).astype(x.dtype), _stats(counts, keep)
+  return _combine(out, weights, keep).astype(x.dtype)

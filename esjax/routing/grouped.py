@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from esjax.sharding import collectives as col
+
 
 # Row permutations with a gather in both directions (autodiff would scatter-add backward).
 
@@ -170,7 +172,8 @@ def _chunked_swiglu_fwd(sizes, x, w_gate, w_up, w_down, chunks):
     return _put(out, y, r0), _put(gate, g, r0), _put(up, u, r0)
 
   hidden = jnp.zeros((x.shape[0], f), dt)
-  out, gate, up = _for_chunks(sizes, chunks, body, (jnp.zeros_like(x), hidden, hidden))
+  init = col.match_vma((jnp.zeros_like(x), hidden, hidden), x, w_gate, w_up, w_down, chunks)
+  out, gate, up = _for_chunks(sizes, chunks, body, init)
   return out, (x, w_gate, w_up, w_down, chunks, gate, up)
 
 
@@ -195,8 +198,9 @@ def _chunked_swiglu_bwd(sizes, res, dy):
             acc(dwd, e, silu * u, dys))
 
   zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
-  dx, dwg, dwu, dwd = _for_chunks(sizes, chunks, body, (jnp.zeros_like(x), zeros(w_gate),
-                                                       zeros(w_up), zeros(w_down)))
+  init = col.match_vma((jnp.zeros_like(x), zeros(w_gate), zeros(w_up), zeros(w_down)),
+                       x, w_gate, w_up, w_down, chunks, gate, up, dy)
+  dx, dwg, dwu, dwd = _for_chunks(sizes, chunks, body, init)
   return (dx, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype),
           None)
 

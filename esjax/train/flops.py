@@ -25,13 +25,13 @@ from esjax.models.config import ModelConfig
 
 def flops_breakdown(cfg: ModelConfig, seq_len: int, training: bool = True) -> dict[str, float]:
   """Per-token FLOPs of each part: attention projections, core attention, MLP/experts, logits."""
-  h, d, nq, nkv = cfg.d_model, cfg.head_dim_, cfg.n_heads, cfg.n_kv_heads
+  h, d, nq, nkv = cfg.d_model, cfg.effective_head_dim, cfg.n_heads, cfg.n_kv_heads
   mult = 6.0 if training else 2.0
   mlp = 0.0
   for i in range(cfg.n_layers):
     if cfg.is_moe_layer(i):
-      shared = cfg.n_shared_experts * cfg.d_ff_shared_ if cfg.n_shared_experts else 0
-      mlp += 3 * h * (cfg.d_ff_expert_ * cfg.top_k + shared)
+      shared = cfg.n_shared_experts * cfg.effective_d_ff_shared if cfg.n_shared_experts else 0
+      mlp += 3 * h * (cfg.effective_d_ff_expert * cfg.top_k + shared)
     else:
       mlp += 3 * h * cfg.d_ff
   return {

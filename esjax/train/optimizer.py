@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import optax
 
+from esjax.parallel.stages import STAGES
+
 
 def learning_rate(optim_cfg: Any, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine decay to `lr * final_lr_fraction` at
@@ -26,8 +28,12 @@ def learning_rate(optim_cfg: Any, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay on matrices and expert stacks (ndim >= 2), not on norms or biases."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices and expert stacks (ndim >= 2), not on norms or biases. Layer
+  stacks of the train state (`esjax.parallel.stages`) have three leading stack dimensions."""
+  def decayed(path, p):
+    stacked = getattr(path[0], "key", None) == STAGES if path else False
+    return p.ndim - (3 if stacked else 0) >= 2
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(optim_cfg: Any, total_steps: int

@@ -1,9 +1,10 @@
 """The train state: a plain pytree (step, params, optimizer state) built functionally.
 
-`params` is the model's parameter tree as a pure nested dict,
-`nnx.to_pure_dict(nnx.state(model, nnx.Param))` (layers keyed by int), so checkpoints, growth
-and upcycling handle it as ordinary arrays; `nnx.merge(graphdef, params)` rebuilds the model
-inside a jitted step.
+`params` are the master weights (`ModelConfig.param_dtype`) in the stacked layout of
+`esjax.parallel.stages` (layers stacked per pipeline stage), laid out by the engine's master
+specs; `params_from_state` / `params_for_state` convert to and from the model's own tree
+(`nnx.to_pure_dict(nnx.state(model, nnx.Param))`, layers keyed by int), which growth,
+upcycling, evaluation and Hugging Face interop use.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from flax import nnx
 
 from esjax.models.config import ModelConfig
 from esjax.models.transformer import Transformer
+from esjax.parallel import rules, stages
+from esjax.parallel.pipeline import Engine
 
 
 @flax.struct.dataclass
@@ -27,41 +30,74 @@ class TrainState:
   opt_state: Any
 
 
-def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graphdef and abstract parameter State (shapes, dtypes and the `axes`
-  metadata that sharding rules read), without allocating anything."""
-  model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
-  graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, params
-
-
 def init_params(model_cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
-  """Fresh parameters as a pure dict (call under jit to build them sharded)."""
+  """Fresh parameters of the model's own tree (call under jit to build them sharded)."""
   return nnx.to_pure_dict(nnx.state(Transformer(model_cfg, nnx.Rngs(params=rng)), nnx.Param))
+
+
+def params_for_state(params: dict[str, Any], engine: Engine) -> dict[str, Any]:
+  """The model's tree -> the train state's stacked tree (cast to the parameter dtypes)."""
+  return stages.stack(params, engine.fmt)
+
+
+def params_from_state(params: dict[str, Any], engine: Engine) -> dict[str, Any]:
+  return stages.unstack(params, engine.fmt)
 
 
 def new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def create_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
-                       rng: jax.Array, shardings: Any = None, params: Any = None
-                       ) -> TrainState:
-  """A fresh train state, from `rng` or from given `params` (init_from), built by one jit
-  with `shardings` (a TrainState of shardings, or None on one device) as its output
-  shardings, so no device ever holds more than its shard."""
-  if params is None:
-    init = jax.jit(lambda r: new_state(init_params(model_cfg, r), tx), out_shardings=shardings)
-    return init(rng)
-  return jax.jit(lambda p: new_state(p, tx), out_shardings=shardings)(params)
+def _mirror(tree: Any, params: Any, params_leaf: Any, default: Any) -> Any:
+  """Per leaf of `tree` (e.g. an optax state): subtrees shaped like `params` get
+  `params_leaf`, every other leaf `default`."""
+  params_def = jax.tree.structure(params)
+
+  def visit(node):
+    if jax.tree.structure(node) == params_def:
+      return params_leaf
+    children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+    if len(children) == 1 and children[0] is node:  # a leaf
+      return default
+    return jax.tree.unflatten(treedef, [visit(c) for c in children])
+
+  return visit(tree)
 
 
-def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
-                         shardings: Any = None) -> TrainState:
-  """The train state's ShapeDtypeStructs (with shardings when given): the restore target."""
-  shapes = jax.eval_shape(lambda r: new_state(init_params(model_cfg, r), tx),
-                          jax.random.key(0))
-  if shardings is None:
-    return shapes
+def abstract_train_state(engine: Engine, tx: optax.GradientTransformation) -> TrainState:
+  """The train state's ShapeDtypeStructs with their shardings (nothing allocated, no device
+  touched: this is what a deviceless compile and a restore target need)."""
+  cfg = engine.cfg
+
+  def fresh():
+    params = params_for_state(init_params(cfg, jax.random.key(0)), engine)
+    return new_state(params, tx)
+
+  shapes = jax.eval_shape(fresh)
+  shardings = state_shardings(engine, shapes)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
+
+
+def state_shardings(engine: Engine, shapes: TrainState) -> TrainState:
+  """NamedShardings of a train state: params and optimizer moments by the master specs
+  (ZeRO-1 splits them over their replica axes), scalars replicated."""
+  plan = engine.plan
+  master = rules.named(plan, engine.master_specs(shapes.params))
+  replicated = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec())
+  return TrainState(step=replicated, params=master,
+                    opt_state=_mirror(shapes.opt_state, shapes.params, master, replicated))
+
+
+def create_train_state(engine: Engine, tx: optax.GradientTransformation, rng: jax.Array,
+                       params: Any = None) -> TrainState:
+  """A fresh train state, from `rng` or from the model-tree `params` (init_from), built by one
+  jit with the state's shardings as output shardings, so no device holds more than its
+  shard."""
+  cfg = engine.cfg
+  shardings = state_shardings(engine, abstract_train_state(engine, tx))
+  if params is None:
+    build = lambda r: new_state(params_for_state(init_params(cfg, r), engine), tx)  # noqa
+    return jax.jit(build, out_shardings=shardings)(rng)
+  build = lambda p: new_state(params_for_state(p, engine), tx)  # noqa: E731
+  return jax.jit(build, out_shardings=shardings)(params)

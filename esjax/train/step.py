@@ -1,33 +1,34 @@
-"""The train and eval step functions (pure; the loop jits them with donation and shardings)."""
+"""The train and eval steps of every layout (one device is a one-device mesh), jitted with
+the train state's shardings: what the loop runs, the planner compiles and the benchmarks time.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import optax
-from flax import nnx
 
-from esjax.parallel import step as parallel_step
-from esjax.train import loss as loss_lib
+from esjax.parallel.pipeline import Engine
+from esjax.train import state as state_lib
 from esjax.train.state import TrainState
 
-LossFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
-
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, loss_fn: LossFn = loss_lib.lm_loss
+def make_train_step(engine: Engine, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, shapes: TrainState
                     ) -> Callable[[TrainState, dict[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """`train_step(state, batch) -> (state, metrics)`: one AdamW update on the batch loss.
 
-  metrics: those of `loss_fn` (loss, ce_loss, router statistics), plus `grad_norm` (before
+  metrics: the loss metrics (loss, ce_loss, router statistics), plus `grad_norm` (before
   clipping) and `lr` (the learning rate this update used).
   """
+  master_specs = engine.master_specs(shapes.params)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    # Microbatches, pipeline and CP order as the active esjax.parallel layout says.
-    _, metrics, grads = parallel_step.loss_and_grads(graphdef, state.params, batch, loss_fn)
+    compute = engine.compute_params(state.params)
+    metrics, grads = engine.loss_and_grads(compute, batch, master_specs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -36,12 +37,30 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn = loss_lib.lm_loss
-                   ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
-  """`eval_step(params, batch) -> metrics` of `loss_fn` (no update)."""
+def make_eval_step(engine: Engine) -> Callable[[Any, dict[str, jax.Array]], dict]:
+  """`eval_step(params, batch) -> metrics` (no update)."""
+  return lambda params, batch: engine.evaluate(engine.compute_params(params), batch)
 
-  def eval_step(params: Any, batch: dict[str, jax.Array]):
-    batch = parallel_step.prepare_batch(batch)  # CP load-balanced order under a layout
-    return loss_fn(nnx.merge(graphdef, params), batch)[1]
 
-  return eval_step
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted steps of one run and the layouts they take."""
+
+  engine: Engine
+  abstract_state: TrainState  # ShapeDtypeStructs with shardings
+  batch_sharding: jax.sharding.NamedSharding
+  train: Callable  # (state, batch) -> (state, metrics); donates the state
+  evaluate: Callable  # (params, batch) -> metrics
+
+
+def build(engine: Engine, tx: optax.GradientTransformation, schedule: optax.Schedule
+          ) -> Steps:
+  """The train and eval steps of `engine`, jitted with the train state's shardings."""
+  abstract = state_lib.abstract_train_state(engine, tx)
+  shardings = jax.tree.map(lambda s: s.sharding, abstract)
+  batch_sh = jax.sharding.NamedSharding(engine.plan.mesh, engine.batch_spec())
+  train = jax.jit(make_train_step(engine, tx, schedule, abstract),
+                  in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                  donate_argnums=0)
+  evaluate = jax.jit(make_eval_step(engine), in_shardings=(shardings.params, batch_sh))
+  return Steps(engine, abstract, batch_sh, train, evaluate)

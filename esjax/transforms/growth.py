@@ -124,9 +124,9 @@ def check_growth(src: ModelConfig, tgt: ModelConfig) -> None:
     if getattr(src, name) != getattr(tgt, name):
       raise ValueError(f"grow: {name} {getattr(src, name)} -> {getattr(tgt, name)} differs; "
                        "growth keeps it")
-  if src.head_dim_ != tgt.head_dim_:
-    raise ValueError(f"grow: head_dim {src.head_dim_} -> {tgt.head_dim_}; head-wise growth "
-                     f"keeps head_dim, set head_dim={src.head_dim_} in the target config")
+  if src.effective_head_dim != tgt.effective_head_dim:
+    raise ValueError(f"grow: head_dim {src.effective_head_dim} -> {tgt.effective_head_dim}; head-wise growth "
+                     f"keeps head_dim, set head_dim={src.effective_head_dim} in the target config")
   for name in ("d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads"):
     if getattr(tgt, name) < getattr(src, name):
       raise ValueError(f"grow: {name} {getattr(src, name)} -> {getattr(tgt, name)} shrinks; "

@@ -50,18 +50,18 @@ def granularity(dense: ModelConfig, moe: ModelConfig) -> int:
     if getattr(dense, name) != getattr(moe, name):
       raise ValueError(f"upcycle: {name} {getattr(dense, name)} -> {getattr(moe, name)} "
                        "differs; upcycling keeps every dense shape (grow first)")
-  if dense.head_dim_ != moe.head_dim_:
-    raise ValueError(f"upcycle: head_dim {dense.head_dim_} -> {moe.head_dim_} differs")
-  shared = moe.n_shared_experts * moe.d_ff_shared_ if moe.n_shared_experts else 0
+  if dense.effective_head_dim != moe.effective_head_dim:
+    raise ValueError(f"upcycle: head_dim {dense.effective_head_dim} -> {moe.effective_head_dim} differs")
+  shared = moe.n_shared_experts * moe.effective_d_ff_shared if moe.n_shared_experts else 0
   routed = dense.d_ff - shared
   if routed <= 0:
     raise ValueError(f"upcycle: shared experts take {shared} hidden units, the dense MLP has "
                      f"only d_ff={dense.d_ff}; routed experts need the rest")
-  if routed % moe.d_ff_expert_:
-    raise ValueError(f"upcycle: d_ff_expert={moe.d_ff_expert_} must divide the routed width "
+  if routed % moe.effective_d_ff_expert:
+    raise ValueError(f"upcycle: d_ff_expert={moe.effective_d_ff_expert} must divide the routed width "
                      f"{routed} (d_ff={dense.d_ff} minus shared {shared}): granularity "
                      "G = routed width / d_ff_expert must be an integer")
-  g = routed // moe.d_ff_expert_
+  g = routed // moe.effective_d_ff_expert
   if moe.n_experts % g:
     raise ValueError(f"upcycle: n_experts={moe.n_experts} must be a multiple of the "
                      f"granularity G={g} (virtual groups of G experts)")
@@ -87,8 +87,8 @@ def upcycle_mlp(dense_mlp: Params, moe: ModelConfig, g: int, key: jax.Array, *,
   if scale_placement not in SCALE_PLACEMENTS:
     raise ValueError(f"upcycle: scale_placement={scale_placement!r}, expected one of "
                      f"{SCALE_PLACEMENTS}")
-  n, fe = moe.n_experts, moe.d_ff_expert_
-  shared = moe.n_shared_experts * moe.d_ff_shared_ if moe.n_shared_experts else 0
+  n, fe = moe.n_experts, moe.effective_d_ff_expert
+  shared = moe.n_shared_experts * moe.effective_d_ff_shared if moe.n_shared_experts else 0
   w_gate, w_up, w_down = dense_mlp["w_gate"], dense_mlp["w_up"], dense_mlp["w_down"]
   d = w_gate.shape[0]
   s = output_scale(moe, g)

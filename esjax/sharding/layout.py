@@ -15,19 +15,18 @@ one mesh. Layouts that do not nest (tp=3 with etp=2) are rejected with the sizes
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
 ATTN_AXES = ("pp", "dp", "cp", "tp")
 MOE_AXES = ("pp", "edp", "ep", "etp")
 CP_IMPLS = ("allgather", "ring")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+EP_DISPATCH = ("auto", "padded", "ragged")
 
 
 class LayoutError(ValueError):
@@ -36,7 +35,10 @@ class LayoutError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Parallel sizes. `dp=0` fills the devices; `etp=0` means etp = tp (Megatron's default)."""
+  """Parallel sizes and how the step uses them (the `parallel` config section).
+
+  `dp=0` fills the devices the other sizes leave; `etp=0` means etp = tp (Megatron's default).
+  """
 
   dp: int = 0
   tp: int = 1
@@ -44,10 +46,14 @@ class Layout:
   pp: int = 1
   ep: int = 1
   etp: int = 0
-  fsdp: bool = False  # shard parameters and optimizer state over the data axes
+  fsdp: bool = False  # ZeRO-3: parameters sharded over the data axes, gathered per use
+  distributed_optimizer: bool = False  # ZeRO-1: master weights and moments sharded over them
   microbatches: int = 1
+  schedule: str = "1f1b"  # pipeline schedule (pp > 1): gpipe, 1f1b, interleaved
+  virtual_stages: int = 1  # model chunks per pipeline stage (interleaved / circular)
   cp_impl: str = "allgather"  # context-parallel attention: all-gather KV, or a ring
   cp_load_balance: bool = True  # causal load balancing: chunk i pairs with chunk 2cp-1-i
+  ep_dispatch: str = "auto"  # EP exchange: padded all_to_all, ragged_all_to_all, auto
 
   @classmethod
   def from_config(cls, c: Mapping[str, Any] | Any) -> "Layout":
@@ -61,13 +67,24 @@ class Layout:
 
   def resolve(self, n_devices: int) -> "Layout":
     """Fills dp and etp, and checks the sizes against `n_devices` (see `check_devices`)."""
-    for name in ("tp", "cp", "pp", "ep", "microbatches"):
+    for name in ("tp", "cp", "pp", "ep", "microbatches", "virtual_stages"):
       if getattr(self, name) < 1:
         raise LayoutError(f"parallel.{name}={getattr(self, name)} must be >= 1")
     if self.dp < 0 or self.etp < 0:
       raise LayoutError(f"parallel.dp={self.dp}, etp={self.etp} must be >= 0 (0: derived)")
-    if self.cp_impl not in CP_IMPLS:
-      raise LayoutError(f"parallel.cp_impl={self.cp_impl!r}, expected one of {CP_IMPLS}")
+    for name, allowed in (("cp_impl", CP_IMPLS), ("schedule", SCHEDULES),
+                          ("ep_dispatch", EP_DISPATCH)):
+      if getattr(self, name) not in allowed:
+        raise LayoutError(f"parallel.{name}={getattr(self, name)!r}, expected one of {allowed}")
+    if self.schedule == "interleaved" and self.virtual_stages < 2:
+      raise LayoutError(f"parallel.schedule='interleaved' needs parallel.virtual_stages >= 2, "
+                        f"got {self.virtual_stages}")
+    if self.schedule == "1f1b" and self.virtual_stages > 1:
+      raise LayoutError(f"parallel.virtual_stages={self.virtual_stages} with schedule='1f1b': "
+                        "use schedule='interleaved' (or 'gpipe') for virtual stages")
+    if self.fsdp and self.distributed_optimizer:
+      raise LayoutError("parallel.fsdp and parallel.distributed_optimizer: fsdp already shards "
+                        "the optimizer state; set one of them")
     dp = self.dp
     if dp == 0:
       model = self.pp * self.cp * self.tp
@@ -99,14 +116,23 @@ class Layout:
   def stage_size(self) -> int:
     return self.dp * self.cp * self.tp
 
+  @property
+  def n_devices(self) -> int:
+    return self.pp * self.stage_size
+
   def sizes(self) -> dict[str, int]:
     return dict(pp=self.pp, dp=self.dp, cp=self.cp, tp=self.tp, edp=self.edp, ep=self.ep,
                 etp=self.etp)
 
   def __str__(self) -> str:
     s = self.sizes()
+    extra = "-fsdp" if self.fsdp else "-zero1" if self.distributed_optimizer else ""
+    sched = ""
+    if self.pp > 1:
+      sched = f"|{self.schedule}" + (f"-v{self.virtual_stages}" if self.virtual_stages > 1
+                                     else "")
     return (f"pp{s['pp']}-dp{s['dp']}-cp{s['cp']}-tp{s['tp']}|edp{s['edp']}-ep{s['ep']}-"
-            f"etp{s['etp']}{'-fsdp' if self.fsdp else ''}")
+            f"etp{s['etp']}{extra}|mb{self.microbatches}{sched}")
 
 
 def check_model(layout: Layout, cfg, seq_len: int | None = None,
@@ -124,18 +150,24 @@ def check_model(layout: Layout, cfg, seq_len: int | None = None,
        f"(kv heads are sharded when tp divides them, replicated when they divide tp)")
   need(cfg.vocab_size % tp == 0, f"vocab_size={cfg.vocab_size} is not divisible by tp={tp}")
   need(cfg.d_ff % tp == 0, f"d_ff={cfg.d_ff} is not divisible by tp={tp}")
-  need(cfg.n_layers % pp == 0, f"n_layers={cfg.n_layers} is not divisible by pp={pp}")
-  if pp > 1:
-    per = cfg.n_layers // pp
-    kinds = [tuple(cfg.is_moe_layer(s * per + j) for j in range(per)) for s in range(pp)]
-    need(all(k == kinds[0] for k in kinds),
-         f"pipeline stages must hold the same layer kinds; MoE pattern per stage {kinds}")
+  chunks = pp * layout.virtual_stages
+  need(cfg.n_layers % chunks == 0,
+       f"n_layers={cfg.n_layers} is not divisible by pp*virtual_stages = {pp}*"
+       f"{layout.virtual_stages}")
+  per = cfg.n_layers // chunks
+  kinds = [tuple(cfg.is_moe_layer(c * per + j) for j in range(per)) for c in range(chunks)]
+  need(all(k == kinds[0] for k in kinds),
+       f"pipeline chunks must hold the same layer kinds; MoE pattern per chunk {kinds}")
+  if pp > 1 and layout.virtual_stages > 1:
+    need(layout.microbatches % pp == 0,
+         f"virtual_stages={layout.virtual_stages} needs microbatches={layout.microbatches} "
+         f"to be a multiple of pp={pp}")
   if cfg.is_moe:
     need(cfg.n_experts % ep == 0, f"n_experts={cfg.n_experts} is not divisible by ep={ep}")
-    need(cfg.d_ff_expert_ % etp == 0,
-         f"d_ff_expert={cfg.d_ff_expert_} is not divisible by etp={etp}")
+    need(cfg.effective_d_ff_expert % etp == 0,
+         f"d_ff_expert={cfg.effective_d_ff_expert} is not divisible by etp={etp}")
     if cfg.n_shared_experts:
-      shared = cfg.n_shared_experts * cfg.d_ff_shared_
+      shared = cfg.n_shared_experts * cfg.effective_d_ff_shared
       need(shared % tp == 0, f"shared expert width {shared} is not divisible by tp={tp}")
   if layout.fsdp:
     data = layout.dp * cp
@@ -188,85 +220,17 @@ def _base_axes(layout: Layout) -> list[BaseAxis]:
   return axes[::-1]
 
 
-@dataclasses.dataclass(frozen=True)
-class FoldedMesh:
-  """One jax Mesh (axes `pp` + base axes) and the base axes behind each logical axis."""
-
-  layout: Layout
-  mesh: Mesh
-  base: tuple[BaseAxis, ...]
-
-  def axes(self, name: str) -> tuple[str, ...]:
-    """Mesh axes of attention axis dp/cp/tp, MoE axis edp/ep/etp, or pp (slowest first)."""
-    if name == "pp":
-      return ("pp",) if self.layout.pp > 1 else ()
-    if name in ("dp", "cp", "tp"):
-      return tuple(b.name for b in self.base if b.attn == name)
-    if name in ("edp", "ep", "etp"):
-      return tuple(b.name for b in self.base if b.moe == name)
-    raise ValueError(f"unknown parallel axis {name!r}; expected one of {ATTN_AXES + MOE_AXES}")
-
-  @property
-  def token_axes(self) -> tuple[str, ...]:
-    """Every base axis: within a stage, each device holds its own tokens."""
-    return tuple(b.name for b in self.base)
-
-  @property
-  def batch_axes(self) -> tuple[str, ...]:
-    return self.axes("dp")
-
-  @property
-  def seq_axes(self) -> tuple[str, ...]:
-    """Axes that shard the residual stream's sequence: cp, then tp (sequence parallelism)."""
-    return self.axes("cp") + self.axes("tp")
-
-  def view(self, names: tuple[str, ...]) -> np.ndarray:
-    """Device ids arranged as (pp, *names) from the mesh, e.g. ("dp", "cp", "tp")."""
-    ids = np.vectorize(lambda d: d.id)(self.mesh.devices)
-    ids = ids.reshape(self.layout.pp, *[b.size for b in self.base])
-    order = [0]
-    shape = [self.layout.pp]
-    for name in names:
-      members = [i + 1 for i, b in enumerate(self.base) if name in (b.attn, b.moe)]
-      order += members
-      shape.append(math.prod(self.base[i - 1].size for i in members))
-    return ids.transpose(order).reshape(shape)
+def base_axes(layout: Layout) -> tuple[BaseAxis, ...]:
+  """The mesh axes (after `pp`) of a resolved layout, slowest first."""
+  return tuple(_base_axes(layout))
 
 
-def make_mesh(layout: Layout, devices: list | np.ndarray | None = None) -> FoldedMesh:
-  """The folded mesh of `layout` over `devices` (default: all devices)."""
-  devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
-  layout = layout.resolve(len(devices))
-  base = tuple(_base_axes(layout))
+def device_mesh(layout: Layout, devices) -> Mesh:
+  """The folded mesh of a resolved `layout` over `devices` (any device objects: local,
+  multi-process, or a deviceless topology's), axes `pp` then the base axes."""
+  devices = np.asarray(devices).reshape(-1)
+  layout.check_devices(len(devices))
+  base = base_axes(layout)
   names = ("pp",) + tuple(b.name for b in base)
   shape = (layout.pp,) + tuple(b.size for b in base)
-  mesh = Mesh(devices.reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
-  return FoldedMesh(layout, mesh, base)
-
-
-_ACTIVE: contextvars.ContextVar[FoldedMesh | None] = contextvars.ContextVar(
-    "esjax_folded_mesh", default=None)
-
-
-def active() -> FoldedMesh | None:
-  """The folded mesh set by `activate`, or None outside it."""
-  return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def activate(fm: FoldedMesh, cfg=None) -> Iterator[FoldedMesh]:
-  """Sets the mesh, the logical-axis rules of `fm`, and the EP / CP layer overrides."""
-  from esjax.parallel import hooks, rules  # pylint: disable=g-import-not-at-top
-  token = _ACTIVE.set(fm)
-  try:
-    with jax.set_mesh(fm.mesh), rules.use_rules(rules.layout_rules(fm, cfg)), \
-        hooks.install(fm):
-      yield fm
-  finally:
-    _ACTIVE.reset(token)
-
-
-def training_layout(parallel_cfg: Mapping[str, Any] | Any, model_cfg, devices=None):
-  """The training loop's layout (`esjax.train.partition.Layout`) for `config.parallel`."""
-  from esjax.parallel import step  # pylint: disable=g-import-not-at-top
-  return step.ParallelTraining(Layout.from_config(parallel_cfg), model_cfg, devices)
+  return Mesh(devices.reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))

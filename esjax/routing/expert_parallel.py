@@ -1,0 +1,255 @@
+"""The MoE layer's routed computation on any parallel plan (expert parallelism included).
+
+One function, `routed_experts`, serves one device and every layout: it runs on a device's
+local tokens inside the step's shard_map (see `esjax.sharding.plan`), and with a plan of one
+device every collective below is the identity. Per device:
+
+  1. route its tokens [T_l, D] (router replicated; `routing_for`),
+  2. decide token dropping (capacity) over the scope `cfg.capacity_scope` asks for: the whole
+     micro-batch ("batch": the single-device decision, routing all-gathered over the stage)
+     or this device's tokens ("rank": Megatron's per-rank capacity, no gathering),
+  3. without expert parallelism, run the grouped SwiGLU on its own tokens (`cfg.moe_impl`:
+     blocked tiles on CPU, `ragged_dot` where native; or the [E, C] buffers of
+     `pad_to_capacity`);
+  4. with EP, all-gather its tokens over etp (those peers hold slices of every expert's
+     hidden width), pack one block of rows per EP rank (the owner of experts
+     [r*E/ep, (r+1)*E/ep)), exchange them over ep (`plan.ep_dispatch`: a padded `all_to_all`,
+     the only exchange XLA:CPU has, or `ragged_all_to_all`, which sends only routed rows), run
+     the local experts on what arrived, send the results back, combine them with the routing
+     weights and reduce-scatter the partial sums over etp.
+
+Block sizes are static bounds: a source sends one EP rank at most `T * min(k, E/ep)` rows
+(a token picks an expert once), with dropping at most `E/ep * capacity`. Router statistics
+(`router_stats`) are those of the micro-batch: psums over the stage's devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from esjax.kernels.routing import ops as routing_kernel
+from esjax.routing import dispatch, grouped, router
+from esjax.sharding import collectives as col
+from esjax.sharding.plan import ParallelPlan
+
+ragged_all_to_all = lax.ragged_all_to_all  # tests on CPU substitute an emulation (no XLA:CPU op)
+
+
+def routing_for(cfg, logits: jax.Array) -> router.Routing:
+  """Routing of router `logits` [T, E] as `cfg` asks (XLA reference or Pallas kernel)."""
+  kwargs = dict(score_fn=cfg.score_fn, order=cfg.routing_order,
+                renormalize=cfg.renormalize, scaling=cfg.routed_scaling)
+  if cfg.router_impl == "pallas":
+    return routing_kernel.route(logits, cfg.top_k, **kwargs)
+  return router.route(logits, cfg.top_k, **kwargs)
+
+
+def block_rows(cfg, n_rows: int, n_groups: int) -> int:
+  """Tile rows of the blocked grouped matmul: moe_block_size, smaller for small groups."""
+  per_group = max(1, n_rows // n_groups)
+  return max(1, min(cfg.moe_block_size, 1 << (per_group - 1).bit_length()))
+
+
+def grouped_fn(cfg, plan: ParallelPlan, w_gate, w_up, w_down) -> dispatch.GroupedFn:
+  """The grouped SwiGLU `(rows, group_sizes) -> out` of `cfg.moe_impl` on `plan`'s platform."""
+  if plan.moe_impl(cfg.moe_impl) == "blocked":
+    return lambda rows, gs: grouped.swiglu_blocked(
+        rows, gs, w_gate, w_up, w_down, block_rows(cfg, rows.shape[0], w_gate.shape[0]))
+  return lambda rows, gs: grouped.swiglu_ragged(rows, gs, w_gate, w_up, w_down)
+
+
+def swiglu_batched(buffers: jax.Array, w_gate, w_up, w_down) -> jax.Array:
+  """SwiGLU on per-expert buffers [E, C, D] (token dropping padded to capacity)."""
+  dt = buffers.dtype
+  gate = jnp.einsum("ecd,edf->ecf", buffers, w_gate.astype(dt))
+  up = jnp.einsum("ecd,edf->ecf", buffers, w_up.astype(dt))
+  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w_down.astype(dt))
+
+
+def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: ParallelPlan
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """x [B_l, S_l, D] this device's tokens -> (routed output [B_l, S_l, D], router stats of the
+  micro-batch). Expert weights are this device's shards: [E/ep, D, F/etp] and [E/ep, F/etp, D].
+  """
+  bl, sl, d = x.shape
+  tokens = x.reshape(bl * sl, d)
+  logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router_w.astype(jnp.float32))
+  r = routing_for(cfg, logits)
+  positions = None
+  if cfg.capacity_factor > 0:
+    positions, cap = _capacity_positions(r, cfg, plan, bl, sl)
+    keep = positions < cap
+  else:
+    keep, cap = None, None
+  w = (w_gate, w_up, w_down)
+  if plan.ep or plan.etp:
+    y = _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan)
+  elif keep is not None and cfg.pad_to_capacity:
+    y = dispatch.capacity_moe(tokens, r.indices, r.weights, cfg.n_experts, cap, positions,
+                              lambda b: swiglu_batched(b, *w))
+  else:
+    y = dispatch.grouped_moe(tokens, r.indices, r.weights, cfg.n_experts,
+                             grouped_fn(cfg, plan, *w), keep)
+  return y.reshape(bl, sl, d), router_stats(cfg, plan, logits, r, keep, bl, sl)
+
+
+def router_stats(cfg, plan: ParallelPlan, logits, r: router.Routing, keep, bl: int, sl: int
+                 ) -> dict[str, jax.Array]:
+  """Balance, sequence-balance and z losses, expert load and drop fraction of the micro-batch
+  (or of each data-parallel rank's share with `cfg.balance_scope='rank'`), from this device's
+  tokens and psums over the stage."""
+  e, k = cfg.n_experts, cfg.top_k
+  stage, seq = plan.stage_axes, plan.seq_axes
+  counts = col.psum(router.expert_counts(r.indices, e), stage)
+  n_tokens = bl * sl * plan.size(stage)
+  load = counts.astype(jnp.float32) / (n_tokens * k)
+  if cfg.balance_scope == "rank":  # per data-parallel rank (its sequences), then the mean
+    f = col.psum(router.expert_counts(r.indices, e), seq).astype(jnp.float32)
+    n_rank = bl * sl * plan.size(seq)
+    p = col.psum(jnp.sum(r.probs, axis=0), seq) / n_rank
+    aux = col.pmean(e * jnp.sum(lax.stop_gradient(f / (n_rank * k)) * p), plan.dp)
+  else:
+    p = col.psum(jnp.sum(r.probs, axis=0), stage) / n_tokens
+    aux = e * jnp.sum(lax.stop_gradient(load) * p)
+  # Per sequence: this device holds slices of length S_l of B_l sequences.
+  onehot = jax.nn.one_hot(r.indices.reshape(bl, sl * k), e, dtype=jnp.float32)
+  seq_counts = col.psum(jnp.sum(onehot, axis=1), seq)  # [B_l, E]
+  seq_probs = col.psum(jnp.sum(r.probs.reshape(bl, sl, e), axis=1), seq)
+  seq_len = sl * plan.size(seq)
+  seq_loss = e * jnp.sum(lax.stop_gradient(seq_counts / (seq_len * k)) * seq_probs / seq_len,
+                         axis=-1)
+  seq_aux = col.pmean(jnp.mean(seq_loss), plan.dp)
+  z = col.pmean(router.z_loss(logits), stage)
+  if keep is None:
+    drop = jnp.zeros((), jnp.float32)
+  else:
+    drop = 1.0 - col.pmean(jnp.mean(keep.astype(jnp.float32)), stage)
+  return {"aux_loss": aux, "seq_aux_loss": seq_aux, "z_loss": z, "expert_load": load,
+          "drop_fraction": drop}
+
+
+def _capacity_positions(r: router.Routing, cfg, plan: ParallelPlan, bl: int, sl: int):
+  """([T_l, k] int32 rank of each assignment in its expert's buffer, capacity).
+
+  "rank" scope: capacity and ranks over this device's tokens (Megatron). "batch" scope: over
+  the whole micro-batch, as on one device: the routing of every token of the stage (8 bytes
+  per assignment) is all-gathered in the batch's original token order (CP load balancing
+  permutes the sequence), ranked per expert by the policy, and this device's block sliced out.
+  """
+  e, k = cfg.n_experts, cfg.top_k
+  w = lax.stop_gradient(r.weights)
+  if cfg.capacity_scope == "rank" or not plan.stage_axes:
+    cap = dispatch.capacity(bl * sl, k, e, cfg.capacity_factor)
+    return dispatch.positions_in_expert(r.indices, w, e, cfg.drop_policy), cap
+  seq, batch = plan.seq_axes, plan.dp
+  cap = dispatch.capacity(bl * sl * plan.size(plan.stage_axes), k, e, cfg.capacity_factor)
+  ind = col.all_gather(col.all_gather(r.indices.reshape(bl, sl, k), seq, 1), batch, 0)
+  w = col.all_gather(col.all_gather(w.reshape(bl, sl, k), seq, 1), batch, 0)
+  b, s = ind.shape[:2]
+  perm = sequence_order(plan, s)
+  if perm is not None:  # back to the original token order, where the policy is defined
+    inv = np.argsort(perm)
+    ind, w = ind[:, inv], w[:, inv]
+  pos = dispatch.positions_in_expert(ind.reshape(b * s, k), w.reshape(b * s, k), e,
+                                     cfg.drop_policy).reshape(b, s, k)
+  if perm is not None:
+    pos = pos[:, perm]
+  start = (col.axis_index(batch) * bl, col.axis_index(seq) * sl, 0)
+  return lax.dynamic_slice(pos, start, (bl, sl, k)).reshape(bl * sl, k), cap
+
+
+def sequence_order(plan: ParallelPlan, seq_len: int) -> np.ndarray | None:
+  """CP causal load balancing: perm with reordered[:, j] = original[:, perm[j]] (the sequence
+  is cut into 2*cp chunks and cp rank i holds chunks i and 2cp-1-i), or None."""
+  cp = plan.layout.cp
+  if cp == 1 or not plan.layout.cp_load_balance:
+    return None
+  if seq_len % (2 * cp):
+    raise ValueError(f"sequence length {seq_len} is not divisible by 2*cp = {2 * cp} "
+                     f"(causal load balancing)")
+  chunks = np.arange(seq_len).reshape(2 * cp, seq_len // (2 * cp))
+  order = [c for i in range(cp) for c in (i, 2 * cp - 1 - i)]
+  return chunks[order].reshape(-1)
+
+
+def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan):
+  """Routed output [T_l, D] with the experts spread over ep (and their width over etp)."""
+  e, k = cfg.n_experts, cfg.top_k
+  ep_axes, etp_axes = plan.ep, plan.etp
+  ep = plan.size(ep_axes)
+  nle = e // ep
+  valid = jnp.ones(r.indices.shape, bool) if keep is None else keep
+  indices, weights = r.indices, r.weights
+  tokens = col.all_gather(tokens, etp_axes, 0)
+  indices, weights, valid = (col.all_gather(a, etp_axes, 0) for a in (indices, weights, valid))
+  n_rows, d = tokens.shape
+  flat_e, flat_valid = indices.reshape(-1), valid.reshape(-1)
+  dest, local_e = flat_e // nle, flat_e % nle
+  padded = keep is not None and cfg.pad_to_capacity
+  if padded:
+    # Drop and pad: row (expert, position) of each destination's [E/ep, C] block.
+    pos = col.all_gather(positions, etp_axes, 0).reshape(-1)
+    bound = nle * cap
+    slot = jnp.where(flat_valid, dest * bound + local_e * cap + pos, ep * bound)
+  else:
+    bound = n_rows * min(k, nle)
+    if cap is not None:
+      bound = min(bound, nle * cap)
+    routed = jax.nn.one_hot(dest, ep, dtype=jnp.int32) * flat_valid[:, None].astype(jnp.int32)
+    rank = jnp.take_along_axis(jnp.cumsum(routed, axis=0) - 1, dest[:, None], axis=1)[:, 0]
+    slot = jnp.where(flat_valid, dest * bound + rank, ep * bound)  # ep*bound: a spill row
+  rows = jnp.zeros((ep * bound + 1, d), tokens.dtype).at[slot].set(
+      jnp.take(tokens, jnp.arange(flat_e.size) // k, axis=0))[:-1]
+  ids = jnp.full((ep * bound + 1,), nle, jnp.int32).at[slot].set(
+      jnp.where(flat_valid, local_e, nle))[:-1]
+
+  if padded:
+    def experts(rows, ids):  # [ep sources, E/ep, C] -> [E/ep, ep*C] expert buffers
+      del ids
+      buf = rows.reshape(ep, nle, -1, d).transpose(1, 0, 2, 3).reshape(nle, -1, d)
+      out = swiglu_batched(buf, *w)
+      return out.reshape(nle, ep, -1, d).transpose(1, 0, 2, 3).reshape(-1, d)
+  else:
+    def experts(rows, ids):
+      return dispatch.grouped_moe(
+          rows, jnp.minimum(ids, nle - 1)[:, None], jnp.ones(ids.shape + (1,), jnp.float32),
+          nle, grouped_fn(cfg, plan, *w), (ids < nle)[:, None])
+
+  if plan.ep_dispatch == "ragged" and ep_axes and not padded:
+    out = _ragged_exchange(rows, ids, nle, bound, ep_axes, experts)
+  else:
+    rows, ids = col.all_to_all(rows, ep_axes, 0, 0), col.all_to_all(ids, ep_axes, 0, 0)
+    out = col.all_to_all(experts(rows, ids), ep_axes, 0, 0)
+  out = jnp.concatenate([out, jnp.zeros_like(out[:1])], axis=0)
+  per_assignment = jnp.take(out, slot, axis=0).reshape(n_rows, k, d)
+  combine = jnp.where(valid, weights.astype(jnp.float32), 0.0)
+  y = jnp.einsum("tkd,tk->td", per_assignment.astype(jnp.float32), combine)
+  return col.psum_scatter(y, etp_axes, 0).astype(tokens.dtype)
+
+
+def _ragged_exchange(rows, ids, nle, bound, ep_axes, experts):
+  """The EP exchange with `ragged_all_to_all` (GPU/TPU): only routed rows travel.
+
+  The buffers keep the padded layout (block j of `bound` rows for / from EP rank j, routed
+  rows first in each block), so the experts see what the padded exchange gives them; only
+  the `sizes[j]` routed rows of each block are sent, and each lands at block `me` of its
+  receiver. The way back swaps sizes and received sizes.
+  """
+  ep = rows.shape[0] // bound
+  me = lax.axis_index(ep_axes)
+  sizes = jnp.sum((ids < nle).reshape(ep, bound), axis=1, dtype=jnp.int32)  # rows I send
+  received = lax.all_to_all(sizes, ep_axes, 0, 0, tiled=True)  # rows each rank sends me
+  offsets = jnp.arange(ep, dtype=jnp.int32) * bound
+  there = jnp.full((ep,), me * bound, jnp.int32)  # where my block lands on every rank
+
+  def send(x, fill, out_sizes, in_sizes):
+    return ragged_all_to_all(x, jnp.full_like(x, fill), offsets, out_sizes, there, in_sizes,
+                             axis_name=ep_axes)
+
+  got_rows = send(rows, 0, sizes, received)
+  got_ids = send(ids[:, None], nle, sizes, received)[:, 0]  # unfilled rows: invalid id
+  return send(experts(got_rows, got_ids), 0, received, sizes)
+
