@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from esjax.data import hosts
 from esjax.parallel import context, mesh as mesh_lib, rules as rules_lib
 from esjax.train.loss import lm_loss
 
@@ -220,10 +221,14 @@ class ParallelTraining:
   def batch_sharding(self) -> NamedSharding:
     return batch_sharding(self.fm)
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Global batch (the same on every process) -> global device arrays."""
+  def put_batch(self, batch: dict[str, np.ndarray], rows: np.ndarray | None = None,
+                batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Global batch (the same on every process) -> global device arrays; with `rows`, this
+    process's rows of a `batch_size` global batch (esjax.data.hosts)."""
     sharding = self.batch_sharding()
     if jax.process_count() == 1:
       return jax.device_put(batch, sharding)
+    if rows is not None:
+      return hosts.global_batch(batch, rows, sharding, batch_size)
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
             for k, v in batch.items()}

@@ -30,7 +30,10 @@ class Layout(Protocol):
 
   def batch_sharding(self) -> Any: ...
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]: ...
+  def put_batch(self, batch: dict[str, np.ndarray], rows: np.ndarray | None = None,
+                batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Host batch -> device arrays: the global batch, or with `rows` only those rows of a
+    `batch_size` global batch (this process's: esjax.data.hosts.process_rows)."""
 
 
 class SingleDevice:
@@ -46,7 +49,9 @@ class SingleDevice:
   def batch_sharding(self) -> None:
     return None
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  def put_batch(self, batch: dict[str, np.ndarray], rows: np.ndarray | None = None,
+                batch_size: int | None = None) -> dict[str, jax.Array]:
+    del rows, batch_size  # One process holds every row.
     return jax.device_put(batch)
 
 
