@@ -84,10 +84,13 @@ class CorpusWindows:
   def __len__(self) -> int:
     return int(self._first[-1])
 
-  def read(self, ids: np.ndarray) -> np.ndarray:
+  def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, first token) of windows `ids`."""
     run = np.searchsorted(self._first, ids, side="right") - 1
-    starts = self._start[run] + (ids - self._first[run]) * self.length
-    return self.corpus.read_rows(self._shard[run], starts, self.length)
+    return self._shard[run], self._start[run] + (ids - self._first[run]) * self.length
+
+  def read(self, ids: np.ndarray) -> np.ndarray:
+    return self.corpus.read_rows(*self.locate(ids), self.length)
 
 
 def token_stream(docs: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
