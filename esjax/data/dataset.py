@@ -310,9 +310,9 @@ def prepare_raw(spec: str, tokenizer: str, max_bytes: int, cache_dir: str) -> st
   return target
 
 
-def open_corpus(directory: str, tokenizer: str) -> shards.Corpus:
+def open_corpus(directory: str, tokenizer: str, keep_alive: Any = None) -> shards.Corpus:
   """A prepared directory, refused when it was tokenized by another tokenizer."""
-  corpus = shards.Corpus(directory)
+  corpus = shards.Corpus(directory, keep_alive)
   have, want = corpus.manifest["tokenizer"], fingerprint(tokenizer)
   if have["fingerprint"] != want:
     raise ValueError(f"data.source {directory!r} was prepared with tokenizer "
@@ -329,14 +329,13 @@ class Data:
   val: list[Batch]
   n_tokens: int  # of all sources, held-out documents included
   directories: list[str]  # the prepared directories read
-  scratch: Any = None  # keeps a temporary cache directory alive while the data is used
 
 
 def build(data_cfg: Any, seq_len: int, batch_size: int, seed: int, n_eval_batches: int = 8,
           cache_dir: str | None = None) -> Data:
   """The training iterator and validation batches of `data_cfg.source`, read with
   `data_cfg.tokenizer`. Raw sources are prepared into `cache_dir` (None: a temporary
-  directory that lives as long as the returned Data). Raises a one-line error for a missing
+  directory, removed when nothing reads it any more). Raises a one-line error for a missing
   path, a tokenizer mismatch, a corrupt shard or too little text."""
   tokenizer = load_tokenizer(data_cfg.tokenizer)
   scratch = None
@@ -351,7 +350,7 @@ def build(data_cfg: Any, seq_len: int, batch_size: int, seed: int, n_eval_batche
     path = os.path.expanduser(entry)
     if not shards.is_prepared(path):
       path = prepare_raw(entry, data_cfg.tokenizer, data_cfg.max_bytes, cache_dir)
-    corpus = open_corpus(path, data_cfg.tokenizer)
+    corpus = open_corpus(path, data_cfg.tokenizer, scratch)
     train_runs, val_runs = split_runs(corpus, data_cfg.val_fraction)
     train = CorpusWindows(corpus, train_runs, length)
     val = val_windows(corpus, val_runs, length, n_eval_batches * batch_size)
@@ -373,4 +372,4 @@ def build(data_cfg: Any, seq_len: int, batch_size: int, seed: int, n_eval_batche
   return Data(tokenizer=tokenizer, train=iterator,
               val=eval_batches(vals, blend, batch_size, n_eval_batches),
               n_tokens=sum(c.n_tokens for c in corpora),
-              directories=[c.directory for c in corpora], scratch=scratch)
+              directories=[c.directory for c in corpora])

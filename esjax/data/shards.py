@@ -136,8 +136,9 @@ def shard_is_done(directory: str, name: str) -> dict[str, Any] | None:
 class Corpus:
   """A prepared directory, opened for reading (see the module docstring for its checks)."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, keep_alive: Any = None):
     self.directory = directory
+    self.keep_alive = keep_alive  # e.g. the temporary directory holding this corpus
     path = os.path.join(directory, MANIFEST)
     if not is_prepared(directory):
       raise ValueError(f"{directory!r} is not a prepared corpus: no {MANIFEST} of format "
