@@ -157,13 +157,8 @@ def prepare(source: str, tokenizer: str, out: str, workers: int = 1, text_field:
       for i, record in pool.imap_unordered(_run_task, tasks):
         finished(i, record)
   bar.close()
-  ordered = [done[i] for i in range(len(groups))]
-  manifest = {k: want[k] for k in ("format", "tokenizer", "dtype", "text_field", "sources")}
-  manifest.update(tokens=sum(r["tokens"] for r in ordered),
-                  documents=sum(r["documents"] for r in ordered),
-                  block_bytes=shards_lib.BLOCK_BYTES, shards=ordered)
-  shards_lib.write_json(manifest_path, manifest)
-  return manifest
+  header = {k: want[k] for k in ("tokenizer", "dtype", "text_field", "sources")}
+  return shards_lib.write_manifest(out, header, [done[i] for i in range(len(groups))])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

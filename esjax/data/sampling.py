@@ -4,9 +4,10 @@ Both are pure functions of integers, so any example of the endless training stre
 computed directly (no state but the position, any process can compute any row):
 
 - `permute(i, n, key)`: a pseudo-random permutation of `range(n)` evaluated at the indices
-  `i`, without materialising it: a balanced Feistel network on the smallest even number of
-  bits that covers `n`, walking cycles until the result falls inside `range(n)` (Grain's
-  `index_shuffle` is the same construction). Memory is O(len(i)), not O(n).
+  `i`, without materialising it: a six-round Feistel network on [0, m*m), m = ceil(sqrt(n)),
+  whose two halves are digits base m, walking cycles until the result falls inside
+  `range(n)` (Grain's `index_shuffle` is the same idea on bit halves). Memory is
+  O(len(i)), not O(n); the round keys come from `key` (e.g. seed, source, epoch).
 - `Blend(weights)`: example `e` of the stream goes to source `source[e % P]` as that
   source's example number `(e // P) * quota[source] + rank[e % P]`. Within a period of
   `P = 100_000` examples source s gets `quota[s]` slots (its weight rounded, largest
@@ -16,26 +17,43 @@ computed directly (no state but the position, any process can compute any row):
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
 _ROUNDS = 6
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_MASK = (1 << 64) - 1
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix_int(x: int) -> int:
+  """SplitMix64's finaliser on a Python int (the key schedule)."""
+  x = ((x ^ (x >> 30)) * _M1) & _MASK
+  x = ((x ^ (x >> 27)) * _M2) & _MASK
+  return x ^ (x >> 31)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-  """SplitMix64's finaliser: a bijective avalanche of uint64 values."""
-  x = (x ^ (x >> np.uint64(30))) * _M1
-  x = (x ^ (x >> np.uint64(27))) * _M2
+  """The same on uint64 arrays (wrapping multiplication)."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(_M1)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(_M2)
   return x ^ (x >> np.uint64(31))
 
 
-def _feistel(x: np.ndarray, keys: np.ndarray, half: np.uint64, mask: np.uint64) -> np.ndarray:
-  left, right = x >> half, x & mask
+def _round_keys(key: Sequence[int]) -> list[np.uint64]:
+  state = 0x9E3779B97F4A7C15
+  for k in key:
+    state = _mix_int((state + (int(k) & _MASK) + 0x9E3779B97F4A7C15) & _MASK)
+  return [np.uint64(_mix_int((state + r * 0x9E3779B97F4A7C15) & _MASK)) for r in range(_ROUNDS)]
+
+
+def _feistel(x: np.ndarray, keys: list[np.uint64], m: np.uint64) -> np.ndarray:
+  """A Feistel network on [0, m*m): x = left * m + right, both halves in [0, m)."""
+  left, right = x // m, x % m
   for k in keys:
-    left, right = right, left ^ (_mix(right ^ k) & mask)
-  return (left << half) | right
+    left, right = right, (left + _mix(right ^ k) % m) % m
+  return left * m + right
 
 
 def permute(i: np.ndarray, n: int, key: Sequence[int]) -> np.ndarray:
@@ -43,17 +61,12 @@ def permute(i: np.ndarray, n: int, key: Sequence[int]) -> np.ndarray:
   i = np.asarray(i, np.int64)
   if n <= 0 or (i.size and (i.min() < 0 or i.max() >= n)):
     raise ValueError(f"permute: indices must lie in [0, n={n})")
-  if n == 1:
-    return np.zeros_like(i)
-  bits = max(2, int(n - 1).bit_length())
-  bits += bits % 2
-  half = np.uint64(bits // 2)
-  mask = np.uint64((1 << (bits // 2)) - 1)
-  keys = np.random.default_rng(list(key)).integers(0, 2**63, _ROUNDS, dtype=np.uint64)
-  y = _feistel(i.astype(np.uint64).reshape(-1), keys, half, mask)
+  m = np.uint64(math.isqrt(n - 1) + 1)  # m * m >= n, and m * m - n <= 2 * m
+  keys = _round_keys(key)
+  y = _feistel(i.astype(np.uint64).reshape(-1), keys, m)
   outside = y >= n
-  while outside.any():  # Cycle walking: the domain is < 4n, so a few rounds at most.
-    y[outside] = _feistel(y[outside], keys, half, mask)
+  while outside.any():  # Cycle walking, rare: at most 2m of the m*m values lie outside.
+    y[outside] = _feistel(y[outside], keys, m)
     outside = y >= n
   return y.astype(np.int64).reshape(i.shape)
 

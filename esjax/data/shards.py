@@ -120,6 +120,18 @@ class ShardWriter:
     return record
 
 
+def write_manifest(directory: str, header: dict[str, Any], records: list[dict[str, Any]]
+                   ) -> dict[str, Any]:
+  """Completes a prepared directory: `header` (`tokenizer`, `dtype`, `text_field`,
+  `sources`) plus the totals and the shard `records` in corpus order."""
+  manifest = {"format": FORMAT, **header,
+              "tokens": sum(r["tokens"] for r in records),
+              "documents": sum(r["documents"] for r in records),
+              "block_bytes": BLOCK_BYTES, "shards": records}
+  write_json(os.path.join(directory, MANIFEST), manifest)
+  return manifest
+
+
 def shard_is_done(directory: str, name: str) -> dict[str, Any] | None:
   """The record of a finished shard (its files have the recorded sizes), else None."""
   path = os.path.join(directory, name)
@@ -178,38 +190,52 @@ class Corpus:
     return np.frombuffer(data, "<i8").astype(np.int64)
 
   def _map(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes, tokens) of shard `s`: plain arrays over one read-only memory map."""
     if s not in self._tokens:
       file = os.path.join(self.directory, self.shards[s]["name"] + ".bin")
-      self._raw[s] = np.memmap(file, np.uint8, mode="r")
+      self._raw[s] = np.memmap(file, np.uint8, mode="r").view(np.ndarray)
       self._tokens[s] = self._raw[s].view(self.dtype)
     return self._raw[s], self._tokens[s]
 
-  def _check_blocks(self, s: int, first: int, last: int) -> None:
+  def _check_blocks(self, s: int, blocks: np.ndarray) -> None:
+    """Checks the blocks of shard `s` not checked before (each once per Corpus)."""
     checked = self._checked[s]
-    if checked[first:last + 1].all():
+    todo = blocks[~checked[blocks]]
+    if not len(todo):
       return
     raw, _ = self._map(s)
-    for b in range(first, last + 1):
-      if not checked[b]:
-        crc = zlib.crc32(raw[b * self.block_bytes:(b + 1) * self.block_bytes])
-        want = self.shards[s]["block_crc32"][b]
-        if crc != want:
-          file = os.path.join(self.directory, self.shards[s]["name"] + ".bin")
-          raise self._corrupt(file, f"block {b} (bytes from {b * self.block_bytes})", crc, want)
-        checked[b] = True
+    for b in np.unique(todo).tolist():
+      crc = zlib.crc32(raw[b * self.block_bytes:(b + 1) * self.block_bytes])
+      want = self.shards[s]["block_crc32"][b]
+      if crc != want:
+        file = os.path.join(self.directory, self.shards[s]["name"] + ".bin")
+        raise self._corrupt(file, f"block {b} (bytes from {b * self.block_bytes})", crc, want)
+      checked[b] = True
+
+  def _blocks(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Every block that token ranges [starts, stops) touch."""
+    size = self.dtype.itemsize
+    first = starts * size // self.block_bytes
+    last = (stops * size - 1) // self.block_bytes
+    every = first[:, None] + np.arange(int((last - first).max(initial=0)) + 1)[None]
+    return np.unique(every[every <= last[:, None]])
 
   def read(self, s: int, start: int, stop: int) -> np.ndarray:
     """Tokens [start, stop) of shard `s` (a view of the memory map, checked)."""
     if stop <= start:
       return np.zeros((0,), self.dtype)
-    size = self.dtype.itemsize
-    self._check_blocks(s, start * size // self.block_bytes,
-                       (stop * size - 1) // self.block_bytes)
+    self._check_blocks(s, self._blocks(np.array([start]), np.array([stop])))
     return self._map(s)[1][start:stop]
 
   def read_rows(self, shards: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     """int32 [n, length]: row i is tokens [starts[i], starts[i] + length) of shards[i]."""
+    shards, starts = np.asarray(shards, np.int64), np.asarray(starts, np.int64)
+    for s in np.unique(shards).tolist():
+      if not self._checked[s].all():
+        here = shards == s
+        self._check_blocks(s, self._blocks(starts[here], starts[here] + length))
     out = np.empty((len(starts), length), np.int32)
+    maps = {s: self._map(s)[1] for s in np.unique(shards).tolist()}
     for i, (s, a) in enumerate(zip(shards.tolist(), starts.tolist())):
-      out[i] = self.read(s, a, a + length)
+      out[i] = maps[s][a:a + length]
     return out
