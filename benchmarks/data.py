@@ -9,15 +9,17 @@ into the shard format (esjax/data/shards.py) in documents of geometric length (m
 `--doc_tokens`), with the benchmark's tokenizer recorded in the manifest. Each is measured
 in a fresh process: `start_s` is `dataset.build` (the default val_fraction) plus the first
 batch; RSS is read from /proc/self/status before and after reading `--read_batches`
-batches of `--batch` x `--seq_len` (RssAnon: memory the process owns; RssFile: page-cache
-pages of the memory map it has touched, which the kernel reclaims at will). Read
-throughput is the iterator's (shuffle, blend, checks, copy to int32) on a warm page cache,
-and the corpus is deleted afterwards.
+batches of `--batch` x `--seq_len` twice (RssAnon: memory the process owns; RssFile: file
+pages mapped into it). Read throughput is the iterator's (shuffle, blend, checks, read,
+int32) on a warm page cache: `first_read_tokens_per_s` includes checksumming each block
+the first time it is touched (`blocks_checked`: the fraction checked by then),
+`read_tokens_per_s` is the second pass. Each corpus is deleted after its measurement.
 
 Prepare throughput runs the real CLI (`python -m esjax.data.prepare`, wall clock, process
 start included) on JSONL made of the standard library's sources, with a byte-level BPE
-tokenizer of 32k ids trained on part of it. The machine's load average is reported with
-it: on a shared machine the workers compete with everything else running.
+tokenizer of 32k ids trained on part of it. Its CPU time (workers included) and the
+machine's load average are reported with it: on a shared machine the workers compete with
+everything else running, and tokens per CPU second is the figure that shows the scaling.
 One JSON line per measurement, then a summary line.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -39,8 +42,6 @@ import numpy as np
 from esjax.data import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 32_000
-
 
 def _count(text: str) -> int:
   """'100M' -> 100_000_000."""
@@ -49,14 +50,14 @@ def _count(text: str) -> int:
   return int(float(text[:-1]) * scale[text[-1]]) if text[-1] in scale else int(text)
 
 
-def train_tokenizer(path: str, texts: list[str]) -> None:
+def train_tokenizer(path: str, texts: list[str], vocab: int) -> None:
   import tokenizers  # pylint: disable=g-import-not-at-top  # benchmark-only dependency
 
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+      vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(texts, trainer)
   tok.save(path)
@@ -110,16 +111,20 @@ def measure_reading(directory: str, tokenizer: str, seq_len: int, batch: int, n_
   next(data.train)
   start = time.perf_counter() - t0
   at_start = _status_mib()
-  t0 = time.perf_counter()
-  for _ in range(n_batches):
-    next(data.train)
-  read_s = time.perf_counter() - t0
+  rates = []
+  for _ in range(2):  # the first pass also checksums every block it touches first
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+      next(data.train)
+    rates.append(round(n_batches * batch * seq_len / (time.perf_counter() - t0)))
   after = _status_mib()
+  checked = data.train.parts[0].corpus._checked  # pylint: disable=protected-access
   return {"start_s": round(start, 3),
           "rss_anon_mib_at_start": round(at_start["RssAnon"] - before["RssAnon"], 1),
           "rss_anon_mib": round(after["RssAnon"] - before["RssAnon"], 1),
           "rss_file_mib": round(after["RssFile"] - before["RssFile"], 1),
-          "read_tokens_per_s": round(n_batches * batch * seq_len / read_s),
+          "first_read_tokens_per_s": rates[0], "read_tokens_per_s": rates[1],
+          "blocks_checked": round(float(np.mean(np.concatenate(checked))), 3),
           "windows": len(data.train.parts[0])}
 
 
@@ -146,15 +151,19 @@ def stdlib_jsonl(path: str, max_bytes: int) -> int:
 def measure_prepare(jsonl: str, tokenizer: str, out: str, workers: int, shard_bytes: int
                     ) -> dict:
   load = os.getloadavg()[0]
+  cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.perf_counter()
   subprocess.run([sys.executable, "-m", "esjax.data.prepare", f"--source={jsonl}",
                   f"--tokenizer={tokenizer}", f"--out={out}", f"--workers={workers}",
                   f"--shard_bytes={shard_bytes}"], cwd=ROOT, check=True, capture_output=True)
   wall = time.perf_counter() - t0
+  cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # workers included
   tokens = shards.read_json(os.path.join(out, shards.MANIFEST))["tokens"]
   shutil.rmtree(out)
   return {"workers": workers, "tokens": tokens, "wall_s": round(wall, 2),
-          "tokens_per_s": round(tokens / wall), "load_avg_1min_before": round(load, 2)}
+          "tokens_per_s": round(tokens / wall), "cpu_s": round(cpu, 2),
+          "tokens_per_cpu_s": round(tokens / cpu), "load_avg_1min_before": round(load, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--doc_tokens", type=int, default=1000, help="mean document length")
   p.add_argument("--prepare_mb", type=float, default=64, help="text for the prepare runs")
   p.add_argument("--workers", default="1,2")
+  p.add_argument("--vocab", type=int, default=32_000, help="BPE vocabulary size")
   p.add_argument("--dir", default="", help="scratch directory (default: a temporary one)")
   p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -179,10 +189,10 @@ def main(argv: list[str] | None = None) -> None:
   try:
     jsonl = os.path.join(scratch, "stdlib.jsonl")
     text_bytes = stdlib_jsonl(jsonl, int(a.prepare_mb * 2**20))
-    tok_path = os.path.join(scratch, "bpe32k.json")
+    tok_path = os.path.join(scratch, "bpe.json")
     with open(jsonl, encoding="utf-8") as f:
       sample = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
-    train_tokenizer(tok_path, sample)
+    train_tokenizer(tok_path, sample, a.vocab)
     from esjax.data.tokenizer import fingerprint, load_tokenizer  # pylint: disable=g-import-not-at-top
     tok = load_tokenizer(tok_path)
     identity = {"spec": tok_path, "fingerprint": fingerprint(tok_path),

@@ -13,11 +13,14 @@ manifest holds `format`, `tokenizer` (`spec`, `fingerprint`, `vocab_size`, `eos_
 `dtype`, `tokens`, `documents`, `text_field`, `sources` (inputs and their sizes),
 `block_bytes` and `shards` (the records, in corpus order).
 
-Reading (`Corpus`) never trusts a byte it has not checked, without reading the whole corpus
-at start: opening checks every shard's file sizes against the manifest (a `stat` each), an
-index is checked (CRC) when it is first read, and a token block the first time a read
-touches it. A truncated or corrupt shard is a one-line ValueError naming the file, raised
-before any of its tokens reach a batch.
+Reading (`Corpus`) is by positioned reads (`os.preadv`) straight into the batch buffer:
+random access through the kernel's page cache, like a memory map, but without mapping the
+touched pages into the process (a map's resident size grows to the whole corpus within an
+epoch of random windows). It never trusts a byte it has not checked, without reading the
+whole corpus at start: opening checks every shard's file sizes against the manifest (a
+`stat` each), an index is checked (CRC) whenever it is read, and a token block the first
+time a read touches it. A truncated or corrupt shard is a one-line ValueError naming the
+file, raised before any of its tokens reach a batch.
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ class Corpus:
   """A prepared directory, opened for reading (see the module docstring for its checks)."""
 
   def __init__(self, directory: str, keep_alive: Any = None):
+    self._files: dict[int, int] = {}  # shard -> open file descriptor
     self.directory = directory
     self.keep_alive = keep_alive  # e.g. the temporary directory holding this corpus
     path = os.path.join(directory, MANIFEST)
@@ -167,8 +171,6 @@ class Corpus:
           raise ValueError(f"data shard {file} has {'no file' if size is None else size} "
                            f"bytes but {MANIFEST} says {s[key]}: it is missing, truncated or "
                            f"was changed; prepare {directory} again")
-    self._tokens: dict[int, np.ndarray] = {}
-    self._raw: dict[int, np.ndarray] = {}
     self._checked = [np.zeros(len(s["block_crc32"]), bool) for s in self.shards]
 
   @property
@@ -189,27 +191,39 @@ class Corpus:
       raise self._corrupt(file, "the document index", crc, self.shards[s]["idx_crc32"])
     return np.frombuffer(data, "<i8").astype(np.int64)
 
-  def _map(self, s: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes, tokens) of shard `s`: plain arrays over one read-only memory map."""
-    if s not in self._tokens:
-      file = os.path.join(self.directory, self.shards[s]["name"] + ".bin")
-      self._raw[s] = np.memmap(file, np.uint8, mode="r").view(np.ndarray)
-      self._tokens[s] = self._raw[s].view(self.dtype)
-    return self._raw[s], self._tokens[s]
+  def _file(self, s: int) -> int:
+    if s not in self._files:
+      self._files[s] = os.open(self._bin_path(s), os.O_RDONLY)
+    return self._files[s]
+
+  def _bin_path(self, s: int) -> str:
+    return os.path.join(self.directory, self.shards[s]["name"] + ".bin")
+
+  def _pread(self, s: int, out: np.ndarray, offset: int) -> None:
+    if os.preadv(self._file(s), [out], offset) != out.nbytes:
+      raise ValueError(f"data shard {self._bin_path(s)} ends before byte {offset + out.nbytes}"
+                       f": it was truncated while in use; prepare {self.directory} again")
+
+  def close(self) -> None:
+    for fd in self._files.values():
+      os.close(fd)
+    self._files.clear()
+
+  def __del__(self):
+    self.close()
 
   def _check_blocks(self, s: int, blocks: np.ndarray) -> None:
     """Checks the blocks of shard `s` not checked before (each once per Corpus)."""
     checked = self._checked[s]
     todo = blocks[~checked[blocks]]
-    if not len(todo):
-      return
-    raw, _ = self._map(s)
     for b in np.unique(todo).tolist():
-      crc = zlib.crc32(raw[b * self.block_bytes:(b + 1) * self.block_bytes])
-      want = self.shards[s]["block_crc32"][b]
+      size = min(self.block_bytes, self.shards[s]["bin_bytes"] - b * self.block_bytes)
+      data = np.empty(size, np.uint8)
+      self._pread(s, data, b * self.block_bytes)
+      crc, want = zlib.crc32(data), self.shards[s]["block_crc32"][b]
       if crc != want:
-        file = os.path.join(self.directory, self.shards[s]["name"] + ".bin")
-        raise self._corrupt(file, f"block {b} (bytes from {b * self.block_bytes})", crc, want)
+        raise self._corrupt(self._bin_path(s), f"block {b} (bytes from "
+                            f"{b * self.block_bytes})", crc, want)
       checked[b] = True
 
   def _blocks(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
@@ -221,11 +235,12 @@ class Corpus:
     return np.unique(every[every <= last[:, None]])
 
   def read(self, s: int, start: int, stop: int) -> np.ndarray:
-    """Tokens [start, stop) of shard `s` (a view of the memory map, checked)."""
-    if stop <= start:
-      return np.zeros((0,), self.dtype)
-    self._check_blocks(s, self._blocks(np.array([start]), np.array([stop])))
-    return self._map(s)[1][start:stop]
+    """Tokens [start, stop) of shard `s` (checked), in the corpus dtype."""
+    out = np.empty(max(stop - start, 0), self.dtype)
+    if len(out):
+      self._check_blocks(s, self._blocks(np.array([start]), np.array([stop])))
+      self._pread(s, out, start * self.dtype.itemsize)
+    return out
 
   def read_rows(self, shards: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     """int32 [n, length]: row i is tokens [starts[i], starts[i] + length) of shards[i]."""
@@ -234,8 +249,8 @@ class Corpus:
       if not self._checked[s].all():
         here = shards == s
         self._check_blocks(s, self._blocks(starts[here], starts[here] + length))
-    out = np.empty((len(starts), length), np.int32)
-    maps = {s: self._map(s)[1] for s in np.unique(shards).tolist()}
+    rows = np.empty((len(starts), length), self.dtype)
+    size = self.dtype.itemsize
     for i, (s, a) in enumerate(zip(shards.tolist(), starts.tolist())):
-      out[i] = maps[s][a:a + length]
-    return out
+      self._pread(s, rows[i], a * size)
+    return rows.astype(np.int32)
