@@ -37,9 +37,12 @@ import sysconfig
 import tempfile
 import time
 
+import ml_collections
 import numpy as np
 
-from esjax.data import shards
+from esjax.configs import common
+from esjax.data import dataset, shards
+from esjax.data.tokenizer import fingerprint, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +54,7 @@ def _count(text: str) -> int:
 
 
 def train_tokenizer(path: str, texts: list[str], vocab: int) -> None:
-  import tokenizers  # pylint: disable=g-import-not-at-top  # benchmark-only dependency
+  import tokenizers  # pylint: disable=g-import-not-at-top  # optional: tests-only package
 
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -99,10 +102,6 @@ def measure_reading(directory: str, tokenizer: str, seq_len: int, batch: int, n_
                     ) -> dict:
   """Start time, RSS and read throughput of training on `directory` (run in a fresh
   process: `--child`)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from esjax.configs import common  # pylint: disable=g-import-not-at-top
-  from esjax.data import dataset  # pylint: disable=g-import-not-at-top
-
   cfg = ml_collections.ConfigDict(common.base_config().data.to_dict())
   cfg.update(source=directory, tokenizer=tokenizer)
   before = _status_mib()
@@ -193,7 +192,6 @@ def main(argv: list[str] | None = None) -> None:
     with open(jsonl, encoding="utf-8") as f:
       sample = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
     train_tokenizer(tok_path, sample, a.vocab)
-    from esjax.data.tokenizer import fingerprint, load_tokenizer  # pylint: disable=g-import-not-at-top
     tok = load_tokenizer(tok_path)
     identity = {"spec": tok_path, "fingerprint": fingerprint(tok_path),
                 "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}

@@ -137,6 +137,15 @@ def test_interrupted_prepare_finishes_without_redoing_shards(tmp_path, monkeypat
   assert calls == []  # a finished prepare is not redone
   with pytest.raises(ValueError, match="holds a prepare of other inputs"):
     prepare.prepare(str(tmp_path / "in.jsonl"), "byte", out, shard_bytes=1000, progress=False)
+  # Without its plan, a directory's shards are still only reused for the same inputs.
+  os.remove(os.path.join(out, "plan.json"))
+  os.remove(os.path.join(out, "manifest.json"))
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t.upper()}) + "\n"
+                                             for t in DOCS))
+  calls.clear()
+  prepare.prepare(str(tmp_path / "in.jsonl"), "byte", out, **kw)
+  assert len(calls) == len(json.load(open(os.path.join(out, "manifest.json")))["shards"])
+  check(out, [t.upper() for t in DOCS])
 
 
 def test_two_workers_write_what_one_writes(tmp_path):

@@ -113,14 +113,13 @@ def to_batch(windows: np.ndarray) -> Batch:
           "targets": np.ascontiguousarray(windows[:, 1:])}
 
 
-def _runs(shard: int, offsets: np.ndarray, is_val: np.ndarray) -> list[tuple[int, int, int, bool]]:
-  """Maximal runs of documents of one class: (shard, start, stop, is_val)."""
-  if not len(is_val):
-    return []
+def _runs(shard: int, offsets: np.ndarray, is_val: np.ndarray) -> np.ndarray:
+  """Maximal runs of documents of one class, int64 [n, 4]: shard, start, stop, is_val."""
   cuts = np.flatnonzero(np.diff(is_val.astype(np.int8))) + 1
-  first = np.concatenate([[0], cuts])
-  last = np.concatenate([cuts, [len(is_val)]])
-  return [(shard, int(offsets[a]), int(offsets[b]), bool(is_val[a])) for a, b in zip(first, last)]
+  first = np.concatenate([[0], cuts]) if len(is_val) else cuts
+  last = np.concatenate([cuts, [len(is_val)]]) if len(is_val) else cuts
+  return np.stack([np.full(len(first), shard), offsets[first], offsets[last], is_val[first]],
+                  1).astype(np.int64)
 
 
 def split_runs(corpus: shards.Corpus, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -129,30 +128,25 @@ def split_runs(corpus: shards.Corpus, val_fraction: float) -> tuple[np.ndarray, 
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
   k = max(2, round(1.0 / val_fraction)) if val_fraction else 0
-  n_docs = int(corpus.manifest["documents"])
-  runs: list[tuple[int, int, int, bool]] = []
-  if k and n_docs >= k:
+  runs = [np.zeros((0, 4), np.int64)]
+  if k and int(corpus.manifest["documents"]) >= k:
     first_doc = 0
     for s in range(len(corpus.shards)):
       offsets = corpus.doc_offsets(s)
       doc = first_doc + np.arange(len(offsets) - 1)
-      runs += _runs(s, offsets, doc % k == k - 1)
+      runs.append(_runs(s, offsets, doc % k == k - 1))
       first_doc += len(offsets) - 1
-  else:
+  else:  # The tail: shard s holds corpus tokens [begin, begin + n); the cut falls somewhere.
     cut = corpus.n_tokens - (math.ceil(corpus.n_tokens * val_fraction) if k else 0)
     begin = 0
     for s, record in enumerate(corpus.shards):
-      end = begin + record["tokens"]
-      here = min(max(cut - begin, 0), record["tokens"])
-      runs += [(s, 0, here, False)] if here else []
-      runs += [(s, here, record["tokens"], True)] if here < record["tokens"] else []
-      begin = end
-
-  def table(val: bool) -> np.ndarray:
-    rows = [r[:3] for r in runs if r[3] == val]
-    return np.asarray(rows, np.int64).reshape(len(rows), 3)
-
-  return table(False), table(True)
+      n = record["tokens"]
+      here = min(max(cut - begin, 0), n)
+      runs.append(np.asarray([(s, 0, here, 0), (s, here, n, 1)], np.int64))
+      begin += n
+  runs = np.concatenate(runs)
+  runs = runs[runs[:, 2] > runs[:, 1]]
+  return runs[runs[:, 3] == 0, :3], runs[runs[:, 3] == 1, :3]
 
 
 def val_windows(corpus: shards.Corpus, runs: np.ndarray, length: int, limit: int

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -90,7 +92,16 @@ def tokenize_shard(out: str, index: int, pieces: Sequence[Sequence[Any]], tokeni
         _flush(writer, tok, texts)
         texts, size = [], 0
   _flush(writer, tok, texts)
-  return writer.finish()
+  return writer.finish(inputs=inputs_digest(pieces, fingerprint(tokenizer_spec), text_field,
+                                            dtype))
+
+
+def inputs_digest(pieces: Sequence[Sequence[Any]], tokenizer_fingerprint: str,
+                  text_field: str, dtype: str) -> str:
+  """What a shard is made from, as recorded with it (a finished shard is reused only for
+  the same)."""
+  what = [list(map(list, pieces)), tokenizer_fingerprint, text_field, dtype]
+  return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def _run_task(task: tuple) -> tuple[int, dict[str, Any]]:
@@ -130,7 +141,9 @@ def prepare(source: str, tokenizer: str, out: str, workers: int = 1, text_field:
     return shards_lib.read_json(manifest_path)
 
   groups = want["shards"]
-  records = {i: shards_lib.shard_is_done(out, shards_lib.shard_name(i)) for i in range(len(groups))}
+  tok_fp = want["tokenizer"]["fingerprint"]
+  records = {i: shards_lib.shard_is_done(out, shards_lib.shard_name(i), inputs_digest(
+      g, tok_fp, text_field, want["dtype"])) for i, g in enumerate(groups)}
   done = {i: r for i, r in records.items() if r is not None}
   tasks = [(out, i, g, tokenizer, text_field, want["dtype"]) for i, g in enumerate(groups)
            if i not in done]

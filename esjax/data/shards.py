@@ -103,7 +103,8 @@ class ShardWriter:
         self._crcs.append(self._crc)
         self._crc, self._fill = 0, 0
 
-  def finish(self) -> dict[str, Any]:
+  def finish(self, **extra: Any) -> dict[str, Any]:
+    """Completes the shard; `extra` entries join its record."""
     if self._fill:
       self._crcs.append(self._crc)
     self._bin.flush()
@@ -116,7 +117,7 @@ class ShardWriter:
       os.fsync(f.fileno())
     record = {"name": self.name, "tokens": self._tokens, "documents": len(idx) // 8 - 1,
               "bin_bytes": self._tokens * self.dtype.itemsize, "idx_bytes": len(idx),
-              "idx_crc32": zlib.crc32(idx), "block_crc32": self._crcs}
+              "idx_crc32": zlib.crc32(idx), "block_crc32": self._crcs, **extra}
     os.replace(f"{self._path}.bin.tmp", f"{self._path}.bin")
     os.replace(f"{self._path}.idx.tmp", f"{self._path}.idx")
     write_json(f"{self._path}.json", record)
@@ -135,12 +136,13 @@ def write_manifest(directory: str, header: dict[str, Any], records: list[dict[st
   return manifest
 
 
-def shard_is_done(directory: str, name: str) -> dict[str, Any] | None:
-  """The record of a finished shard (its files have the recorded sizes), else None."""
+def shard_is_done(directory: str, name: str, inputs: str) -> dict[str, Any] | None:
+  """The record of a finished shard made from `inputs` (a digest) whose files have the
+  recorded sizes, else None."""
   path = os.path.join(directory, name)
   try:
     record = read_json(f"{path}.json")
-    if (os.path.getsize(f"{path}.bin") == record["bin_bytes"]
+    if (record.get("inputs") == inputs and os.path.getsize(f"{path}.bin") == record["bin_bytes"]
         and os.path.getsize(f"{path}.idx") == record["idx_bytes"]):
       return record
   except (OSError, ValueError, KeyError, TypeError):

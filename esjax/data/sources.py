@@ -112,13 +112,19 @@ def cap_files(files: list[str], max_bytes: int) -> list[str]:
 
 class Piece(NamedTuple):
   """A unit of input: `kind` ('text', 'jsonl', 'parquet', 'arrow') of `path`, items
-  [lo, hi) (bytes of a JSONL file, row groups of a Parquet file; whole file otherwise) and
-  its size in bytes (for progress)."""
+  [lo, hi) (bytes of a JSONL file, row groups of a Parquet file; whole file otherwise), its
+  size in bytes (for progress) and the file's modification time (a changed file is another
+  input)."""
   kind: str
   path: str
   lo: int
   hi: int
   nbytes: int
+  mtime_ns: int
+
+
+def _mtime(path: str) -> int:
+  return os.stat(path).st_mtime_ns
 
 
 def kind(path: str) -> str:
@@ -133,7 +139,7 @@ def kind(path: str) -> str:
 def _jsonl_pieces(path: str, piece_bytes: int) -> list[Piece]:
   size = os.path.getsize(path)
   if path.endswith(".gz"):
-    return [Piece("jsonl", path, 0, size, size)]
+    return [Piece("jsonl", path, 0, size, size, _mtime(path))]
   cuts = [0]
   with open(path, "rb") as f:
     while cuts[-1] + piece_bytes < size:
@@ -141,7 +147,8 @@ def _jsonl_pieces(path: str, piece_bytes: int) -> list[Piece]:
       f.readline()  # to the start of the next line
       cuts.append(min(f.tell(), size))
   cuts.append(size)
-  return [Piece("jsonl", path, a, b, b - a) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+  return [Piece("jsonl", path, a, b, b - a, _mtime(path))
+          for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def _parquet_pieces(path: str, piece_bytes: int) -> list[Piece]:
@@ -153,7 +160,7 @@ def _parquet_pieces(path: str, piece_bytes: int) -> list[Piece]:
   for g, s in enumerate(sizes):
     acc += s
     if acc >= piece_bytes or g == len(sizes) - 1:
-      out.append(Piece("parquet", path, lo, g + 1, acc))
+      out.append(Piece("parquet", path, lo, g + 1, acc, _mtime(path)))
       lo, acc = g + 1, 0
   return out
 
@@ -163,14 +170,15 @@ def pieces(files: list[str], piece_bytes: int) -> list[Piece]:
   out = []
   for path in files:
     if os.path.isdir(path):
-      out += [Piece("arrow", f, 0, 1, os.path.getsize(f)) for f in _hf_arrow_files(path)]
+      out += [Piece("arrow", f, 0, 1, os.path.getsize(f), _mtime(f))
+              for f in _hf_arrow_files(path)]
     elif kind(path) == "jsonl":
       out += _jsonl_pieces(path, piece_bytes)
     elif kind(path) == "parquet":
       out += _parquet_pieces(path, piece_bytes)
     else:
       size = os.path.getsize(path)
-      out.append(Piece("text", path, 0, size, size))
+      out.append(Piece("text", path, 0, size, size, _mtime(path)))
   return out
 
 
