@@ -7,10 +7,10 @@ of growing size, and prepare throughput with a 32k BPE tokenizer at 1 and more w
 Corpora are generated, not tokenized: random ids below the vocabulary written straight
 into the shard format (esjax/data/shards.py) in documents of geometric length (mean
 `--doc_tokens`), with the benchmark's tokenizer recorded in the manifest. Each is measured
-in a fresh process: `start_s` is `dataset.build` (the default val_fraction) plus the first
-batch; RSS is read from /proc/self/status before and after reading `--read_batches`
-batches of `--batch` x `--seq_len` twice (RssAnon: memory the process owns; RssFile: file
-pages mapped into it). Read throughput is the iterator's (shuffle, blend, checks, read,
+in a fresh process: `start_s` is `dataset.build` (`--val_fraction`, by default the base
+config's) plus the first batch; RSS is read from /proc/self/status before and after
+reading `--read_batches` batches of `--batch` x `--seq_len` twice (RssAnon: memory the
+process owns; RssFile: file pages mapped into it). Read throughput is the iterator's (shuffle, blend, checks, read,
 int32) on a warm page cache: `first_read_tokens_per_s` includes checksumming each block
 the first time it is touched (`blocks_checked`: the fraction checked by then),
 `read_tokens_per_s` is the second pass. Each corpus is deleted after its measurement.
@@ -40,7 +40,6 @@ import time
 import ml_collections
 import numpy as np
 
-from esjax.configs import common
 from esjax.data import dataset, shards
 from esjax.data.tokenizer import fingerprint, load_tokenizer
 
@@ -98,12 +97,12 @@ def _status_mib() -> dict:
   return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
 
 
-def measure_reading(directory: str, tokenizer: str, seq_len: int, batch: int, n_batches: int
-                    ) -> dict:
+def measure_reading(directory: str, tokenizer: str, seq_len: int, batch: int, n_batches: int,
+                    val_fraction: float) -> dict:
   """Start time, RSS and read throughput of training on `directory` (run in a fresh
   process: `--child`)."""
-  cfg = ml_collections.ConfigDict(common.base_config().data.to_dict())
-  cfg.update(source=directory, tokenizer=tokenizer)
+  cfg = ml_collections.ConfigDict(dict(source=directory, tokenizer=tokenizer, max_bytes=0,
+                                       val_fraction=val_fraction))
   before = _status_mib()
   t0 = time.perf_counter()
   data = dataset.build(cfg, seq_len, batch, seed=0, n_eval_batches=8)
@@ -176,11 +175,14 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--workers", default="1,2")
   p.add_argument("--vocab", type=int, default=32_000, help="BPE vocabulary size")
   p.add_argument("--dir", default="", help="scratch directory (default: a temporary one)")
-  p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+  p.add_argument("--val_fraction", type=float, default=0.02, help="as data.val_fraction "
+                 "(the base config's default)")
+  p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.child:
-    directory, tokenizer, seq_len, batch, n = a.child
-    print(json.dumps(measure_reading(directory, tokenizer, int(seq_len), int(batch), int(n))))
+    directory, tokenizer, seq_len, batch, n, val_fraction = a.child
+    print(json.dumps(measure_reading(directory, tokenizer, int(seq_len), int(batch), int(n),
+                                     float(val_fraction))))
     return
 
   scratch = a.dir or tempfile.mkdtemp(prefix="esjax_bench_data_")
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
       row = {"corpus_tokens": m["tokens"], "documents": m["documents"],
              "shards": len(m["shards"]), "disk_mib": round(disk / 2**20, 1),
              "generate_s": round(made, 1), "seq_len": a.seq_len, "batch": a.batch,
-             **_child([corpus, tok_path, str(a.seq_len), str(a.batch), str(a.read_batches)])}
+             **_child([corpus, tok_path, str(a.seq_len), str(a.batch), str(a.read_batches),
+                       str(a.val_fraction)])}
       shutil.rmtree(corpus)  # The big one is 2 GB.
       print(json.dumps(row), flush=True)
       summary["read"][size] = row

@@ -100,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       shapes = state_lib.abstract_train_state(model_cfg, tx)
       shardings = layout.state_shardings(shapes, abstract_params)
       batch_sh = layout.batch_sharding()
-      rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # this process reads
+      rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # rows read here
 
       # Restore (same workdir), or init_from another run's weights, or fresh.
       latest = ckpt.latest_step()
