@@ -10,10 +10,10 @@ into the shard format (esjax/data/shards.py) in documents of geometric length (m
 in a fresh process: `start_s` is `dataset.build` (`--val_fraction`, by default the base
 config's) plus the first batch; RSS is read from /proc/self/status before and after
 reading `--read_batches` batches of `--batch` x `--seq_len` twice (RssAnon: memory the
-process owns; RssFile: file pages mapped into it). Read throughput is the iterator's (shuffle, blend, checks, read,
-int32) on a warm page cache: `first_read_tokens_per_s` includes checksumming each block
-the first time it is touched (`blocks_checked`: the fraction checked by then),
-`read_tokens_per_s` is the second pass. Each corpus is deleted after its measurement.
+process owns; RssFile: file pages mapped into it). Read throughput is the iterator's
+(shuffle, blend, checks, read, int32) on a warm page cache: `first_read_tokens_per_s`
+includes checksumming each block the first time it is touched (`blocks_checked`: the
+fraction checked by then), `read_tokens_per_s` is the second pass. Each corpus is deleted after its measurement.
 
 Prepare throughput runs the real CLI (`python -m esjax.data.prepare`, wall clock, process
 start included) on JSONL made of the standard library's sources, with a byte-level BPE
