@@ -13,7 +13,8 @@ reading `--read_batches` batches of `--batch` x `--seq_len` twice (RssAnon: memo
 process owns; RssFile: file pages mapped into it). Read throughput is the iterator's
 (shuffle, blend, checks, read, int32) on a warm page cache: `first_read_tokens_per_s`
 includes checksumming each block the first time it is touched (`blocks_checked`: the
-fraction checked by then), `read_tokens_per_s` is the second pass. Each corpus is deleted after its measurement.
+fraction checked by then), `read_tokens_per_s` is the second pass. Each corpus is deleted
+after its measurement.
 
 Prepare throughput runs the real CLI (`python -m esjax.data.prepare`, wall clock, process
 start included) on JSONL made of the standard library's sources, with a byte-level BPE
