@@ -1,6 +1,7 @@
 """The performance benchmarks: fields, FLOPs from the ledger, memory that grows with size."""
 
 import json
+import os
 
 import pytest
 
@@ -60,3 +61,19 @@ def test_folding_pair_reports_bytes_time_and_the_same_loss(capsys):
   assert summary["bytes_folded_over_unfolded"] == pytest.approx(
       folded["collective_mib_per_step"] / unfolded["collective_mib_per_step"], abs=2e-3)
   assert summary["same_loss"]
+
+
+def test_data_benchmark_reports_start_memory_and_throughput(capsys, tmp_path):
+  from benchmarks import data  # pylint: disable=g-import-not-at-top
+  data.main(["--sizes", "200K,400K", "--seq_len", "64", "--batch", "4", "--read_batches",
+             "5", "--doc_tokens", "100", "--prepare_mb", "0.2", "--workers", "1", "--vocab",
+             "300", "--dir", str(tmp_path)])
+  rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  summary = rows[-1]
+  assert [r["corpus_tokens"] for r in summary["read"].values()] == [200_000, 400_000]
+  for r in summary["read"].values():
+    assert r["start_s"] > 0 and r["read_tokens_per_s"] > 0 and r["rss_anon_mib"] >= 0
+    assert r["windows"] <= r["corpus_tokens"] // 65 and r["disk_mib"] > 0
+  (prep,) = summary["prepare"].values()
+  assert prep["tokens"] > 0 and prep["tokens_per_cpu_s"] > 0
+  assert sorted(os.listdir(tmp_path)) == ["bpe.json", "stdlib.jsonl"]  # corpora deleted

@@ -1,12 +1,14 @@
-"""Tokenizers, text sources, the train/validation split and the resumable iterator."""
+"""Tokenizers, text sources, the sampler (shuffle, blend), held-out validation documents and
+the resumable iterator over prepared corpora."""
 
+import json
 import os
 
 import ml_collections
 import numpy as np
 import pytest
 
-from esjax.data import dataset, sources, tokenizer
+from esjax.data import dataset, prepare, sampling, sources, tokenizer
 
 TEXT = "The quick brown fox — jumps over the lazy dog. ünïcödé ✓\n"
 
@@ -18,12 +20,28 @@ def data_cfg(source, **kw):
   return c
 
 
+def write_jsonl(path, texts):
+  with open(path, "w") as f:
+    for t in texts:
+      f.write(json.dumps({"text": t}) + "\n")
+
+
+def prepared(tmp_path, name, texts, shard_bytes=prepare.SHARD_BYTES):
+  """A prepared byte-level corpus of the given documents (one JSONL line each)."""
+  write_jsonl(tmp_path / f"{name}.jsonl", texts)
+  out = str(tmp_path / name)
+  prepare.prepare(str(tmp_path / f"{name}.jsonl"), "byte", out, shard_bytes=shard_bytes,
+                  progress=False)
+  return out
+
+
 def test_byte_tokenizer_is_utf8_and_roundtrips():
   tok = tokenizer.load_tokenizer("byte")
   ids = tok.encode(TEXT)
   assert ids.dtype == np.int32 and tok.vocab_size == 256 and tok.eos_id == 0
   np.testing.assert_array_equal(ids, list(TEXT.encode("utf-8")))
   assert tok.decode(list(ids) + [tok.eos_id]) == TEXT
+  assert [list(x) for x in tok.encode_batch([TEXT, "ab"])] == [list(ids), [97, 98]]
 
 
 def test_hf_tokenizers_file(tmp_path):
@@ -39,6 +57,9 @@ def test_hf_tokenizers_file(tmp_path):
   ids = loaded.encode("the lazy dog")
   np.testing.assert_array_equal(ids, tok.encode("the lazy dog").ids)
   assert loaded.decode(ids).replace(" ", "") == "thelazydog"
+  texts = ["the lazy dog", TEXT, ""]
+  for got, text in zip(loaded.encode_batch(texts), texts):
+    np.testing.assert_array_equal(got, tok.encode(text).ids)
 
 
 def test_sentencepiece_file(tmp_path):
@@ -53,14 +74,22 @@ def test_sentencepiece_file(tmp_path):
   assert loaded.vocab_size == 60 and loaded.eos_id == 2
   np.testing.assert_array_equal(loaded.encode("the lazy dog"), ref.encode("the lazy dog"))
   assert loaded.decode(loaded.encode("the lazy dog")) == "the lazy dog"
+  got = loaded.encode_batch(["the lazy dog", "tokens"])
+  assert [list(x) for x in got] == [ref.encode("the lazy dog"), ref.encode("tokens")]
 
 
-def test_tokenizer_spec_errors(tmp_path):
+def test_tokenizer_spec_errors_and_fingerprint(tmp_path):
   with pytest.raises(FileNotFoundError, match="data.tokenizer='nope.model'"):
     tokenizer.load_tokenizer("nope.model")
   (tmp_path / "t.txt").write_text("x")
   with pytest.raises(ValueError, match="expected 'byte', a .model or a .json"):
     tokenizer.load_tokenizer(str(tmp_path / "t.txt"))
+  (tmp_path / "copy.txt").write_text("x")
+  (tmp_path / "other.txt").write_text("y")
+  fp = tokenizer.fingerprint
+  assert fp("byte") == "byte"
+  assert fp(str(tmp_path / "t.txt")) == fp(str(tmp_path / "copy.txt"))  # content, not path
+  assert fp(str(tmp_path / "t.txt")) != fp(str(tmp_path / "other.txt"))
 
 
 def test_sources_files_dirs_globs_in_sorted_order(tmp_path):
@@ -69,10 +98,11 @@ def test_sources_files_dirs_globs_in_sorted_order(tmp_path):
     (tmp_path / name).write_text(name)
   files = sources.resolve_files(f"{tmp_path}/b, {tmp_path}/*.txt, {tmp_path}/a.txt")
   assert [os.path.relpath(f, tmp_path) for f in files] == ["b/1.txt", "b/2.txt", "a.txt"]
-  assert list(sources.read_documents(files)) == ["b/1.txt", "b/2.txt", "a.txt"]
+  docs = [d for p in sources.pieces(files, 1 << 20) for d in sources.documents(p)]
+  assert docs == ["b/1.txt", "b/2.txt", "a.txt"]
   # The cap keeps whole files only, and always the first.
-  assert list(sources.read_documents(files, max_bytes=14)) == ["b/1.txt", "b/2.txt"]
-  assert list(sources.read_documents(files, max_bytes=1)) == ["b/1.txt"]
+  assert sources.cap_files(files, max_bytes=14) == files[:2]
+  assert sources.cap_files(files, max_bytes=1) == files[:1]
 
 
 def test_missing_source_names_the_path(tmp_path):
@@ -82,27 +112,54 @@ def test_missing_source_names_the_path(tmp_path):
     sources.resolve_files(f"{tmp_path}/*.zzz")
 
 
-def test_default_corpus_is_real_text_deterministic_and_capped():
+def test_default_corpus_is_real_text_deterministic_and_capped(tmp_path):
   files = sources.stdlib_files()
   assert len(files) > 50 and files == sorted(files)
   assert any(f.endswith(os.sep + "os.py") for f in files)
   cfg = data_cfg("stdlib", max_bytes=1_000_000, val_fraction=0.05)
-  a = dataset.build(cfg, seq_len=64, batch_size=4, seed=0)
-  b = dataset.build(cfg, seq_len=64, batch_size=4, seed=0)
-  assert 500_000 < a.n_tokens <= 1_000_000 + a.n_files
+  a = dataset.build(cfg, seq_len=64, batch_size=4, seed=0, cache_dir=str(tmp_path / "c"))
+  b = dataset.build(cfg, seq_len=64, batch_size=4, seed=0)  # a temporary cache
+  kept = sources.cap_files(files, 1_000_000)
+  assert a.n_tokens == sum(os.path.getsize(f) for f in kept) + len(kept)  # bytes + an eos each
+  assert 500_000 < a.n_tokens <= 1_000_000 + len(kept)
   assert a.train.fingerprint == b.train.fingerprint
+  np.testing.assert_array_equal(next(a.train)["inputs"], next(b.train)["inputs"])
   text = a.tokenizer.decode(a.train.windows[:50].ravel())
   assert "def " in text and "import" in text
+  os.rename(str(tmp_path / "c"), str(tmp_path / "moved"))  # the cache is prepared once:
+  c = dataset.build(cfg, seq_len=64, batch_size=4, seed=0, cache_dir=str(tmp_path / "moved"))
+  assert c.directories == [os.path.join(str(tmp_path / "moved"), os.path.basename(
+      a.directories[0]))]
 
 
-def test_split_every_kth_window_to_validation():
-  tokens = np.arange(10 * 9, dtype=np.int32)  # 10 windows of seq_len + 1 = 9
-  train, val = dataset.split_windows(tokens, seq_len=8, val_fraction=0.25)
-  np.testing.assert_array_equal(val[:, 0], [27, 63])  # windows 3 and 7 (k = 4)
-  assert len(train) == 8 and not set(train[:, 0]) & set(val[:, 0])
-  batch = dataset.to_batch(train[:2])
-  np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
-  assert batch["inputs"].shape == (2, 8) and batch["inputs"].dtype == np.int32
+def test_permute_is_a_uniform_permutation():
+  for n in (1, 2, 3, 5, 17, 64, 1000, 4099):
+    got = sampling.permute(np.arange(n), n, (0, 7))
+    assert sorted(got.tolist()) == list(range(n)), n
+  a = sampling.permute(np.arange(50), 50, (1,))
+  np.testing.assert_array_equal(a, sampling.permute(np.arange(50), 50, (1,)))
+  assert not np.array_equal(a, sampling.permute(np.arange(50), 50, (2,)))
+  np.testing.assert_array_equal(sampling.permute(np.array([7, 3]), 50, (1,)), a[[7, 3]])
+  # Where item 0 lands over 1600 keys: uniform over 8 places (chi-square, 7 dof, p ~ 1e-6).
+  lands = np.array([sampling.permute(np.zeros(1, np.int64), 8, (k,))[0] for k in range(1600)])
+  counts = np.bincount(lands, minlength=8)
+  assert ((counts - 200) ** 2 / 200).sum() < 38, counts
+
+
+def test_blend_shares_every_prefix_and_numbers_each_source_in_order():
+  weights = [0.5, 0.3, 0.2]
+  blend = sampling.Blend(weights)
+  n = 3 * sampling.Blend.PERIOD + 777
+  source, rank = blend.locate(np.arange(n))
+  counts = np.stack([np.cumsum(source == s) for s in range(3)], 1)  # prefix counts
+  ideal = np.arange(1, n + 1)[:, None] * np.asarray(weights)[None]
+  assert np.abs(counts - ideal).max() <= 1.0
+  for s in range(3):  # each source's examples are its 0, 1, 2, ... in stream order
+    np.testing.assert_array_equal(rank[source == s], np.arange((source == s).sum()))
+  s2, r2 = blend.locate(np.array([5, n - 1]))  # random access agrees
+  assert (s2.tolist(), r2.tolist()) == ([source[5], source[-1]], [rank[5], rank[-1]])
+  with pytest.raises(ValueError, match="positive"):
+    sampling.Blend([1.0, 0.0])
 
 
 def test_iterator_epochs_are_permutations_and_resume_exactly():
@@ -135,9 +192,107 @@ def test_iterator_refuses_a_position_from_other_data():
     dataset.BatchIterator(windows, 4, 0).restore(state)
 
 
+def _doc(i):
+  return f"<doc {i:03d}> " + "lorem ipsum " * (i % 5 + 2)
+
+
+def test_validation_is_held_out_documents_across_shards(tmp_path):
+  texts = [_doc(i) for i in range(40)]
+  out = prepared(tmp_path, "docs", texts, shard_bytes=300)  # several shards
+  assert len(json.load(open(os.path.join(out, "manifest.json")))["shards"]) > 3
+  data = dataset.build(data_cfg(out, val_fraction=0.25), seq_len=15, batch_size=2, seed=0,
+                       n_eval_batches=100)
+  decode = data.tokenizer.decode
+  val_text = "".join(decode(np.concatenate([b["inputs"][:, :1], b["targets"]], 1).ravel())
+                     for b in data.val)
+  train_text = decode(data.train.windows.ravel())
+  for i, t in enumerate(texts):
+    held_out = i % 4 == 3  # every k-th document, k = 1 / val_fraction
+    assert (f"<doc {i:03d}>" in val_text) == held_out, i
+    assert (f"<doc {i:03d}>" in train_text) == (not held_out), i
+  # The validation windows are the held-out documents (each ending with eos), in order.
+  val_tokens = np.concatenate([np.r_[tokenizer.ByteTokenizer().encode(t), 0]
+                               for i, t in enumerate(texts) if i % 4 == 3])
+  n = sum(len(b["inputs"]) for b in data.val)
+  want = dataset.cut_windows(val_tokens, 15)[:n]
+  got = np.concatenate([np.concatenate([b["inputs"][:, :1], b["targets"]], 1)
+                        for b in data.val])
+  np.testing.assert_array_equal(got, want)
+
+
+def test_few_documents_hold_out_the_tail(tmp_path):
+  (tmp_path / "one.txt").write_text("".join(_doc(i) for i in range(30)))
+  data = dataset.build(data_cfg(str(tmp_path / "one.txt"), val_fraction=0.1), seq_len=15,
+                       batch_size=2, seed=0, n_eval_batches=100)
+  tokens = np.r_[tokenizer.ByteTokenizer().encode((tmp_path / "one.txt").read_text()), 0]
+  cut = len(tokens) - int(np.ceil(len(tokens) * 0.1))
+  np.testing.assert_array_equal(data.train.windows, dataset.cut_windows(tokens[:cut], 15))
+  val = np.concatenate([np.concatenate([b["inputs"][:, :1], b["targets"]], 1)
+                        for b in data.val])
+  np.testing.assert_array_equal(val, dataset.cut_windows(tokens[cut:], 15)[:len(val)])
+
+
+def test_prepared_corpus_batches_resume_exactly_and_rows_are_slices(tmp_path):
+  out = prepared(tmp_path, "docs", [_doc(i) for i in range(60)], shard_bytes=500)
+  cfg = data_cfg(out, val_fraction=0.1)
+  a = dataset.build(cfg, seq_len=15, batch_size=4, seed=3)
+  straight = [next(a.train) for _ in range(12)]  # several epochs of the 40-odd windows
+  b = dataset.build(cfg, seq_len=15, batch_size=4, seed=3)
+  for _ in range(5):
+    next(b.train)
+  c = dataset.build(cfg, seq_len=15, batch_size=4, seed=3)
+  c.train.restore(json.loads(json.dumps(b.train.state())))  # as the checkpoint stores it
+  for want in straight[5:]:
+    np.testing.assert_array_equal(next(c.train)["inputs"], want["inputs"])
+  rows = np.array([1, 3])  # a process that holds rows 1 and 3 of every batch
+  d = dataset.build(cfg, seq_len=15, batch_size=4, seed=3)
+  for want in straight[:3]:
+    got = d.train.next_rows(rows)
+    np.testing.assert_array_equal(got["inputs"], want["inputs"][rows])
+    np.testing.assert_array_equal(got["targets"], want["targets"][rows])
+  windows = {tuple(w) for w in a.train.windows}
+  for batch in straight:
+    for x, y in zip(batch["inputs"], batch["targets"]):
+      assert tuple(np.r_[x, y[-1]]) in windows
+
+
+def test_blend_of_prepared_sources_is_weighted_and_deterministic(tmp_path):
+  a = prepared(tmp_path, "a", ["a" * (50 + i) for i in range(40)])
+  b = prepared(tmp_path, "b", ["b" * (50 + i) for i in range(40)])
+  cfg = data_cfg(f"0.7:{a}, 0.3:{b}", val_fraction=0.1)
+  data = dataset.build(cfg, seq_len=15, batch_size=10, seed=0, n_eval_batches=2)
+  from_a = []
+  for _ in range(20):
+    x = next(data.train)["inputs"]
+    assert all(set(r) <= {ord("a"), 0} or set(r) <= {ord("b"), 0} for r in x.tolist())
+    from_a += [ord("a") in set(r) for r in x]
+  source, _ = sampling.Blend([0.7, 0.3]).locate(np.arange(200))
+  np.testing.assert_array_equal(from_a, source == 0)  # row by row as the blend says
+  assert abs(np.mean(from_a) - 0.7) <= 0.01
+  again = dataset.build(cfg, seq_len=15, batch_size=10, seed=0, n_eval_batches=2)
+  np.testing.assert_array_equal(again.train.batch(7)["inputs"], data.train.batch(7)["inputs"])
+  val_a = [ord("a") in set(r) for v in data.val for r in v["inputs"]]
+  np.testing.assert_array_equal(val_a, source[:20] == 0)
+  with pytest.raises(ValueError, match="give every entry of a blend a weight"):
+    dataset.build(data_cfg(f"0.7:{a},{b}"), seq_len=15, batch_size=10, seed=0)
+
+
+def test_tokenizer_mismatch_is_one_line_error(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  out = prepared(tmp_path, "docs", [_doc(i) for i in range(20)])
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.train_from_iterator([TEXT * 20], tokenizers.trainers.BpeTrainer(
+      vocab_size=60, special_tokens=["<unk>", "</s>"]))
+  tok.save(str(tmp_path / "tok.json"))
+  with pytest.raises(ValueError, match=r"prepared with tokenizer 'byte' \(byte\) but "
+                                       r"data.tokenizer='.*tok.json' is sha256:") as e:
+    dataset.build(data_cfg(out, tokenizer=str(tmp_path / "tok.json")), 15, 2, 0)
+  assert "\n" not in str(e.value)
+
+
 def test_empty_and_too_small_datasets_fail_clearly(tmp_path):
   (tmp_path / "empty.txt").write_text("")
-  with pytest.raises(ValueError, match=r"empty\.txt.*too small: 1 file\(s\), 0 tokens"):
+  with pytest.raises(ValueError, match=r"empty\.txt.*too small: 0 document\(s\), 0 tokens"):
     dataset.build(data_cfg(str(tmp_path / "empty.txt")), 16, 2, 0)
   (tmp_path / "short.txt").write_text("x" * 20)
   with pytest.raises(ValueError, match="validation window"):
@@ -146,8 +301,9 @@ def test_empty_and_too_small_datasets_fail_clearly(tmp_path):
 
 def test_eval_batches_fixed_and_in_order():
   windows = np.arange(5 * 3, dtype=np.int32).reshape(5, 3)
-  batches = dataset.eval_batches(windows, batch_size=2, n_batches=8)
+  one_source = sampling.Blend([1.0])
+  batches = dataset.eval_batches([windows], one_source, batch_size=2, n_batches=8)
   assert len(batches) == 2
   np.testing.assert_array_equal(batches[1]["inputs"][:, 0], [6, 9])
-  one = dataset.eval_batches(windows[:1], batch_size=2, n_batches=8)  # repeats to fill
+  one = dataset.eval_batches([windows[:1]], one_source, batch_size=2, n_batches=8)  # repeats
   np.testing.assert_array_equal(one[0]["inputs"], [[0, 1], [0, 1]])

@@ -165,7 +165,7 @@ def test_rolling_windows_score_each_token_once_with_bounded_context(model, strid
 
 def test_window_perplexity_of_training_batches(model):
   tokens = dataset.token_stream(["def f(x):\n  return x\n", "print('hi')\n" * 3], BYTE)
-  windows, _ = dataset.split_windows(tokens, 15, 0.0)
+  windows = dataset.cut_windows(tokens, 15)
   batches = [dataset.to_batch(windows[i:i + 2]) for i in range(0, len(windows), 2)]
   got = perplexity.window_perplexity(model, batches, BYTE)
   nll, n_tok, n_bytes = 0.0, 0, 0

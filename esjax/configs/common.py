@@ -7,9 +7,10 @@ An experiment file builds on `base_config()` and changes what it needs:
   and every `ModelConfig` field as a typed placeholder: a field left at None takes the
   preset's value, a field set (in the file or with `--config.model.d_model=128`) overrides
   it. `model_config(config)` applies that rule.
-- `data`: `source` ('stdlib', or the user's files / directories / globs, comma-separated),
+- `data`: `source` (a prepared directory, raw text: 'stdlib' or files / directories /
+  globs, comma-separated, or a blend '0.7:dirA,0.3:dirB'; esjax/data/dataset.py),
   `tokenizer` ('byte', or a SentencePiece .model / tokenizers .json path), `max_bytes` (cap
-  on text read, 0: none), `val_fraction`.
+  on the raw text read, 0: none), `val_fraction` (every 1/val_fraction-th document held out).
 - `optim`: AdamW with linear warmup then cosine (or constant) decay, global-norm clipping.
 - `train`: `steps`, `batch_size`, `seq_len`, `seed`, `log_every`, `eval_every`,
   `eval_batches`, and the collapse guard (`spike_factor`, `spike_window`).

@@ -1,2 +1,3 @@
-"""Text data: tokenizers, text sources (the default corpus or the user's files), and the
-deterministic, resumable batch iterator the training loop checkpoints."""
+"""Text data: tokenizers, input formats (sources), preparing token shards once (prepare,
+shards), the sampler (sampling), the deterministic resumable iterator with blends and
+held-out validation documents (dataset), and per-process rows of a global batch (hosts)."""

@@ -1,7 +1,9 @@
 """Tokenizers: raw UTF-8 bytes (the default, nothing to download), or a model file.
 
-Every tokenizer has `encode(text) -> np.ndarray[int32]`, `decode(ids) -> str`, `vocab_size`
-and `eos_id` (appended after each document). `load_tokenizer(spec)` picks one:
+Every tokenizer has `encode(text) -> np.ndarray[int32]`, `encode_batch(texts)` (the same for
+a list, in one call to the library: `esjax.data.prepare` uses it), `decode(ids) -> str`,
+`vocab_size` and `eos_id` (appended after each document). `load_tokenizer(spec)` picks one;
+`fingerprint(spec)` names its content (a prepared corpus records it):
 
 - `"byte"`: ids are the UTF-8 bytes, vocab 256. Byte 0 (NUL), which never occurs in text,
   is the end-of-document id, so the vocabulary stays 256 and fits the tiny presets.
@@ -11,6 +13,7 @@ and `eos_id` (appended after each document). `load_tokenizer(spec)` picks one:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Protocol, Sequence
 
@@ -23,6 +26,8 @@ class Tokenizer(Protocol):
 
   def encode(self, text: str) -> np.ndarray: ...
 
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
   def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -34,6 +39,9 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [self.encode(t) for t in texts]
 
   def decode(self, ids: Sequence[int]) -> str:
     data = bytes(int(i) for i in ids if int(i) != self.eos_id)
@@ -55,6 +63,9 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._sp.encode(text), np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, np.int32) for ids in self._sp.encode(list(texts))]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
@@ -80,6 +91,10 @@ class HFTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encodings]
+
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids])
 
@@ -96,3 +111,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
   if spec.endswith(".json"):
     return HFTokenizer(spec)
   raise ValueError(f"data.tokenizer={spec!r}: expected 'byte', a .model or a .json file")
+
+
+def fingerprint(spec: str) -> str:
+  """What a tokenizer is, independent of where its file lies: 'byte', or the SHA-256 of the
+  model file's bytes."""
+  if spec == "byte":
+    return "byte"
+  with open(spec, "rb") as f:
+    return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()

@@ -20,7 +20,7 @@ import numpy as np
 import tqdm
 
 from esjax.configs import common
-from esjax.data import dataset
+from esjax.data import dataset, hosts
 from esjax.train import (checkpoint, guard as guard_lib, init_from, metrics as metrics_lib,
                          optimizer, partition, state as state_lib, step as step_lib)
 
@@ -80,7 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _write_configs(workdir, config, model_cfg)
 
   # Data.
-  data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed, tc.eval_batches)
+  data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed, tc.eval_batches,
+                       cache_dir=os.path.join(workdir, "data_cache"))  # raw text prepared once
   if data.tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has {data.tokenizer.vocab_size} "
                      f"ids but model.vocab_size={model_cfg.vocab_size}")
@@ -99,6 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       shapes = state_lib.abstract_train_state(model_cfg, tx)
       shardings = layout.state_shardings(shapes, abstract_params)
       batch_sh = layout.batch_sharding()
+      rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # rows read here
 
       # Restore (same workdir), or init_from another run's weights, or fresh.
       latest = ckpt.latest_step()
@@ -128,8 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             in_sh=None if shardings is None else (shardings.params, batch_sh),
                             out_sh=None)  # Metrics replicated.
       val_batches = [layout.put_batch(b) for b in data.val]
-      return _run(config, state, data, layout, train_step, eval_step, val_batches, tasks,
-                  ckpt, writer, model_cfg, start, t0, is_main)
+      return _run(config, state, data, rows, layout, train_step, eval_step, val_batches,
+                  tasks, ckpt, writer, model_cfg, start, t0, is_main)
   finally:
     ckpt.wait()
     ckpt.close()
@@ -142,7 +144,7 @@ def _evaluate(eval_step, params, val_batches) -> float:
   return float(np.mean(jax.device_get(losses)))
 
 
-def _run(config, state, data, layout, train_step, eval_step, val_batches, tasks, ckpt,
+def _run(config, state, data, rows, layout, train_step, eval_step, val_batches, tasks, ckpt,
          writer, model_cfg, start, t0, is_main) -> dict[str, Any]:
   tc, cc = config.train, config.checkpoint
   guard = guard_lib.CollapseGuard(tc.spike_factor, tc.spike_window)
@@ -195,7 +197,7 @@ def _run(config, state, data, layout, train_step, eval_step, val_batches, tasks,
 
   pending = None  # (step, device metrics, val_loss) of the last dispatched step
   for step in range(start + 1, tc.steps + 1):
-    batch = layout.put_batch(next(data.train))
+    batch = layout.put_batch(data.train.next_rows(rows), rows, tc.batch_size)
     state, metrics = train_step(state, batch)  # Dispatch step `step` ...
     if pending is not None:
       finish(*pending)  # ... then wait for the previous one.
