@@ -15,6 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from esjax.eval import hook
 from esjax.parallel import multihost
 from esjax.train import guard, loop
 
@@ -60,7 +61,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   try:
     multihost.initialize_from_env()  # a no-op unless a launcher (launch/) set ESJAX_*
-    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    summary = loop.train_and_evaluate(config, _WORKDIR.value, hook.for_config(config.eval))
   except (ValueError, FileNotFoundError, guard.TrainingCollapsed) as e:
     logging.info("full traceback:", exc_info=True)
     sys.exit(f"esjax: error: {e}")

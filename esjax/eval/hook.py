@@ -12,10 +12,12 @@ for `metrics.jsonl` and TensorBoard. A loop that holds a params dict rather than
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+import jax
 
 from esjax.eval.harness import evaluate
-from esjax.eval.tasks import Task, TaskGroup
+from esjax.eval.tasks import Task, TaskGroup, load_tasks
 from esjax.models.transformer import Transformer
 
 
@@ -52,3 +54,20 @@ class EvalHook:
     if not (self.due(step) or force) or not self.tasks:
       return {}
     return flatten(evaluate(model, self.tokenizer, self.tasks, **self.kwargs))
+
+
+def for_config(eval_cfg: Any) -> Callable[[Any], EvalHook] | None:
+  """The `eval` config section's hook factory, `tokenizer -> EvalHook`, or None when
+  `eval.tasks` is empty (what `esjax.train.loop.train_and_evaluate` takes as `task_hook`)."""
+  if not eval_cfg.tasks:
+    return None
+  if eval_cfg.every < 1:
+    raise ValueError(f"eval.every={eval_cfg.every} must be >= 1 when eval.tasks is set")
+  if jax.process_count() > 1:
+    raise ValueError("eval.tasks runs in single-process jobs; score a multi-process run's "
+                     "checkpoints with `python -m esjax.eval --checkpoint=...`")
+  tasks = load_tasks(eval_cfg.tasks)
+  fewshot = None if eval_cfg.num_fewshot < 0 else eval_cfg.num_fewshot
+  return lambda tokenizer: EvalHook(tasks, tokenizer, every=eval_cfg.every,
+                                    limit=eval_cfg.limit, batch_size=eval_cfg.batch_size,
+                                    num_fewshot=fewshot)

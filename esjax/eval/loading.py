@@ -15,19 +15,15 @@ import os
 from typing import Any
 
 import ml_collections
-from flax import nnx
 
 from esjax.data.tokenizer import Tokenizer, load_tokenizer
 from esjax.models.config import ModelConfig
+from esjax.models import params as params_lib
 from esjax.models.transformer import Transformer
+from esjax.train import checkpoint as ckpt_lib
 
 
-def build_model(cfg: ModelConfig, params: Any) -> Transformer:
-  """A Transformer holding `params` (a pure dict, `nnx.state(model, nnx.Param)` layout)."""
-  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-  graphdef, state = nnx.split(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+build_model = params_lib.model_from_params  # (cfg, params pure dict) -> Transformer
 
 
 def is_hf_folder(path: str) -> bool:
@@ -75,8 +71,6 @@ def load(checkpoint: str, config: ml_collections.ConfigDict | None = None
   if is_hf_folder(checkpoint):
     model, tokenizer = load_hf(checkpoint)
     return model, tokenizer, config
-  from esjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
   cfg, params = ckpt_lib.restore_params(checkpoint)
   config = config if config is not None else run_config(checkpoint)
   spec = config.data.tokenizer if config is not None and "data" in config else "byte"

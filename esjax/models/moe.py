@@ -8,6 +8,8 @@ tensor-parallel MLP on the same tokens.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,8 +17,18 @@ from flax import nnx
 from esjax.models import layers
 from esjax.models.config import ModelConfig
 from esjax.models.mlp import MLP
-from esjax.routing import expert_parallel
+from esjax.kernels.routing import ops as routing_kernel
+from esjax.routing import expert_parallel, router
 from esjax.sharding.plan import ParallelPlan
+
+
+def routing_for(cfg: ModelConfig, logits: jax.Array) -> router.Routing:
+  """Routing of router `logits` [T, E] as `cfg` asks (XLA reference or Pallas kernel)."""
+  kwargs = dict(score_fn=cfg.score_fn, order=cfg.routing_order,
+                renormalize=cfg.renormalize, scaling=cfg.routed_scaling)
+  if cfg.router_impl == "pallas":
+    return routing_kernel.route(logits, cfg.top_k, **kwargs)
+  return router.route(logits, cfg.top_k, **kwargs)
 
 
 class MoE(nnx.Module):
@@ -48,7 +60,7 @@ class MoE(nnx.Module):
     """x [B, S_l, D] -> (y [B, S_l, D], per-layer router statistics of the micro-batch)."""
     y, stats = expert_parallel.routed_experts(
         x, self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...],
-        cfg=self.cfg, plan=self.plan)
+        cfg=self.cfg, plan=self.plan, route=functools.partial(routing_for, self.cfg))
     if self.cfg.n_shared_experts:
       y = y + self.shared_out(x)
     return y, stats

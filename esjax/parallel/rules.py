@@ -5,7 +5,7 @@ Model code names every parameter dimension logically (flax `out_sharding` metada
 maps the names onto a plan's mesh axes, and flax's own `nnx.get_partition_spec` applies them.
 Three layouts of the same parameters follow:
 
-- model specs: the canonical tree (`layers.{i}`), for transforms, init_from and export;
+- model specs: the canonical tree (`layers.{i}`), for transforms, init_from, export;
 - compute specs: the train state's stacked tree (`esjax.parallel.stages`), layer stacks split
   over pp; the shard_map of the step sees these shards;
 - master specs: where master weights and optimizer moments live. With
@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from esjax.models.config import ModelConfig
-from esjax.models.transformer import Transformer
+from esjax.models import params as params_lib
 from esjax.parallel import stages as stages_lib
 from esjax.sharding.plan import ParallelPlan
 
@@ -50,20 +50,19 @@ def logical_rules(plan: ParallelPlan, cfg: ModelConfig) -> Rules:
   return tuple((k, v or None) for k, v in table.items())
 
 
-def abstract_model(cfg: ModelConfig, plan: ParallelPlan | None = None
-                   ) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graphdef and abstract parameter State (shapes, dtypes, logical axes), with
-  nothing allocated."""
-  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), plan))
-  return nnx.split(model, nnx.Param)
+def specs(cfg: ModelConfig, table: Rules | dict[str, Any]) -> dict[str, Any]:
+  """PartitionSpecs of the model's own parameter tree under a rules table, by flax's
+  `nnx.get_partition_spec` (a pure dict like the parameters)."""
+  table = tuple(table.items()) if isinstance(table, dict) else table
+  _, state = params_lib.abstract_model(cfg)
+  with nnx.logical_axis_rules(table):
+    out = nnx.get_partition_spec(state)
+  return nnx.to_pure_dict(out)
 
 
 def model_specs(plan: ParallelPlan, cfg: ModelConfig) -> dict[str, Any]:
-  """PartitionSpecs of the canonical parameter tree (a pure dict like the parameters)."""
-  _, state = abstract_model(cfg)
-  with nnx.logical_axis_rules(logical_rules(plan, cfg)):
-    specs = nnx.get_partition_spec(state)
-  return nnx.to_pure_dict(specs)
+  """PartitionSpecs of the canonical parameter tree on `plan`."""
+  return specs(cfg, logical_rules(plan, cfg))
 
 
 def _entry_axes(entry) -> tuple[str, ...]:
@@ -72,7 +71,7 @@ def _entry_axes(entry) -> tuple[str, ...]:
 
 def _logical_names(cfg: ModelConfig) -> dict[str, Any]:
   """The canonical tree of each parameter's logical axis names (tuples)."""
-  _, state = abstract_model(cfg)
+  _, state = params_lib.abstract_model(cfg)
   names = jax.tree.map(lambda v: v.replace(tuple(v.get_metadata().get("out_sharding") or ())),
                        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(names)

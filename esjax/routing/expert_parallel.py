@@ -4,7 +4,7 @@ One function, `routed_experts`, serves one device and every layout: it runs on a
 local tokens inside the step's shard_map (see `esjax.sharding.plan`), and with a plan of one
 device every collective below is the identity. Per device:
 
-  1. route its tokens [T_l, D] (router replicated; `routing_for`),
+  1. route its tokens [T_l, D] (router replicated; `route`),
   2. decide token dropping (capacity) over the scope `cfg.capacity_scope` asks for: the whole
      micro-batch ("batch": the single-device decision, routing all-gathered over the stage)
      or this device's tokens ("rank": Megatron's per-rank capacity, no gathering),
@@ -25,26 +25,18 @@ Block sizes are static bounds: a source sends one EP rank at most `T * min(k, E/
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from esjax.kernels.routing import ops as routing_kernel
 from esjax.routing import dispatch, grouped, router
 from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
 ragged_all_to_all = lax.ragged_all_to_all  # tests on CPU substitute an emulation (no XLA:CPU op)
-
-
-def routing_for(cfg, logits: jax.Array) -> router.Routing:
-  """Routing of router `logits` [T, E] as `cfg` asks (XLA reference or Pallas kernel)."""
-  kwargs = dict(score_fn=cfg.score_fn, order=cfg.routing_order,
-                renormalize=cfg.renormalize, scaling=cfg.routed_scaling)
-  if cfg.router_impl == "pallas":
-    return routing_kernel.route(logits, cfg.top_k, **kwargs)
-  return router.route(logits, cfg.top_k, **kwargs)
 
 
 def block_rows(cfg, n_rows: int, n_groups: int) -> int:
@@ -69,15 +61,17 @@ def swiglu_batched(buffers: jax.Array, w_gate, w_up, w_down) -> jax.Array:
   return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w_down.astype(dt))
 
 
-def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: ParallelPlan
+def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: ParallelPlan,
+                   route: Callable[[jax.Array], router.Routing]
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B_l, S_l, D] this device's tokens -> (routed output [B_l, S_l, D], router stats of the
   micro-batch). Expert weights are this device's shards: [E/ep, D, F/etp] and [E/ep, F/etp, D].
+  `route(logits [T, E]) -> Routing` picks the experts (the XLA reference or the Pallas kernel).
   """
   bl, sl, d = x.shape
   tokens = x.reshape(bl * sl, d)
   logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router_w.astype(jnp.float32))
-  r = routing_for(cfg, logits)
+  r = route(logits)
   positions = None
   if cfg.capacity_factor > 0:
     positions, cap = _capacity_positions(r, cfg, plan, bl, sl)

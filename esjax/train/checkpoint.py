@@ -1,10 +1,12 @@
 """Checkpoints: orbax `CheckpointManager` (args API) in `<workdir>/checkpoints/<step>/`.
 
-Each checkpoint is a Composite of four items:
-  `params`        the parameter tree (pure dict, see `esjax.train.state`),
+Each checkpoint is a Composite of five items:
+  `params`        the parameter tree (pure dict, layers stacked per pipeline stage, see
+                  `esjax.train.state` and `esjax.parallel.stages`),
   `opt_state`     the optax state,
   `data`          the data iterator's position (JSON),
-  `model_config`  the `ModelConfig` as JSON, so a checkpoint says what it holds.
+  `model_config`  the `ModelConfig` as JSON, so a checkpoint says what it holds,
+  `stage_format`  how the layers are stacked (JSON; `restore_params` unstacks them).
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed at any moment leaves either a whole checkpoint or one that is never listed (leftover
 temporary directories are removed the next time the manager opens). The last `keep` are kept.
@@ -17,9 +19,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from esjax.models.config import ModelConfig
+from esjax.parallel import stages
 from esjax.train import state as state_lib
 from esjax.train.state import TrainState
 
@@ -37,7 +39,7 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options,
-        item_names=("params", "opt_state", "data", "model_config"))
+        item_names=("params", "opt_state", "data", "model_config", "stage_format"))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -45,20 +47,34 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
-  def save(self, state: TrainState, data_state: dict[str, Any], model_cfg: ModelConfig
-           ) -> int:
+  def save(self, state: TrainState, data_state: dict[str, Any], model_cfg: ModelConfig,
+           fmt: stages.StageFormat) -> int:
     """Saves `state` as step `state.step` (async when configured); returns the step."""
     step = int(jax.device_get(state.step))
     self._mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         data=ocp.args.JsonSave(data_state),
-        model_config=ocp.args.JsonSave(model_cfg.to_dict())), force=True)
+        model_config=ocp.args.JsonSave(model_cfg.to_dict()),
+        stage_format=ocp.args.JsonSave(fmt.to_dict())), force=True)
     return step
 
-  def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
+  def stage_format(self, step: int) -> stages.StageFormat:
+    out = self._mngr.restore(step, args=ocp.args.Composite(stage_format=ocp.args.JsonRestore()))
+    return stages.StageFormat(**dict(out.stage_format))
+
+  def restore(self, step: int, target: TrainState, fmt: stages.StageFormat
+              ) -> tuple[TrainState, dict[str, Any]]:
     """The train state at `step` laid out like `target` (abstract, with shardings), and the
-    data position saved with it."""
+    data position saved with it. The checkpoint must stack its layers as `fmt` does."""
+    saved = self.stage_format(step)
+    if saved != fmt:
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} stacks its layers for pp={saved.pp}, "
+          f"virtual_stages={saved.virtual} but this run uses pp={fmt.pp}, "
+          f"virtual_stages={fmt.virtual}: resume with the same parallel.pp and "
+          f"parallel.virtual_stages, or start a new run from its weights with "
+          f"checkpoint.init_from={self.directory}/{step}")
     out = self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(target.params),
         opt_state=ocp.args.StandardRestore(target.opt_state),
@@ -105,22 +121,51 @@ def _locate(path: str) -> tuple[str, int]:
   return path, steps[-1]
 
 
-def restore_params(path: str, target: Any = None) -> tuple[ModelConfig, Any]:
-  """(model config, params) of the latest checkpoint at `path` (a workdir, its checkpoints
-  directory or a step directory), without optimizer state. `target` (abstract params with
-  shardings, or a function of the checkpoint's model config that returns them) places them;
-  by default they are built for the checkpoint's own model config on the default device."""
+def restore_params(path: str, shardings: Any = None) -> tuple[ModelConfig, Any]:
+  """(model config, params of the model's own tree) of the latest checkpoint at `path` (a
+  workdir, its checkpoints directory or a step directory), without optimizer state.
+
+  `shardings` (NamedShardings of the model's tree, or a function of the checkpoint's model
+  config that returns them) places them: each device reads only its shards of the stacked
+  layers, and the unstacking runs under jit with those output shardings. By default they are
+  built on the default device."""
   directory, step = _locate(path)
   ckpt = Checkpointer(directory, keep=0, async_save=False, read_only=True)
   try:
     model_cfg = ckpt.model_config(step)
-    if callable(target):
-      target = target(model_cfg)
-    if target is None:
-      _, abstract = state_lib.abstract_model(model_cfg)
+    fmt = ckpt.stage_format(step)
+    if callable(shardings):
+      shardings = shardings(model_cfg)
+    if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            nnx.to_pure_dict(abstract))
-    return model_cfg, ckpt.restore_params(step, target)
+      shapes = _model_shapes(model_cfg)
+      shardings = jax.tree.map(lambda _: device, shapes)
+    target = _stacked_target(model_cfg, fmt, shardings)
+    stacked = ckpt.restore_params(step, target)
+    return model_cfg, jax.jit(lambda p: stages.unstack(p, fmt), out_shardings=shardings)(
+        stacked)
   finally:
     ckpt.close()
+
+
+def _model_shapes(model_cfg: ModelConfig) -> Any:
+  return jax.eval_shape(lambda: state_lib.init_params(model_cfg, jax.random.key(0)))
+
+
+def _stacked_target(model_cfg: ModelConfig, fmt: stages.StageFormat, shardings: Any) -> Any:
+  """Abstract stacked params whose layer stacks are placed like one layer of `shardings`
+  (the model tree's), unsplit over the stack dimensions."""
+  shapes = jax.eval_shape(lambda p: stages.stack(p, fmt), _model_shapes(model_cfg))
+
+  def stacked(sh):
+    if isinstance(sh, jax.sharding.NamedSharding):
+      spec = jax.sharding.PartitionSpec(None, None, None, *sh.spec)
+      return jax.sharding.NamedSharding(sh.mesh, spec)
+    return sh
+
+  index = fmt.layer_index()
+  sh = {k: v for k, v in shardings.items() if k != "layers"}
+  sh[stages.STAGES] = {p: jax.tree.map(stacked, shardings["layers"][int(index[p, 0, 0, 0])])
+                       for p in range(fmt.period)}
+  return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
+                      shapes, sh)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -21,8 +21,9 @@ import tqdm
 
 from esjax.configs import common
 from esjax.data import dataset, hosts
+from esjax.models import params as params_lib
 from esjax.train import (checkpoint, guard as guard_lib, init_from, metrics as metrics_lib,
-                         optimizer, partition, state as state_lib, step as step_lib)
+                         state as state_lib, step as step_lib)
 
 
 def check_config(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
@@ -43,33 +44,17 @@ def _write_configs(workdir: str, config: ml_collections.ConfigDict, model_cfg: A
     json.dump(model_cfg.to_dict(), f, indent=2, sort_keys=True)
 
 
-def _jit_step(fn, donate: bool, in_sh: tuple | None, out_sh: tuple | None):
-  """jit, donating the first argument if asked; shardings only with a mesh (None inside
-  `out_sh` means replicated)."""
-  kwargs = {"donate_argnums": 0} if donate else {}
-  if in_sh is not None:
-    kwargs.update(in_shardings=in_sh, out_shardings=out_sh)
-  return jax.jit(fn, **kwargs)
-
-
-def task_hook(eval_cfg: ml_collections.ConfigDict, tokenizer):
-  """The `eval` section's EvalHook (benchmark tasks during training), or None when off."""
-  if not eval_cfg.tasks:
-    return None
-  if eval_cfg.every < 1:
-    raise ValueError(f"eval.every={eval_cfg.every} must be >= 1 when eval.tasks is set")
-  if jax.process_count() > 1:
-    raise ValueError("eval.tasks runs in single-process jobs; score a multi-process run's "
-                     "checkpoints with `python -m esjax.eval --checkpoint=...`")
-  from esjax.eval import hook, tasks  # pylint: disable=g-import-not-at-top
-  return hook.EvalHook(tasks.load_tasks(eval_cfg.tasks), tokenizer, every=eval_cfg.every,
-                       limit=eval_cfg.limit, batch_size=eval_cfg.batch_size,
-                       num_fewshot=None if eval_cfg.num_fewshot < 0 else eval_cfg.num_fewshot)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       task_hook: Callable[[Any], Any] | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint). Returns a summary:
-  `first_loss` (of this invocation), `last_loss`, `val_loss`, `step`, `wall_s`."""
+  `first_loss` (of this invocation), `last_loss`, `val_loss`, `step`, `wall_s`.
+
+  `task_hook`: `tokenizer -> hook` with `hook.due(step)` and `hook(step, model, force=)`, the
+  benchmark tasks of the `eval` section (`esjax.eval.hook.for_config(config.eval)`)."""
+  if config.eval.tasks and task_hook is None:
+    raise ValueError(f"eval.tasks={config.eval.tasks!r} needs a task evaluator: run through "
+                     "`python -m esjax.main`, or pass task_hook=esjax.eval.hook.for_config("
+                     "config.eval)")
   t0 = time.perf_counter()
   is_main = jax.process_index() == 0
   model_cfg = common.model_config(config)
@@ -85,53 +70,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if data.tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has {data.tokenizer.vocab_size} "
                      f"ids but model.vocab_size={model_cfg.vocab_size}")
-  tasks = task_hook(config.eval, data.tokenizer)
+  tasks = None if task_hook is None else task_hook(data.tokenizer)
 
-  # Model, optimizer, layout, steps.
-  layout = partition.make_layout(config.parallel, model_cfg)
-  tx, schedule = optimizer.make_optimizer(config.optim, tc.steps)
-  graphdef, abstract_params = state_lib.abstract_model(model_cfg)
+  # Model, layout, optimizer, steps (the planner compiles the same ones).
+  run = step_lib.for_config(config)
+  steps, engine = run.steps, run.steps.engine
+  batch_sh = steps.batch_sharding
+  rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # the rows read here
+
+  def put(local):  # this process's rows -> global device arrays
+    return hosts.global_batch(local, rows, batch_sh, tc.batch_size)
+
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR),
                                  keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
   writer = None
   try:
-    with layout.context():
-      shapes = state_lib.abstract_train_state(model_cfg, tx)
-      shardings = layout.state_shardings(shapes, abstract_params)
-      batch_sh = layout.batch_sharding()
-      rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # rows read here
-
-      # Restore (same workdir), or init_from another run's weights, or fresh.
-      latest = ckpt.latest_step()
-      if latest is not None:
-        target = state_lib.abstract_train_state(model_cfg, tx, shardings)
-        state, data_state = ckpt.restore(latest, target)
-        data.train.restore(data_state)
-        tqdm.tqdm.write(f"resumed from {ckpt.directory}/{latest}")
-      else:
-        params = None
-        if config.checkpoint.init_from:
-          params = init_from.load(config, model_cfg,
-                                  None if shardings is None else shardings.params)
-        state = state_lib.create_train_state(model_cfg, tx, jax.random.key(tc.seed), shardings,
-                                             params)
-      start = int(jax.device_get(state.step))
-      if data.train.position != start:
-        raise ValueError(f"checkpoint step {start} but data position {data.train.position}")
-      if is_main:  # Steps after the checkpoint are run again: drop their old records.
-        metrics_lib.truncate(workdir, start)
-      writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-
-      train_step = _jit_step(step_lib.make_train_step(graphdef, tx, schedule), donate=True,
-                             in_sh=None if shardings is None else (shardings, batch_sh),
-                             out_sh=None if shardings is None else (shardings, None))
-      eval_step = _jit_step(step_lib.make_eval_step(graphdef), donate=False,
-                            in_sh=None if shardings is None else (shardings.params, batch_sh),
-                            out_sh=None)  # Metrics replicated.
-      val_batches = [layout.put_batch(b) for b in data.val]
-      return _run(config, state, data, rows, layout, train_step, eval_step, val_batches,
-                  tasks, ckpt, writer, model_cfg, start, t0, is_main)
+    # Restore (same workdir), or init_from another run's weights, or fresh.
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state, data_state = ckpt.restore(latest, steps.abstract_state, engine.fmt)
+      data.train.restore(data_state)
+      tqdm.tqdm.write(f"resumed from {ckpt.directory}/{latest}")
+    else:
+      params = None
+      if config.checkpoint.init_from:
+        params = init_from.load(config, model_cfg, engine.plan)
+      state = state_lib.create_train_state(engine, run.tx, jax.random.key(tc.seed), params)
+    start = int(jax.device_get(state.step))
+    if data.train.position != start:
+      raise ValueError(f"checkpoint step {start} but data position {data.train.position}")
+    if is_main:  # Steps after the checkpoint are run again: drop their old records.
+      metrics_lib.truncate(workdir, start)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    val_batches = [put({k: v[rows] for k, v in b.items()}) for b in data.val]
+    return _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer,
+                model_cfg, start, t0, is_main)
   finally:
     ckpt.wait()
     ckpt.close()
@@ -144,8 +118,8 @@ def _evaluate(eval_step, params, val_batches) -> float:
   return float(np.mean(jax.device_get(losses)))
 
 
-def _run(config, state, data, rows, layout, train_step, eval_step, val_batches, tasks, ckpt,
-         writer, model_cfg, start, t0, is_main) -> dict[str, Any]:
+def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer, model_cfg,
+         start, t0, is_main) -> dict[str, Any]:
   tc, cc = config.train, config.checkpoint
   guard = guard_lib.CollapseGuard(tc.spike_factor, tc.spike_window)
   tokens_per_step = tc.batch_size * tc.seq_len
@@ -197,22 +171,22 @@ def _run(config, state, data, rows, layout, train_step, eval_step, val_batches, 
 
   pending = None  # (step, device metrics, val_loss) of the last dispatched step
   for step in range(start + 1, tc.steps + 1):
-    batch = layout.put_batch(data.train.next_rows(rows), rows, tc.batch_size)
-    state, metrics = train_step(state, batch)  # Dispatch step `step` ...
+    batch = put(data.train.next_rows(rows))
+    state, metrics = steps.train(state, batch)  # Dispatch step `step` ...
     if pending is not None:
       finish(*pending)  # ... then wait for the previous one.
     val_loss = None
     if tc.eval_every and val_batches and (step % tc.eval_every == 0 or step == tc.steps):
-      val_loss = _evaluate(eval_step, state.params, val_batches)
+      val_loss = _evaluate(steps.evaluate, state.params, val_batches)
     task_metrics = {}
     if tasks is not None and (tasks.due(step) or step == tc.steps):
-      from esjax.eval.loading import build_model  # pylint: disable=g-import-not-at-top
-      task_metrics = tasks(step, build_model(model_cfg, state.params), force=True)
+      params = state_lib.params_from_state(state.params, steps.engine)
+      task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params), force=True)
     pending = (step, metrics, val_loss, task_metrics)
     if step == tc.steps or (cc.every and step % cc.every == 0):
       finish(*pending)  # A checkpoint only after its step's loss passed the guard.
       pending = None
-      ckpt.save(state, data.train.state(), model_cfg)
+      ckpt.save(state, data.train.state(), model_cfg, steps.engine.fmt)
   bar.close()
   summary["wall_s"] = time.perf_counter() - t0
   return summary

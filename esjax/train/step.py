@@ -5,13 +5,17 @@ the train state's shardings: what the loop runs, the planner compiles and the be
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import optax
 
+from esjax.configs import common
+from esjax.models.config import ModelConfig
 from esjax.parallel.pipeline import Engine
-from esjax.train import state as state_lib
+from esjax.sharding.layout import Layout, check_model
+from esjax.sharding.plan import ParallelPlan, make_plan
+from esjax.train import optimizer, state as state_lib
 from esjax.train.state import TrainState
 
 
@@ -64,3 +68,26 @@ def build(engine: Engine, tx: optax.GradientTransformation, schedule: optax.Sche
                   donate_argnums=0)
   evaluate = jax.jit(make_eval_step(engine), in_shardings=(shardings.params, batch_sh))
   return Steps(engine, abstract, batch_sh, train, evaluate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What an experiment config builds: model config, plan, optimizer and the jitted steps."""
+
+  model_cfg: ModelConfig
+  plan: ParallelPlan
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  steps: Steps
+
+
+def for_config(config: Any, devices: Sequence[Any] | None = None) -> Run:
+  """The training loop's steps for an experiment config, on `devices` (default: every device
+  of the job; a deviceless topology's devices for `python -m esjax.plan`)."""
+  model_cfg = common.model_config(config)
+  plan = make_plan(Layout.from_config(config.parallel), devices)
+  check_model(plan.layout, model_cfg, seq_len=config.train.seq_len,
+              batch=config.train.batch_size)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
+  engine = Engine.build(model_cfg, plan)
+  return Run(model_cfg, plan, tx, schedule, build(engine, tx, schedule))

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from flax import nnx
 
+from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.transforms import build, growth, upcycle
 
@@ -24,8 +24,7 @@ Params = dict[str, Any]
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  _, state = build.abstract_model(cfg)
-  flat, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
+  flat, _ = jax.tree_util.tree_flatten_with_path(params_lib.shapes(cfg))
   return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
 
 
