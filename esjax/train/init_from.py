@@ -1,10 +1,11 @@
 """Starting a run from another run's weights (`checkpoint.init_from`), without its optimizer
 state: continued pretraining, and the hook where a checkpoint is converted while it loads.
 
-The path: `checkpoint.restore_params` reads the source's model config and params, `convert`
-turns them into parameters of this run's model config (identity when the two configs have
-the same parameter shapes), and `check_fit` refuses anything whose tree or shapes do not
-match the model, naming the parameter.
+The path: `checkpoint.restore_params` (an esjax run) or `interop.load.read_params` (a Hugging
+Face folder) reads the source's model config and params, `convert` turns them into
+parameters of this run's model config (identity when the two configs have the same parameter
+shapes), and `check_fit` refuses anything whose tree or shapes do not match the model, naming
+the parameter.
 
 `convert` is the one place for load-time conversions. `esjax.transforms` plugs in here: e.g.
 a dense source checkpoint and an MoE target config are upcycled while loading (online
@@ -23,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from esjax.interop import load as hf_load
 from esjax.models.config import ModelConfig
 from esjax.parallel import rules as rules_lib
 from esjax.train import checkpoint, state as state_lib
@@ -88,15 +90,16 @@ def source_target(src_cfg: ModelConfig, mesh: Any) -> Any:
 
 
 def load(config: Any, model_cfg: ModelConfig, shardings: Any = None) -> Any:
-  """Parameters for this run's model from `config.checkpoint.init_from`, cast to the
-  model's parameter dtypes. `shardings`: as in `convert`; with them the source is read
-  sharded over the same mesh (`source_target`)."""
+  """Parameters for this run's model from `config.checkpoint.init_from` (an esjax run or a
+  Hugging Face folder), cast to the model's parameter dtypes. `shardings`: as in `convert`;
+  with them the source is read sharded over the same mesh (`source_target`)."""
   source = config.checkpoint.init_from
   target = None
   if shardings is not None:
     mesh = jax.tree.leaves(shardings)[0].mesh
     target = lambda src_cfg: source_target(src_cfg, mesh)  # noqa: E731
-  src_cfg, params = checkpoint.restore_params(source, target)
+  reader = hf_load.read_params if hf_load.is_hf_folder(source) else checkpoint.restore_params
+  src_cfg, params = reader(source, target)
   _, abstract = state_lib.abstract_model(model_cfg)
   abstract = nnx.to_pure_dict(abstract)
   try:
