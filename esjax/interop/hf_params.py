@@ -276,12 +276,24 @@ def to_pure_dict(params: Any) -> Any:
   return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
 
 
-def to_host(x: Any) -> np.ndarray:
-  """A parameter as one numpy array: gathered over processes when it spans several (every
-  process must call this, in the same order), else read from its local shards."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)
+def fill(dest: np.ndarray, x: Any, expert: int | None = None) -> None:
+  """`dest[...] = x` (or `x[expert]`) for a parameter `x` (numpy, or a jax array with all
+  its shards on this process), shard by shard into `dest` (a view of an HF tensor): no host
+  copy of the whole parameter is made or kept (jax caches `np.asarray(array)` on the array,
+  which would keep every exported parameter on the host)."""
+  if not isinstance(x, jax.Array):
+    dest[...] = np.asarray(x) if expert is None else np.asarray(x)[expert]
+    return
+  for shard in x.addressable_shards:
+    if shard.replica_id != 0:
+      continue
+    index = tuple(shard.index) + (slice(None),) * (x.ndim - len(shard.index))
+    if expert is None:
+      dest[index] = np.asarray(shard.data)
+      continue
+    first, stop, _ = index[0].indices(x.shape[0])
+    if first <= expert < stop:
+      dest[index[1:]] = np.asarray(shard.data[expert - first])
 
 
 def tensor_specs(cfg: ModelConfig, dtype: str | None = None
@@ -298,8 +310,9 @@ def iter_hf_tensors(cfg: ModelConfig, params: Any, dtype: str | None = None
   """(HF name, numpy array) pairs of esjax `params`, one at a time, for `architecture_for(cfg)`.
 
   `params` is a pure dict or `nnx.State` of the model's Params, possibly sharded over
-  several processes (each parameter is then gathered, one at a time, on every process);
-  every tensor is cast to `dtype` (default `cfg.param_dtype`).
+  several processes (then each parameter is gathered in turn on every process: all must
+  iterate); every tensor is cast to `dtype` (default `cfg.param_dtype`). Host memory: the
+  tensor yielded, plus a gathered parameter when it spans processes.
   """
   lay = layout(cfg)
   params = to_pure_dict(params)
@@ -308,18 +321,21 @@ def iter_hf_tensors(cfg: ModelConfig, params: Any, dtype: str | None = None
   for path, parts in lay.leaves.items():
     for part in parts:
       holders.setdefault(part.name, []).append((path, part))
-  host_path, host = None, None
+  gathered: tuple[Path, np.ndarray] | None = None  # one parameter spanning processes
   for name in lay.order:
     if name in lay.zeros:
       yield name, np.zeros(lay.zeros[name], dt)
       continue
     tensor = np.empty(holders[name][0][1].shape, dt)
     for path, part in holders[name]:
-      if path != host_path:  # experts of one parameter: gathered once
-        host_path, host = path, to_host(lookup(params, path))
-      part.view(tensor)[...] = host if part.expert is None else host[part.expert]
+      x = lookup(params, path)
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if gathered is None or gathered[0] != path:  # experts: gathered once for all
+          gathered = None
+          gathered = (path, multihost_utils.process_allgather(x, tiled=True))
+        x = gathered[1]
+      fill(part.view(tensor), x, part.expert)
     yield name, tensor
-  host = None
 
 
 def esjax_to_hf_tensors(cfg: ModelConfig, params: Any, dtype: str | None = None

@@ -56,6 +56,14 @@ class Checkpointer:
         model_config=ocp.args.JsonSave(model_cfg.to_dict())), force=True)
     return step
 
+  def save_params(self, step: int, params: Any, model_cfg: ModelConfig) -> int:
+    """Saves only parameters and model config: a checkpoint to start runs from
+    (`checkpoint.init_from`) or to evaluate, not to resume (no optimizer state)."""
+    self._mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        model_config=ocp.args.JsonSave(model_cfg.to_dict())), force=True)
+    return step
+
   def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """The train state at `step` laid out like `target` (abstract, with shardings), and the
     data position saved with it."""
