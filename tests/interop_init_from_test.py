@@ -90,3 +90,16 @@ def test_host_plan_is_one_parameter_and_its_source(folder):
   params = nnx.to_pure_dict(nnx.state(interop.from_pretrained(path), nnx.Param))
   assert plan["device_bytes"] == sum(
       x.nbytes // (8 if x.shape[0] % 8 == 0 else 1) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow  # the 47B-parameter MoE's abstract shapes take ~30 s to trace here
+def test_llama8b_upcycling_start_fits_a_24gb_host(tmp_path):
+  """Llama-3.1-8B (bf16, headers only: sparse files) read for its upcycling start (8
+  experts top-2, dp=8 ep=8 fsdp on 8 devices): the host peak is the embedding's buffers plus
+  its mapped source, 2 x 128256 x 4096 x 2 bytes = 2.1 GB, far below a 24 GiB host."""
+  from benchmarks import hf_memory  # pylint: disable=g-import-not-at-top
+  from esjax.models import count_params, presets  # pylint: disable=g-import-not-at-top
+  row = hf_memory.run_plan8b(tmp_path / "llama8b")
+  assert row["peak_host_bytes"] == 2 * 128256 * 4096 * 2 < 24 * 2**30
+  assert row["checkpoint_bytes"] == 2 * count_params(presets.get_preset("llama3-8b"))["total"]
+  assert row["devices"] == 8 and row["fits_24_gib_host"]

@@ -193,22 +193,22 @@ def test_rope_frequencies_equal_transformers(rope):
   """layers.rope_frequencies of the imported config = transformers' ROPE_INIT_FUNCTIONS
   (modeling_rope_utils), inverse frequencies and cos/sin scale; dynamic at several lengths."""
   torch, transformers = _hf()
-  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=g-import-not-at-top
+  init_fn = pytest.importorskip("transformers.modeling_rope_utils").ROPE_INIT_FUNCTIONS[
+      rope["rope_type"]]
   hf = transformers.LlamaConfig(vocab_size=32, hidden_size=64, num_attention_heads=4,
                                 head_dim=16, num_hidden_layers=1, intermediate_size=32,
                                 max_position_embeddings=8 if rope["rope_type"] == "dynamic"
                                 else 64, rope_parameters={**ROPE, **rope})
   cfg = interop.config_from_hf(hf.to_dict())
   for seq_len in ([None] if rope["rope_type"] != "dynamic" else [None, 5, 9, 40]):
-    want, want_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](
-        hf, None, seq_len=None if seq_len is None else torch.tensor(seq_len))
+    want, want_scale = init_fn(hf, None, seq_len=None if seq_len is None
+                               else torch.tensor(seq_len))
     got, scale = layers.rope_frequencies(cfg, None if seq_len is None else np.int32(seq_len))
     np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6, atol=0)
     assert scale == pytest.approx(want_scale, rel=1e-12)
   # ... and the export states the same parameters: transformers computes the same again.
   back = transformers.LlamaConfig.from_dict(interop.config_to_hf(cfg))
-  np.testing.assert_array_equal(ROPE_INIT_FUNCTIONS[rope["rope_type"]](back, None)[0].numpy(),
-                                ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, None)[0].numpy())
+  np.testing.assert_array_equal(init_fn(back, None)[0].numpy(), init_fn(hf, None)[0].numpy())
 
 
 def test_routing_maps_to_esjax_orders(tmp_path):

@@ -74,7 +74,8 @@ def test_sliding_window_attend_equals_numpy_loop():
   want = np.zeros_like(got, np.float64)
   for bi in range(b):
     for i in range(sq):
-      seen = (k_pos[bi] >= 0) & (q_pos[bi, i] - k_pos[bi] >= 0) & (q_pos[bi, i] - k_pos[bi] < window)
+      dist = q_pos[bi, i] - k_pos[bi]
+      seen = (k_pos[bi] >= 0) & (dist >= 0) & (dist < window)
       for hi in range(h):
         g = hi // (h // kv)
         s = k[bi, seen, g].astype(np.float64) @ q[bi, i, hi] / np.sqrt(hd)

@@ -90,11 +90,13 @@ def _fused(lo: int, hi: int) -> View:
   return lambda a: a[:, lo:hi].transpose(0, 2, 1)
 
 
-def layout(cfg: ModelConfig, names: Collection[str] | None = None) -> Layout:
+def layout(cfg: ModelConfig, names: Collection[str] | None = None, abstract: Any = None
+           ) -> Layout:
   """The HF tensors of `cfg`'s parameters. `names`: the tensors a checkpoint has (picks
   Mixtral's `block_sparse_moe` or transformers 5's fused `gate_up_proj` names, as found);
-  None: the names `architecture_for(cfg)` is saved with."""
-  abstract = abstract_params(cfg)
+  None: the names `architecture_for(cfg)` is saved with. `abstract`: `abstract_params(cfg)`
+  when the caller has it (it takes seconds for a large model)."""
+  abstract = abstract_params(cfg) if abstract is None else abstract
   exporting = names is None
   arch = architecture_for(cfg) if exporting else None
   has = (lambda n: False) if exporting else (lambda n: n in names)
@@ -253,10 +255,10 @@ def hf_to_esjax_params(cfg: ModelConfig, tensors: Mapping[str, Any], *,
   embeddings are tied, and Qwen2-MoE's zero-width shared expert when the config has none):
   an unused tensor means the config does not describe the checkpoint.
   """
-  lay = layout(cfg, set(tensors))
+  abstract = abstract_params(cfg)
+  lay = layout(cfg, set(tensors), abstract)
   infos = getattr(tensors, "infos", None)  # a SafetensorsFolder knows shapes from headers
   check_tensors(lay, {n: infos[n].shape if infos else np.shape(tensors[n]) for n in tensors})
-  abstract = abstract_params(cfg)
   out: dict[str, Any] = {}
   for path, parts in lay.leaves.items():
     spec = lookup(abstract, path)

@@ -74,9 +74,9 @@ def host_plan(folder: str | os.PathLike, target: Target = None, **overrides: Any
   """
   cfg = read_config(folder, **overrides)
   tensors = safetensors_io.SafetensorsFolder(folder)
-  lay = hf_params.layout(cfg, set(tensors.infos))
-  hf_params.check_tensors(lay, {n: i.shape for n, i in tensors.infos.items()})
   abstract = hf_params.abstract_params(cfg)
+  lay = hf_params.layout(cfg, set(tensors.infos), abstract)
+  hf_params.check_tensors(lay, {n: i.shape for n, i in tensors.infos.items()})
   target = _resolve(target, cfg)
   peak = {"bytes": 0}
   per_device: dict[Any, int] = {}
