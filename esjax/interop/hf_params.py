@@ -278,11 +278,19 @@ def to_pure_dict(params: Any) -> Any:
   return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
 
 
+def _uncached(a: jax.Array) -> np.ndarray:
+  """`a` on the host, without the host copy staying attached to `a`: `np.asarray(a)` caches
+  the copy it makes (off the CPU) on the array, which would keep every exported parameter
+  on the host. On the CPU it is a view of the buffer, nothing copied or kept."""
+  if all(d.platform == "cpu" for d in a.devices()):
+    return np.asarray(a)
+  return np.asarray(jnp.copy(a))  # the copy is cached on a temporary
+
+
 def fill(dest: np.ndarray, x: Any, expert: int | None = None) -> None:
   """`dest[...] = x` (or `x[expert]`) for a parameter `x` (numpy, or a jax array with all
-  its shards on this process), shard by shard into `dest` (a view of an HF tensor): no host
-  copy of the whole parameter is made or kept (jax caches `np.asarray(array)` on the array,
-  which would keep every exported parameter on the host)."""
+  its shards on this process), shard by shard into `dest` (a view of an HF tensor), so the
+  host holds no other copy of the parameter."""
   if not isinstance(x, jax.Array):
     dest[...] = np.asarray(x) if expert is None else np.asarray(x)[expert]
     return
@@ -291,11 +299,11 @@ def fill(dest: np.ndarray, x: Any, expert: int | None = None) -> None:
       continue
     index = tuple(shard.index) + (slice(None),) * (x.ndim - len(shard.index))
     if expert is None:
-      dest[index] = np.asarray(shard.data)
+      dest[index] = _uncached(shard.data)
       continue
     first, stop, _ = index[0].indices(x.shape[0])
     if first <= expert < stop:
-      dest[index[1:]] = np.asarray(shard.data[expert - first])
+      dest[index[1:]] = np.asarray(shard.data[expert - first])  # a new array: not kept
 
 
 def tensor_specs(cfg: ModelConfig, dtype: str | None = None
