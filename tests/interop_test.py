@@ -1,4 +1,5 @@
-"""Hugging Face interop: esjax logits equal transformers' (float32, 1e-4) in both directions.
+"""Hugging Face interop: esjax logits equal transformers' (float32, 1e-4) in both directions,
+and greedy generation gives the same tokens, for every supported architecture.
 
 Tiny random models are built with transformers on the CPU (no hub); tests that need torch
 skip with a message when it is not installed. Config-mapping and error tests need neither.
@@ -14,11 +15,13 @@ import safetensors.numpy
 from flax import nnx
 
 from esjax import interop
-from esjax.models import presets
+from esjax.eval import generation
+from esjax.models import layers, presets
 from esjax.models.config import ModelConfig
 
 TOL = 1e-4
 TOKENS = np.random.RandomState(0).randint(0, 128, (2, 9)).astype(np.int32)
+PROMPT_LEN, NEW_TOKENS = 4, 8  # generation crosses the short contexts of the RoPE cases
 
 
 def _hf():
@@ -51,6 +54,24 @@ def _hf_logits(model):
     return model(torch.tensor(TOKENS, dtype=torch.long)).logits.float().numpy()
 
 
+def _hf_greedy(model):
+  """transformers' greedy generate (fresh cache, no early stop) of the TOKENS prompts."""
+  torch, _ = _hf()
+  model.generation_config.eos_token_id = None
+  with torch.no_grad():
+    out = model.generate(torch.tensor(TOKENS[:, :PROMPT_LEN], dtype=torch.long),
+                         attention_mask=torch.ones((2, PROMPT_LEN), dtype=torch.long),
+                         max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+  return out[:, PROMPT_LEN:].numpy().tolist()
+
+
+def _greedy(model):
+  """esjax's cached greedy decoding; the prompt too goes in one token at a time, so one
+  compiled step serves all (the same function: the prompts are shorter than any context)."""
+  return generation.generate(model, TOKENS[:, :PROMPT_LEN].tolist(), max_new_tokens=NEW_TOKENS,
+                             max_len=64, prefill_chunk=1)
+
+
 @nnx.jit
 def _forward(model, tokens):
   return model(tokens)[0]
@@ -60,15 +81,38 @@ def _logits(model):
   return np.asarray(_forward(model, jnp.asarray(TOKENS)))
 
 
+ROPE = {"rope_theta": 10_000.0}
 HF_CASES = {
     "llama_gqa_tied": ("LlamaConfig", dict(
         intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0})),
     "llama_mha_head_dim": ("LlamaConfig", dict(
         intermediate_size=96, num_hidden_layers=2, num_key_value_heads=4, head_dim=32)),
+    # RoPE scaling: contexts short enough that 9 tokens and generation feel every branch.
+    "llama3_rope": ("LlamaConfig", dict(intermediate_size=96, num_hidden_layers=2, rope_parameters={
+        **ROPE, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama_linear_rope": ("LlamaConfig", dict(intermediate_size=96, num_hidden_layers=2,
+                                              rope_parameters={**ROPE, "rope_type": "linear",
+                                                               "factor": 4.0})),
+    "llama_dynamic_rope": ("LlamaConfig", dict(
+        intermediate_size=96, num_hidden_layers=2, max_position_embeddings=6,
+        rope_parameters={**ROPE, "rope_type": "dynamic", "factor": 4.0})),
+    "llama_yarn_rope": ("LlamaConfig", dict(
+        intermediate_size=96, num_hidden_layers=2, max_position_embeddings=64,
+        rope_parameters={**ROPE, "rope_type": "yarn", "factor": 4.0,
+                         "original_max_position_embeddings": 16})),
+    "mistral_window": ("MistralConfig", dict(intermediate_size=96, num_hidden_layers=2,
+                                             sliding_window=4)),
     "qwen2_dense": ("Qwen2Config", dict(intermediate_size=96, num_hidden_layers=2)),
-    "mixtral": ("MixtralConfig", dict(
-        intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_window": ("Qwen2Config", dict(intermediate_size=96, num_hidden_layers=2,
+                                         use_sliding_window=True, sliding_window=3,
+                                         max_window_layers=0)),
+    "qwen3_head_dim": ("Qwen3Config", dict(intermediate_size=96, num_hidden_layers=2,
+                                           head_dim=32)),
+    "mixtral_window": ("MixtralConfig", dict(
+        intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=5)),
     "qwen2_moe_shared_first_dense": ("Qwen2MoeConfig", dict(
         intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
         num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0])),
@@ -76,7 +120,33 @@ HF_CASES = {
         intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
         num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
         norm_topk_prob=True, qkv_bias=False)),
+    "qwen3_moe_first_dense_yarn": ("Qwen3MoeConfig", dict(
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_experts=4,
+        num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=True, head_dim=32,
+        max_position_embeddings=64, rope_parameters={
+            **ROPE, "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8,
+            "mscale": 0.8, "mscale_all_dim": 1.0})),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_hidden_layers=2, num_experts=4,
+                                  num_experts_per_tok=2)),
 }
+# Greedy generation for every architecture and RoPE type (the rest only vary the shapes).
+GENERATE = {"llama3_rope", "llama_linear_rope", "llama_dynamic_rope", "llama_yarn_rope",
+            "mistral_window", "qwen2_window", "qwen3_head_dim", "mixtral_window",
+            "qwen2_moe_shared_first_dense", "qwen3_moe_first_dense_yarn", "olmoe"}
+
+# (q/k norms with random scales matter by construction; RoPE scaling and windows might not
+# on 9 tokens, so those cases check that they do.)
+FEATURES = {"llama3_rope", "llama_linear_rope", "llama_dynamic_rope", "llama_yarn_rope",
+            "mistral_window"}
+
+
+def _check_feature_matters(model, out):
+  """The feature a case checks is no no-op on its tiny config: without its RoPE scaling
+  or sliding window, the logits move far beyond TOL."""
+  plain = model.cfg.replace(rope_type="default", sliding_window=0)
+  assert plain != model.cfg
+  changed = interop.model_from_params(plain, nnx.state(model, nnx.Param))
+  assert np.abs(_logits(changed) - out).max() > 100 * TOL
 
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
@@ -90,6 +160,10 @@ def test_hf_to_esjax_and_back(case, tmp_path):
   model = interop.from_pretrained(tmp_path / "hf")
   out = _logits(model)
   np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+  if case in GENERATE:
+    assert _greedy(model) == _hf_greedy(hf_model)
+  if case in FEATURES:
+    _check_feature_matters(model, out)
 
   # esjax -> HF: transformers loads what save_pretrained writes and computes the same logits.
   interop.save_pretrained(model, tmp_path / "esjax")
@@ -102,10 +176,43 @@ def test_hf_to_esjax_and_back(case, tmp_path):
   assert sorted(ours) == sorted(theirs)
   for name, value in theirs.items():
     np.testing.assert_array_equal(ours[name], value, err_msg=name)
+  assert {p.stat().st_mode & 0o777 for p in (tmp_path / "esjax").iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="linear", factor=4.0),
+    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=32),
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=0.7,
+         mscale_all_dim=1.0, beta_fast=16, beta_slow=2, truncate=False),
+    dict(rope_type="yarn", factor=3.0, original_max_position_embeddings=16,
+         attention_factor=0.9),
+    dict(rope_type="dynamic", factor=4.0)], ids=lambda r: "-".join(map(str, r.values())))
+def test_rope_frequencies_equal_transformers(rope):
+  """layers.rope_frequencies of the imported config = transformers' ROPE_INIT_FUNCTIONS
+  (modeling_rope_utils), inverse frequencies and cos/sin scale; dynamic at several lengths."""
+  torch, transformers = _hf()
+  init_fn = pytest.importorskip("transformers.modeling_rope_utils").ROPE_INIT_FUNCTIONS[
+      rope["rope_type"]]
+  hf = transformers.LlamaConfig(vocab_size=32, hidden_size=64, num_attention_heads=4,
+                                head_dim=16, num_hidden_layers=1, intermediate_size=32,
+                                max_position_embeddings=8 if rope["rope_type"] == "dynamic"
+                                else 64, rope_parameters={**ROPE, **rope})
+  cfg = interop.config_from_hf(hf.to_dict())
+  for seq_len in ([None] if rope["rope_type"] != "dynamic" else [None, 5, 9, 40]):
+    want, want_scale = init_fn(hf, None, seq_len=None if seq_len is None
+                               else torch.tensor(seq_len))
+    got, scale = layers.rope_frequencies(cfg, None if seq_len is None else np.int32(seq_len))
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6, atol=0)
+    assert scale == pytest.approx(want_scale, rel=1e-12)
+  # ... and the export states the same parameters: transformers computes the same again.
+  back = transformers.LlamaConfig.from_dict(interop.config_to_hf(cfg))
+  np.testing.assert_array_equal(init_fn(back, None)[0].numpy(), init_fn(hf, None)[0].numpy())
 
 
 def test_routing_maps_to_esjax_orders(tmp_path):
-  _hf_model(*HF_CASES["mixtral"]).save_pretrained(tmp_path / "m")
+  _hf_model(*HF_CASES["mixtral_window"]).save_pretrained(tmp_path / "m")
   _hf_model(*HF_CASES["qwen2_moe_sparse_step_norm_topk"]).save_pretrained(tmp_path / "q")
   mixtral, qwen = interop.read_config(tmp_path / "m"), interop.read_config(tmp_path / "q")
   assert (mixtral.routing_order, mixtral.n_experts, mixtral.top_k) == ("topk_softmax", 4, 2)
@@ -128,6 +235,11 @@ ESJAX_CASES = {
     # name: (config, the HF architecture that must represent it)
     "llama_qkv_bias": (presets.get_preset("tiny-llama", vocab_size=128, qkv_bias=True),
                        "Qwen2ForCausalLM"),
+    "llama_window_llama3_rope": (presets.get_preset(
+        "tiny-llama", vocab_size=128, sliding_window=3, rope_type="llama3", rope_factor=4.0,
+        rope_original_max_len=16), "MistralForCausalLM"),
+    "qk_norm_head_dense": (presets.get_preset("tiny-llama", vocab_size=128, qk_norm="head"),
+                           "Qwen3ForCausalLM"),
     "mixtral_softmax_topk_renorm": (presets.get_preset(
         "tiny-mixtral", vocab_size=128, n_experts=4, routing_order="softmax_topk",
         renormalize=True), "MixtralForCausalLM"),
@@ -136,6 +248,13 @@ ESJAX_CASES = {
     "aquila_like_moe": (presets.get_preset(  # qkv bias + dense first layer, no shared expert
         "tiny-mixtral", vocab_size=128, n_experts=4, n_layers=3, qkv_bias=True,
         first_k_dense=1), "Qwen2MoeForCausalLM"),
+    "qk_norm_head_moe_window": (presets.get_preset(
+        "tiny-mixtral", vocab_size=128, n_experts=4, n_layers=3, qk_norm="head",
+        first_k_dense=1, sliding_window=4, rope_type="dynamic", rope_factor=2.0,
+        rope_original_max_len=6), "Qwen3MoeForCausalLM"),
+    "qk_norm_full_moe": (presets.get_preset(
+        "tiny-mixtral", vocab_size=128, n_experts=4, qk_norm="full",
+        routing_order="softmax_topk"), "OlmoeForCausalLM"),
 }
 
 
@@ -159,7 +278,7 @@ def test_esjax_to_hf_and_back(case, tmp_path):
 
 def test_sharded_read_and_write(tmp_path):
   _, transformers = _hf()
-  hf_model = _hf_model(*HF_CASES["mixtral"])
+  hf_model = _hf_model(*HF_CASES["mixtral_window"])
   hf_model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
   index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
@@ -184,7 +303,7 @@ def test_sharded_read_and_write(tmp_path):
                              atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe_shared_first_dense"])
+@pytest.mark.parametrize("case", ["mixtral_window", "qwen3_moe_first_dense_yarn"])
 def test_reads_fused_expert_tensors(case, tmp_path):
   """transformers 5 holds experts fused (gate_up_proj [E, 2F, D]); those names load too."""
   hf_model = _hf_model(*HF_CASES[case])
@@ -251,8 +370,11 @@ def test_qwen2_moe_layer_patterns():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(architectures=["GPT2LMHeadModel"]), "GPT2LMHeadModel"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "yarn"),
+    (dict(rope_scaling={"rope_type": "longrope", "factor": 8.0}), "longrope"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
+     "needs 'low_freq_factor'"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "needs a 'factor'"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     (dict(hidden_act="gelu"), "gelu"),
     (dict(use_sliding_window=True), "sliding"),
     (dict(mlp_only_layers=[2]), "first K dense"),
@@ -262,7 +384,18 @@ def test_config_errors(kw, match):
     interop.config_from_hf(_qwen2_moe_json(**kw))
 
 
-def test_llama_bias_and_mixtral_window_errors():
+def test_rope_and_window_mapping():
+  """Legacy `rope_scaling` wins over `rope_parameters` (as in transformers), defaults are
+  resolved, and the windows of each architecture map to one `sliding_window`."""
+  hf = _qwen2_moe_json(rope_theta=5e5, rope_parameters={"rope_type": "default"},
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0})
+  cfg = interop.config_from_hf(dict(hf, max_position_embeddings=4096))
+  assert (cfg.rope_type, cfg.rope_theta, cfg.rope_original_max_len) == ("yarn", 5e5, 4096)
+  assert cfg.rope_attention_factor == pytest.approx(0.1 * np.log(4.0) + 1)
+  dynamic = interop.config_from_hf(dict(hf, max_position_embeddings=512, rope_scaling={
+      "type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64}))
+  assert (dynamic.rope_type, dynamic.rope_original_max_len) == ("dynamic", 512)
+
   llama = dict(architectures=["LlamaForCausalLM"], vocab_size=128, hidden_size=64,
                intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
   assert interop.config_from_hf(llama).n_kv_heads == 4
@@ -271,8 +404,17 @@ def test_llama_bias_and_mixtral_window_errors():
   mixtral = dict(llama, architectures=["MixtralForCausalLM"], num_local_experts=4,
                  num_experts_per_tok=2, max_position_embeddings=4096)
   assert interop.config_from_hf(dict(mixtral, sliding_window=None)).rope_theta == 1e6
-  with pytest.raises(ValueError, match="sliding_window=1024"):
-    interop.config_from_hf(dict(mixtral, sliding_window=1024))
+  assert interop.config_from_hf(dict(mixtral, sliding_window=1024)).sliding_window == 1024
+  qwen2 = dict(llama, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+               sliding_window=16)
+  assert interop.config_from_hf(dict(qwen2, max_window_layers=0)).sliding_window == 16
+  assert interop.config_from_hf(dict(qwen2, use_sliding_window=False)).sliding_window == 0
+  with pytest.raises(ValueError, match="mix sliding and full"):
+    interop.config_from_hf(dict(qwen2, max_window_layers=1))
+  olmoe = dict(llama, architectures=["OlmoeForCausalLM"], num_experts=4, num_experts_per_tok=2)
+  assert interop.config_from_hf(olmoe).qk_norm == "full"
+  with pytest.raises(ValueError, match="clip_qkv=8"):
+    interop.config_from_hf(dict(olmoe, clip_qkv=8.0))
   with pytest.raises(ValueError, match="unknown keys"):
     interop.config_from_hf(llama, not_a_field=1)
 
@@ -283,6 +425,11 @@ def test_export_errors_leave_nothing_on_disk(tmp_path):
                              routing_order="softmax_topk"),
       "scaling": ModelConfig(n_experts=4, top_k=2, routed_scaling=2.0),
       "ungated shared": ModelConfig(n_experts=4, top_k=2, n_shared_experts=1),
+      "dense full qk norm": ModelConfig(qk_norm="full"),
+      "bias and head qk norm": ModelConfig(qk_norm="head", qkv_bias=True),
+      "qwen2-moe window": ModelConfig(n_experts=4, top_k=2, n_shared_experts=1,
+                                      shared_expert_gate=True, sliding_window=8),
+      "olmoe dense layer": ModelConfig(n_experts=4, top_k=2, qk_norm="full", first_k_dense=1),
   }
   for name, cfg in bad.items():
     with pytest.raises(ValueError, match="cannot export"):

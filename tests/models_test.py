@@ -49,3 +49,38 @@ def test_bad_config_names_value():
     ModelConfig(n_heads=6, n_kv_heads=4, d_model=48)
   with pytest.raises(ValueError, match="unknown keys"):
     ModelConfig.from_dict({"d_modle": 3})
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_qk_norm_params_are_counted(qk_norm):
+  cfg = ModelConfig(n_heads=4, n_kv_heads=2, qk_norm=qk_norm)
+  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert n == count_params(cfg)["total"] > count_params(cfg.replace(qk_norm="none"))["total"]
+
+
+def test_sliding_window_attend_equals_numpy_loop():
+  """attend with sliding_window: key j is seen by query i iff 0 <= q_pos - k_pos < window,
+  against a float64 loop over (batch, query, head); padded slots (k_valid) never seen."""
+  from esjax.models.attention import attend  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  b, sq, sk, h, kv, hd, window = 2, 5, 9, 4, 2, 8, 3
+  q, k, v = (rng.randn(b, s, n, hd).astype(np.float32)
+             for s, n in ((sq, h), (sk, kv), (sk, kv)))
+  k_pos = np.stack([np.arange(sk), np.r_[-1, -1, np.arange(sk - 2)]])  # row 1: left padding
+  q_pos = k_pos[:, -sq:]
+  got = np.asarray(attend(*map(jnp.asarray, (q, k, v, q_pos, k_pos)), jnp.asarray(k_pos >= 0),
+                          sliding_window=window))
+  want = np.zeros_like(got, np.float64)
+  for bi in range(b):
+    for i in range(sq):
+      dist = q_pos[bi, i] - k_pos[bi]
+      seen = (k_pos[bi] >= 0) & (dist >= 0) & (dist < window)
+      for hi in range(h):
+        g = hi // (h // kv)
+        s = k[bi, seen, g].astype(np.float64) @ q[bi, i, hi] / np.sqrt(hd)
+        p = np.exp(s - s.max())
+        want[bi, i, hi] = (p / p.sum()) @ v[bi, seen, g]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  full = np.asarray(attend(*map(jnp.asarray, (q, k, v, q_pos, k_pos)), jnp.asarray(k_pos >= 0)))
+  assert np.abs(full - got).max() > 1e-2  # the window matters here

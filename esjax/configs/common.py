@@ -14,8 +14,9 @@ An experiment file builds on `base_config()` and changes what it needs:
 - `optim`: AdamW with linear warmup then cosine (or constant) decay, global-norm clipping.
 - `train`: `steps`, `batch_size`, `seq_len`, `seed`, `log_every`, `eval_every`,
   `eval_batches`, and the collapse guard (`spike_factor`, `spike_window`).
-- `checkpoint`: `every`, `keep`, `init_from` (another run's workdir or checkpoint: its
-  weights, without optimizer state, start this run; a smaller dense source is grown with
+- `checkpoint`: `every`, `keep`, `init_from` (another run's workdir or checkpoint, or a
+  Hugging Face folder: its weights, without optimizer state, start this run; a smaller
+  dense source is grown with
   the recipe `grow`, a dense source of an MoE run is upcycled: esjax.transforms.online),
   `async_save`.
 - `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`), `fsdp`,

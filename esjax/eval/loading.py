@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from esjax.data.tokenizer import Tokenizer, load_tokenizer
+from esjax.interop import load as hf_load
 from esjax.models.config import ModelConfig
 from esjax.models import params as params_lib
 from esjax.models.transformer import Transformer
@@ -26,28 +27,13 @@ from esjax.train import checkpoint as ckpt_lib
 build_model = params_lib.model_from_params  # (cfg, params pure dict) -> Transformer
 
 
-def is_hf_folder(path: str) -> bool:
-  cfg = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg) or not os.path.isdir(path):
-    return False
-  has_weights = any(f.endswith(".safetensors") for f in os.listdir(path))
-  return has_weights and "architectures" in json.load(open(cfg, encoding="utf-8"))
-
-
 def load_hf(folder: str) -> tuple[Transformer, Tokenizer]:
-  """A Hugging Face Llama / Mixtral / Qwen2(-MoE) folder and its tokenizer (`tokenizer.json`,
-  or a SentencePiece `tokenizer.model` when that is all the folder has)."""
-  from esjax.interop import hf_config, hf_params  # pylint: disable=g-import-not-at-top
-  from esjax.interop.safetensors_io import SafetensorsCheckpoint  # pylint: disable=g-import-not-at-top
-
-  with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-    cfg = hf_config.config_from_hf(json.load(f))
-  with SafetensorsCheckpoint(folder) as tensors:
-    params = hf_params.hf_to_esjax_params(cfg, tensors)
+  """A Hugging Face folder of a supported architecture (`esjax.interop`) and its tokenizer
+  (`tokenizer.json`, or a SentencePiece `tokenizer.model` when that is all the folder has)."""
   for name in ("tokenizer.json", "tokenizer.model"):  # tokenizers, else SentencePiece
     tok_path = os.path.join(folder, name)
     if os.path.isfile(tok_path):
-      return build_model(cfg, params), load_tokenizer(tok_path)
+      return build_model(*hf_load.read_params(folder)), load_tokenizer(tok_path)
   raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model next to the weights")
 
 
@@ -68,7 +54,7 @@ def load(checkpoint: str, config: ml_collections.ConfigDict | None = None
   """(model, tokenizer, experiment config or None) of an esjax run or a Hugging Face folder."""
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"--checkpoint={checkpoint!r}: no such file or directory")
-  if is_hf_folder(checkpoint):
+  if hf_load.is_hf_folder(checkpoint):
     model, tokenizer = load_hf(checkpoint)
     return model, tokenizer, config
   cfg, params = ckpt_lib.restore_params(checkpoint)

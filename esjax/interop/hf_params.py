@@ -2,27 +2,32 @@
 
 HF `nn.Linear` weights are [out, in]; esjax keeps inputs first and splits heads:
 q_proj [H*hd, D] <-> wq [D, H, hd], o_proj [D, H*hd] <-> wo [H, hd, D], gate_proj [F, D]
-<-> w_gate [D, F], router gate [E, D] <-> router [D, E]. RoPE needs no permutation: esjax
-rotates halves, as HF Llama does, so HF-format q/k weights are used as they are.
+<-> w_gate [D, F], router gate [E, D] <-> router [D, E], per-expert [F, D] tensors <->
+w_gate [E, D, F]. RoPE needs no permutation: esjax rotates halves, as HF Llama does, so
+HF-format q/k weights are used as they are.
 
-Experts are read from the per-expert names every transformers version writes (Mixtral
-`block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen2-MoE `mlp.experts.{e}.gate_proj/up_proj/
-down_proj`) or from the fused in-memory names of transformers 5 (`mlp.experts.gate_up_proj`
-[E, 2F, D], gate rows first, and `mlp.experts.down_proj` [E, D, F]); they are written
-per expert, as transformers 5.23 itself saves them.
+`layout(cfg, names)` is the one table of the correspondence: for every esjax parameter, the
+`Part`s that hold it, each an HF tensor's name and shape with a numpy view of that tensor
+in the parameter's layout (the whole parameter, or one expert of it). Views are reshapes,
+transposes and slices: indexing one reads only that region of a memory-mapped tensor, and
+assigning into one fills that region of an HF tensor. Import (`hf_to_esjax_params`) builds
+each parameter with `jax.make_array_from_callback` from the slices its devices hold; export
+(`iter_hf_tensors`) builds one HF tensor at a time from its parameter, gathered to the host.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from esjax.interop.hf_config import architecture_for
 from esjax.models.config import ModelConfig
@@ -30,6 +35,31 @@ from esjax.models.transformer import Transformer
 
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 Path = tuple[Any, ...]
+View = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """HF tensor `name` of `shape`; `view(tensor)` is what it holds of an esjax parameter, in
+  the parameter's layout: all of it, or its slice [expert] when `expert` is set."""
+  name: str
+  shape: tuple[int, ...]
+  view: View
+  expert: int | None = None
+
+
+@dataclasses.dataclass
+class Layout:
+  """`leaves`: esjax parameter path -> its parts (experts in order); `zeros`: HF-only tensors
+  (name -> shape) written as zeros and ignored on import; `order`: HF names, file order."""
+  leaves: dict[Path, list[Part]] = dataclasses.field(default_factory=dict)
+  zeros: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  optional: set[str] = dataclasses.field(default_factory=set)  # tolerated on import
+  order: dict[str, None] = dataclasses.field(default_factory=dict)  # an ordered set
+
+  def add(self, path: Path, part: Part):
+    self.leaves.setdefault(path, []).append(part)
+    self.order[part.name] = None
 
 
 def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
@@ -38,116 +68,175 @@ def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def _lookup(tree: Any, path: Path) -> Any:
+def lookup(tree: Any, path: Path) -> Any:
   for key in path:
     tree = tree[key]
   return tree
 
 
-def _from_linear(w: np.ndarray, want: tuple[int, ...], n_in: int, name: str) -> np.ndarray:
+def _reshape(want: tuple[int, ...]) -> View:
+  return lambda a: a.reshape(want)
+
+
+def _linear(want: tuple[int, ...], n_in: int) -> View:
   """HF [prod(out), prod(in)] -> esjax `want` = (*in, *out)."""
-  expected = (math.prod(want[n_in:]), math.prod(want[:n_in]))
-  if w.shape != expected:
-    raise ValueError(f"checkpoint tensor {name!r} has shape {w.shape}, expected {expected}")
-  return w.T.reshape(want)
+  n_out = len(want) - n_in
+  perm = tuple(range(n_out, n_out + n_in)) + tuple(range(n_out))
+  return lambda a: a.reshape(*want[n_in:], *want[:n_in]).transpose(perm)
 
 
-def _to_linear(x: np.ndarray, n_in: int) -> np.ndarray:
-  """esjax (*in, *out) -> HF [prod(out), prod(in)]."""
-  return np.ascontiguousarray(x.reshape(math.prod(x.shape[:n_in]), -1).T)
+def _fused(lo: int, hi: int) -> View:
+  """gate_up_proj [E, 2F, D] rows lo:hi -> [E, D, F]."""
+  return lambda a: a[:, lo:hi].transpose(0, 2, 1)
 
 
-class _Builder:
-  """Reads HF tensors once each, checks shapes against `cfg`, fills the esjax tree."""
+def layout(cfg: ModelConfig, names: Collection[str] | None = None, abstract: Any = None
+           ) -> Layout:
+  """The HF tensors of `cfg`'s parameters. `names`: the tensors a checkpoint has (picks
+  Mixtral's `block_sparse_moe` or transformers 5's fused `gate_up_proj` names, as found);
+  None: the names `architecture_for(cfg)` is saved with. `abstract`: `abstract_params(cfg)`
+  when the caller has it (it takes seconds for a large model)."""
+  abstract = abstract_params(cfg) if abstract is None else abstract
+  exporting = names is None
+  arch = architecture_for(cfg) if exporting else None
+  has = (lambda n: False) if exporting else (lambda n: n in names)
+  lay = Layout()
 
-  def __init__(self, cfg: ModelConfig, tensors: Mapping[str, Any], shardings: Any = None):
-    self.abstract = abstract_params(cfg)
-    self.tensors, self.shardings, self.used = tensors, shardings, set()
-    self.out: dict[str, Any] = {}
+  def shape(path: Path) -> tuple[int, ...]:
+    return tuple(lookup(abstract, path).shape)
 
-  def has(self, name: str) -> bool:
-    return name in self.tensors
+  def same(path: Path, name: str, flat: bool = False):
+    want = shape(path)
+    lay.add(path, Part(name, (math.prod(want),) if flat else want, _reshape(want)))
 
-  def take(self, name: str) -> np.ndarray:
-    if name not in self.tensors:
-      raise ValueError(f"checkpoint is missing tensor {name!r}")
-    self.used.add(name)
-    return np.asarray(self.tensors[name])
+  def linear(path: Path, name: str, n_in: int = 1):
+    want = shape(path)
+    lay.add(path, Part(name, (math.prod(want[n_in:]), math.prod(want[:n_in])),
+                       _linear(want, n_in)))
 
-  def put(self, path: Path, value: np.ndarray):
-    want = _lookup(self.abstract, path)
-    value = np.asarray(value).astype(want.dtype, copy=False)
-    sharding = _lookup(self.shardings, path) if self.shardings is not None else None
-    node = self.out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jax.device_put(value, sharding)
-
-  def same(self, path: Path, name: str, flat: bool = False):
-    """A tensor stored as it is (norms, embeddings), or `flat` (biases [H*hd] -> [H, hd])."""
-    want = _lookup(self.abstract, path).shape
-    expected = (math.prod(want),) if flat else want
-    w = self.take(name)
-    if w.shape != expected:
-      raise ValueError(f"checkpoint tensor {name!r} has shape {w.shape}, expected {expected}")
-    self.put(path, w.reshape(want))
-
-  def linear(self, path: Path, name: str, n_in: int = 1):
-    want = _lookup(self.abstract, path).shape
-    self.put(path, _from_linear(self.take(name), want, n_in, name))
-
-  def experts(self, path: Path, names: list[str]):
-    """Per-expert [out, in] Linear weights stacked to esjax [E, in, out]."""
-    want = _lookup(self.abstract, path)
-    if len(names) != want.shape[0]:
-      raise ValueError(f"{len(names)} experts in the checkpoint, config has {want.shape[0]}")
-    stacked = np.empty(want.shape, want.dtype)
-    for e, name in enumerate(names):
-      stacked[e] = _from_linear(self.take(name), want.shape[1:], 1, name)
-    self.put(path, stacked)
-
-  def check_all_used(self):
-    unused = sorted(n for n in self.tensors if n not in self.used and not _IGNORED.search(n))
-    if unused:
-      raise ValueError(f"{len(unused)} checkpoint tensors have no place in the esjax model "
-                       f"(wrong config?), e.g. {unused[:5]}")
-
-
-def _read_moe(b: _Builder, cfg: ModelConfig, i: int):
-  p, path = f"model.layers.{i}.", ("layers", i, "mlp")
-  mix = b.has(p + "block_sparse_moe.gate.weight")
-  b.linear(path + ("router",), p + ("block_sparse_moe" if mix else "mlp") + ".gate.weight")
-  fused = p + "mlp.experts.gate_up_proj"
-  if b.has(fused):
-    gate_up, want = b.take(fused), _lookup(b.abstract, path + ("w_gate",)).shape
-    e, d, f = want
-    if gate_up.shape != (e, 2 * f, d):
-      raise ValueError(f"checkpoint tensor {fused!r} has shape {gate_up.shape}, "
-                       f"expected {(e, 2 * f, d)}")
-    b.put(path + ("w_gate",), gate_up[:, :f].transpose(0, 2, 1))
-    b.put(path + ("w_up",), gate_up[:, f:].transpose(0, 2, 1))
-    down_name = p + "mlp.experts.down_proj"
-    down = b.take(down_name)
-    if down.shape != (e, d, f):
-      raise ValueError(f"checkpoint tensor {down_name!r} has shape {down.shape}, "
-                       f"expected {(e, d, f)}")
-    b.put(path + ("w_down",), down.transpose(0, 2, 1))
-  else:
-    names = (("block_sparse_moe.experts", "w1", "w3", "w2") if mix
-             else ("mlp.experts", "gate_proj", "up_proj", "down_proj"))
-    for param, proj in zip(("w_gate", "w_up", "w_down"), names[1:]):
-      b.experts(path + (param,),
-                [f"{p}{names[0]}.{e}.{proj}.weight" for e in range(cfg.n_experts)])
-  shared = p + "mlp.shared_expert."
-  if cfg.n_shared_experts:
+  def swiglu(path: Path, prefix: str):
     for param in ("w_gate", "w_up", "w_down"):
-      b.linear(path + ("shared", param), f"{shared}{param[2:]}_proj.weight")
-    if cfg.shared_expert_gate:
-      b.linear(path + ("shared_gate",), p + "mlp.shared_expert_gate.weight")
-  else:  # Qwen2-MoE with a zero-width shared expert: nothing to load.
-    for name in [f"{shared}{n}_proj.weight" for n in ("gate", "up", "down")]:
-      if b.has(name) and b.tensors[name].size == 0:
-        b.used.update((name, p + "mlp.shared_expert_gate.weight"))
+      linear(path + (param,), f"{prefix}{param[2:]}_proj.weight")
+
+  same(("embed",), "model.embed_tokens.weight")
+  for i in range(cfg.n_layers):
+    p, path = f"model.layers.{i}.", ("layers", i)
+    same(path + ("attn_norm", "scale"), p + "input_layernorm.weight")
+    for n in "qkv":
+      linear(path + ("attn", f"w{n}"), f"{p}self_attn.{n}_proj.weight")
+      if cfg.qkv_bias:
+        same(path + ("attn", f"b{n}"), f"{p}self_attn.{n}_proj.bias", flat=True)
+    linear(path + ("attn", "wo"), p + "self_attn.o_proj.weight", n_in=2)
+    if cfg.qk_norm != "none":
+      for n in "qk":
+        same(path + ("attn", f"{n}_norm", "scale"), f"{p}self_attn.{n}_norm.weight",
+             flat=cfg.qk_norm == "full")
+    same(path + ("mlp_norm", "scale"), p + "post_attention_layernorm.weight")
+    if not cfg.is_moe_layer(i):
+      swiglu(path + ("mlp",), p + "mlp.")
+      continue
+    mlp = path + ("mlp",)
+    mixtral = arch == "MixtralForCausalLM" or has(p + "block_sparse_moe.gate.weight")
+    prefix = p + ("block_sparse_moe." if mixtral else "mlp.")
+    linear(mlp + ("router",), prefix + "gate.weight")
+    if has(p + "mlp.experts.gate_up_proj"):  # transformers 5, in memory
+      e, d, f = shape(mlp + ("w_gate",))
+      lay.add(mlp + ("w_gate",), Part(p + "mlp.experts.gate_up_proj", (e, 2 * f, d), _fused(0, f)))
+      lay.add(mlp + ("w_up",), Part(p + "mlp.experts.gate_up_proj", (e, 2 * f, d),
+                                    _fused(f, 2 * f)))
+      lay.add(mlp + ("w_down",), Part(p + "mlp.experts.down_proj", (e, d, f),
+                                      lambda a: a.transpose(0, 2, 1)))
+    else:
+      projs = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+      for param, proj in zip(("w_gate", "w_up", "w_down"), projs):
+        want = shape(mlp + (param,))
+        for e in range(cfg.n_experts):
+          lay.add(mlp + (param,), Part(f"{prefix}experts.{e}.{proj}.weight",
+                                       (want[2], want[1]), _linear(want[1:], 1), e))
+    shared = p + "mlp.shared_expert."
+    if cfg.n_shared_experts:
+      swiglu(mlp + ("shared",), shared)
+      if cfg.shared_expert_gate:
+        linear(mlp + ("shared_gate",), p + "mlp.shared_expert_gate.weight")
+    elif arch == "Qwen2MoeForCausalLM" or has(shared + "gate_proj.weight"):
+      # Qwen2-MoE always has a shared expert: a zero-width one adds exactly 0.
+      d = cfg.d_model
+      for name, zshape in ((shared + "gate_proj.weight", (0, d)),
+                           (shared + "up_proj.weight", (0, d)),
+                           (shared + "down_proj.weight", (d, 0)),
+                           (p + "mlp.shared_expert_gate.weight", (1, d))):
+        lay.zeros[name] = zshape
+        lay.order[name] = None
+  same(("final_norm", "scale"), "model.norm.weight")
+  if cfg.tie_embeddings:
+    lay.optional.add("lm_head.weight")  # some tied checkpoints store a copy
+  else:
+    linear(("lm_head",), "lm_head.weight")
+  return lay
+
+
+def check_tensors(lay: Layout, shapes: Mapping[str, tuple[int, ...]]) -> None:
+  """ValueError naming the first tensor of `shapes` (name -> shape, a checkpoint) that is
+  missing, mis-shaped or has no place in the layout."""
+  for parts in lay.leaves.values():
+    for part in parts:
+      if part.name not in shapes:
+        raise ValueError(f"checkpoint is missing tensor {part.name!r}")
+      if tuple(shapes[part.name]) != part.shape:
+        raise ValueError(f"checkpoint tensor {part.name!r} has shape "
+                         f"{tuple(shapes[part.name])}, expected {part.shape}")
+  for name, zshape in lay.zeros.items():
+    if name in shapes and tuple(shapes[name]) != zshape:
+      raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(shapes[name])}; the "
+                       f"config has no shared expert, so expected {zshape} (zero width)")
+  used = {p.name for parts in lay.leaves.values() for p in parts} | set(lay.zeros)
+  unused = sorted(n for n in shapes
+                  if n not in used and n not in lay.optional and not _IGNORED.search(n))
+  if unused:
+    raise ValueError(f"{len(unused)} checkpoint tensors have no place in the esjax model "
+                     f"(wrong config?), e.g. {unused[:5]}")
+
+
+def region_shape(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(len(range(n)[s]) for n, s in zip(shape, index))
+
+
+def read_slice(parts: list[Part], tensors: Mapping[str, Any], index: tuple[slice, ...],
+               shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """`parameter[index]` as a new numpy array of `dtype`, reading only that region of the
+  HF tensors (`tensors[name]`: numpy arrays or memory maps)."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  if parts[0].expert is None:
+    return np.array(parts[0].view(np.asarray(tensors[parts[0].name]))[index], dtype=dtype)
+  out = np.empty(region_shape(index, shape), dtype)
+  for j, e in enumerate(range(shape[0])[index[0]]):
+    out[j] = parts[e].view(np.asarray(tensors[parts[e].name]))[index[1:]]
+  return out
+
+
+def placement(target: Any, spec: jax.ShapeDtypeStruct) -> tuple[Any, Any]:
+  """(sharding, dtype) for one parameter: `target` is a Sharding, a ShapeDtypeStruct (with
+  or without a sharding) or None (the default device, the model's dtype)."""
+  if isinstance(target, jax.sharding.Sharding):
+    return target, spec.dtype
+  sharding = getattr(target, "sharding", None)
+  dtype = spec.dtype if target is None else target.dtype
+  return sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), dtype
+
+
+def make_param(parts: list[Part], tensors: Mapping[str, Any], shape: tuple[int, ...],
+               dtype: Any, sharding: Any) -> jax.Array:
+  """One parameter, each device's shard read from `tensors` (a region read once however
+  many local devices hold it, so host memory holds at most one copy of the parameter)."""
+  read: dict[Any, np.ndarray] = {}
+
+  def shard(index):
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in read:
+      read[key] = read_slice(parts, tensors, index, shape, dtype)
+    return read[key]
+
+  return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
 
 def hf_to_esjax_params(cfg: ModelConfig, tensors: Mapping[str, Any], *,
@@ -156,38 +245,32 @@ def hf_to_esjax_params(cfg: ModelConfig, tensors: Mapping[str, Any], *,
 
   Args:
     cfg: the model config (e.g. from `config_from_hf`); shapes are checked against it.
-    tensors: HF tensor name -> array; a lazy mapping (a `SafetensorsCheckpoint`) is read one
-      tensor at a time, so host memory holds at most one esjax parameter in transit.
-    shardings: optional tree of the same structure with a `jax.sharding.Sharding` per leaf.
+    tensors: HF tensor name -> array; with memory maps (`SafetensorsFolder`) each device's
+      shard is read straight from the file, one parameter at a time.
+    shardings: optional tree like the parameters of `jax.sharding.Sharding`s, or of
+      ShapeDtypeStructs (their sharding and dtype), per leaf; default: the first local
+      device, the model's dtypes.
 
-  Every tensor must find its place (besides RoPE's `inv_freq` buffers, and `lm_head` when
-  embeddings are tied): an unused tensor means the config does not describe the checkpoint.
+  Every tensor must find its place (besides RoPE's `inv_freq` buffers, `lm_head` when
+  embeddings are tied, and Qwen2-MoE's zero-width shared expert when the config has none):
+  an unused tensor means the config does not describe the checkpoint.
   """
-  b = _Builder(cfg, tensors, shardings)
-  b.same(("embed",), "model.embed_tokens.weight")
-  for i in range(cfg.n_layers):
-    p, path = f"model.layers.{i}.", ("layers", i)
-    b.same(path + ("attn_norm", "scale"), p + "input_layernorm.weight")
-    b.same(path + ("mlp_norm", "scale"), p + "post_attention_layernorm.weight")
-    for n in "qkv":
-      b.linear(path + ("attn", f"w{n}"), f"{p}self_attn.{n}_proj.weight")
-      if cfg.qkv_bias:
-        b.same(path + ("attn", f"b{n}"), f"{p}self_attn.{n}_proj.bias", flat=True)
-    b.linear(path + ("attn", "wo"), p + "self_attn.o_proj.weight", n_in=2)
-    if cfg.is_moe_layer(i):
-      _read_moe(b, cfg, i)
-    else:
-      for param in ("w_gate", "w_up", "w_down"):
-        b.linear(path + ("mlp", param), f"{p}mlp.{param[2:]}_proj.weight")
-  b.same(("final_norm", "scale"), "model.norm.weight")
-  if cfg.tie_embeddings:
-    b.used.add("lm_head.weight")  # some tied checkpoints store a copy
-  else:
-    b.linear(("lm_head",), "lm_head.weight")
-  b.check_all_used()
-  if jax.tree.structure(b.out) != jax.tree.structure(b.abstract):
+  abstract = abstract_params(cfg)
+  lay = layout(cfg, set(tensors), abstract)
+  infos = getattr(tensors, "infos", None)  # a SafetensorsFolder knows shapes from headers
+  check_tensors(lay, {n: infos[n].shape if infos else np.shape(tensors[n]) for n in tensors})
+  out: dict[str, Any] = {}
+  for path, parts in lay.leaves.items():
+    spec = lookup(abstract, path)
+    target = None if shardings is None else lookup(shardings, path)
+    sharding, dtype = placement(target, spec)
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = make_param(parts, tensors, tuple(spec.shape), dtype, sharding)
+  if jax.tree.structure(out) != jax.tree.structure(abstract):
     raise AssertionError("hf_to_esjax_params: built tree differs from the model's tree")
-  return b.out
+  return out
 
 
 def to_pure_dict(params: Any) -> Any:
@@ -195,65 +278,74 @@ def to_pure_dict(params: Any) -> Any:
   return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
 
 
+def _uncached(a: jax.Array) -> np.ndarray:
+  """`a` on the host, without the host copy staying attached to `a`: `np.asarray(a)` caches
+  the copy it makes (off the CPU) on the array, which would keep every exported parameter
+  on the host. On the CPU it is a view of the buffer, nothing copied or kept."""
+  if all(d.platform == "cpu" for d in a.devices()):
+    return np.asarray(a)
+  return np.asarray(jnp.copy(a))  # the copy is cached on a temporary
+
+
+def fill(dest: np.ndarray, x: Any, expert: int | None = None) -> None:
+  """`dest[...] = x` (or `x[expert]`) for a parameter `x` (numpy, or a jax array with all
+  its shards on this process), shard by shard into `dest` (a view of an HF tensor), so the
+  host holds no other copy of the parameter."""
+  if not isinstance(x, jax.Array):
+    dest[...] = np.asarray(x) if expert is None else np.asarray(x)[expert]
+    return
+  for shard in x.addressable_shards:
+    if shard.replica_id != 0:
+      continue
+    index = tuple(shard.index) + (slice(None),) * (x.ndim - len(shard.index))
+    if expert is None:
+      dest[index] = _uncached(shard.data)
+      continue
+    first, stop, _ = index[0].indices(x.shape[0])
+    if first <= expert < stop:
+      dest[index[1:]] = np.asarray(shard.data[expert - first])  # a new array: not kept
+
+
+def tensor_specs(cfg: ModelConfig, dtype: str | None = None
+                 ) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+  """(HF name, shape, dtype) of every tensor `iter_hf_tensors` yields, in the same order."""
+  lay = layout(cfg)
+  dt = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+  shapes = {p.name: p.shape for parts in lay.leaves.values() for p in parts}
+  return [(n, lay.zeros.get(n, shapes.get(n)), dt) for n in lay.order]
+
+
 def iter_hf_tensors(cfg: ModelConfig, params: Any, dtype: str | None = None
                     ) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, numpy array) pairs of esjax `params`, one at a time, for `architecture_for(cfg)`.
 
-  `params` is a pure dict or `nnx.State` of the model's Params; every tensor is cast to
-  `dtype` (default `cfg.param_dtype`).
+  `params` is a pure dict or `nnx.State` of the model's Params, possibly sharded over
+  several processes (then each parameter is gathered in turn on every process: all must
+  iterate); every tensor is cast to `dtype` (default `cfg.param_dtype`). Host memory: the
+  tensor yielded, plus a gathered parameter when it spans processes.
   """
-  arch = architecture_for(cfg)
+  lay = layout(cfg)
   params = to_pure_dict(params)
   dt = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-
-  def host(x):
-    return np.asarray(x).astype(dt, copy=False)
-
-  yield "model.embed_tokens.weight", host(params["embed"])
-  for i in range(cfg.n_layers):
-    p, layer = f"model.layers.{i}.", params["layers"][i]
-    attn, mlp = layer["attn"], layer["mlp"]
-    yield p + "input_layernorm.weight", host(layer["attn_norm"]["scale"])
-    for n in "qkv":
-      yield f"{p}self_attn.{n}_proj.weight", _to_linear(host(attn[f"w{n}"]), 1)
-      if cfg.qkv_bias:
-        yield f"{p}self_attn.{n}_proj.bias", host(attn[f"b{n}"]).reshape(-1)
-    yield p + "self_attn.o_proj.weight", _to_linear(host(attn["wo"]), 2)
-    yield p + "post_attention_layernorm.weight", host(layer["mlp_norm"]["scale"])
-    if cfg.is_moe_layer(i):
-      yield from _moe_tensors(cfg, arch, p, mlp, host)
-    else:
-      for param in ("w_gate", "w_up", "w_down"):
-        yield f"{p}mlp.{param[2:]}_proj.weight", _to_linear(host(mlp[param]), 1)
-  yield "model.norm.weight", host(params["final_norm"]["scale"])
-  if not cfg.tie_embeddings:
-    yield "lm_head.weight", _to_linear(host(params["lm_head"]), 1)
-
-
-def _moe_tensors(cfg: ModelConfig, arch: str, p: str, mlp: dict[str, Any], host
-                 ) -> Iterator[tuple[str, np.ndarray]]:
-  if arch == "MixtralForCausalLM":
-    prefix, projs = p + "block_sparse_moe.", ("w1", "w3", "w2")
-  else:
-    prefix, projs = p + "mlp.", ("gate_proj", "up_proj", "down_proj")
-  yield prefix + "gate.weight", _to_linear(host(mlp["router"]), 1)
-  for param, proj in zip(("w_gate", "w_up", "w_down"), projs):
-    w = host(mlp[param])
-    for e in range(cfg.n_experts):
-      yield f"{prefix}experts.{e}.{proj}.weight", _to_linear(w[e], 1)
-  if arch != "Qwen2MoeForCausalLM":
-    return
-  shared = p + "mlp.shared_expert."
-  if cfg.n_shared_experts:
-    for param in ("w_gate", "w_up", "w_down"):
-      yield f"{shared}{param[2:]}_proj.weight", _to_linear(host(mlp["shared"][param]), 1)
-    yield p + "mlp.shared_expert_gate.weight", _to_linear(host(mlp["shared_gate"]), 1)
-  else:  # Qwen2-MoE always has a shared expert: give it zero width, so it adds exactly 0.
-    d, dt = cfg.d_model, host(mlp["router"]).dtype
-    yield shared + "gate_proj.weight", np.zeros((0, d), dt)
-    yield shared + "up_proj.weight", np.zeros((0, d), dt)
-    yield shared + "down_proj.weight", np.zeros((d, 0), dt)
-    yield p + "mlp.shared_expert_gate.weight", np.zeros((1, d), dt)
+  holders: dict[str, list[tuple[Path, Part]]] = {}
+  for path, parts in lay.leaves.items():
+    for part in parts:
+      holders.setdefault(part.name, []).append((path, part))
+  gathered: tuple[Path, np.ndarray] | None = None  # one parameter spanning processes
+  for name in lay.order:
+    if name in lay.zeros:
+      yield name, np.zeros(lay.zeros[name], dt)
+      continue
+    tensor = np.empty(holders[name][0][1].shape, dt)
+    for path, part in holders[name]:
+      x = lookup(params, path)
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if gathered is None or gathered[0] != path:  # experts: gathered once for all
+          gathered = None
+          gathered = (path, multihost_utils.process_allgather(x, tiled=True))
+        x = gathered[1]
+      fill(part.view(tensor), x, part.expert)
+    yield name, tensor
 
 
 def esjax_to_hf_tensors(cfg: ModelConfig, params: Any, dtype: str | None = None

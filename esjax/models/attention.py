@@ -11,6 +11,8 @@ over cp and keys/values come from every cp rank (`esjax.models.context_parallel`
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,7 +27,9 @@ from esjax.sharding.plan import ParallelPlan
 
 
 class Attention(nnx.Module):
-  """wq [D, H, hd], wk/wv [D, KV, hd], wo [H, hd, D]; optional q/k/v biases (Qwen2)."""
+  """wq [D, H, hd], wk/wv [D, KV, hd], wo [H, hd, D]; optional q/k/v biases (Qwen2), and
+  optional RMSNorms of q and k before RoPE: over each head's hd (`qk_norm="head"`, Qwen3)
+  or over the whole projection [H, hd] / [KV, hd] (`qk_norm="full"`, OLMoE)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, plan: ParallelPlan | None = None):
     self.cfg = cfg
@@ -40,6 +44,12 @@ class Attention(nnx.Module):
       self.bq = layers.const_param(jnp.zeros((h, hd), pd), ("heads", "head_dim"))
       self.bk = layers.const_param(jnp.zeros((kv, hd), pd), ("kv_heads", "head_dim"))
       self.bv = layers.const_param(jnp.zeros((kv, hd), pd), ("kv_heads", "head_dim"))
+    if cfg.qk_norm == "head":
+      self.q_norm = layers.RMSNorm(hd, cfg.norm_eps, pd)
+      self.k_norm = layers.RMSNorm(hd, cfg.norm_eps, pd)
+    elif cfg.qk_norm == "full":
+      self.q_norm = layers.RMSNorm((h, hd), cfg.norm_eps, pd, ("heads", "head_dim"))
+      self.k_norm = layers.RMSNorm((kv, hd), cfg.norm_eps, pd, ("kv_heads", "head_dim"))
 
   def _kv_params(self) -> list[jax.Array]:
     """wk, wv (and bk, bv) for this rank's query heads (see the module docstring)."""
@@ -65,8 +75,25 @@ class Attention(nnx.Module):
     v = jnp.einsum("bsd,dhk->bshk", x, kv[1].astype(dt))
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + kv[2].astype(dt), v + kv[3].astype(dt)
-    cos, sin = layers.rope_tables(positions, cfg.effective_head_dim, cfg.rope_theta)
+    if cfg.qk_norm != "none":
+      q = self._qk_norm(q, self.q_norm, cfg.n_heads)
+      k = self._qk_norm(k, self.k_norm, cfg.n_kv_heads)
+    seq_len = None
+    if cfg.rope_type == "dynamic":  # the whole sequence's length, over the cp ranks
+      seq_len = col.pmax(jnp.max(positions), self.plan.cp) + 1
+    cos, sin = layers.rope_tables(positions, cfg, seq_len)
     return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
+
+  def _qk_norm(self, x: jax.Array, norm: layers.RMSNorm, heads: int) -> jax.Array:
+    """RMSNorm of q or k [B, S, heads_l, hd]: per head ("head"), or over all `heads` heads
+    ("full"; they are split over tp, so the sum of squares is summed over tp)."""
+    if self.cfg.qk_norm == "head" or not self.plan.tp:
+      return norm(x)
+    x32 = x.astype(jnp.float32)
+    total = heads * self.cfg.effective_head_dim
+    ms = col.psum(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True), self.plan.tp) / total
+    y = x32 * jax.lax.rsqrt(ms + norm.eps)
+    return (y * norm.scale[...].astype(jnp.float32)).astype(x.dtype)
 
   def output(self, o: jax.Array) -> jax.Array:
     """o [B, S, H_l, hd] -> partial sums [B, S, D] of this rank's heads."""
@@ -78,31 +105,38 @@ class Attention(nnx.Module):
     tokens -> attention output [B, S_l, D]. With a `cache` (one device), also the cache with
     these tokens added: queries then see the cached tokens too; negative positions mark
     padding."""
-    plan = self.plan
+    plan, window = self.plan, self.cfg.sliding_window
     if cache is not None:
       if plan.tp or plan.cp:
         raise ValueError(f"KV-cache decoding runs on one device, not on {plan}")
       q, k, v = self.project_qkv(x, positions)
       cache = cache.update(k, v, positions)
-      return self.output(attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)), cache
+      o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid, sliding_window=window)
+      return self.output(o), cache
     x = col.all_gather(x, plan.tp, 1)
     q, k, v = (checkpoint_name(t, "qkv") for t in self.project_qkv(x, positions))
     if not plan.cp:
-      o = attend(q, k, v, positions, positions)
+      o = attend(q, k, v, positions, positions, sliding_window=window)
     elif plan.layout.cp_impl == "ring":
+      if window:
+        raise ValueError(f"sliding_window={window}: the ring context-parallel attention "
+                         "(parallel.cp_impl='ring') has no sliding window; use 'allgather'")
       o = context_parallel.ring_attend(q, k, v, positions, positions, plan.cp, plan.layout.cp)
     else:
-      o = context_parallel.allgather_attend(attend, q, k, v, positions, positions, plan.cp)
+      o = context_parallel.allgather_attend(
+          functools.partial(attend, sliding_window=window), q, k, v, positions, positions,
+          plan.cp)
     o = checkpoint_name(o, "attn_out")  # names for the remat policies of transformer.py
     return col.psum_scatter(checkpoint_name(self.output(o), "attn_proj"), plan.tp, 1)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-           k_valid: jax.Array | None = None) -> jax.Array:
+           k_valid: jax.Array | None = None, sliding_window: int = 0) -> jax.Array:
   """Causal GQA softmax attention in float32 logits.
 
   q [B, Sq, H, hd]; k, v [B, Sk, KV, hd]; q_pos [B, Sq], k_pos [B, Sk] absolute positions
-  (key j is visible to query i when k_pos[j] <= q_pos[i]); k_valid [B, Sk] masks unused slots.
+  (key j is visible to query i when k_pos[j] <= q_pos[i], and with a `sliding_window` > 0
+  also q_pos[i] - k_pos[j] < sliding_window); k_valid [B, Sk] masks unused slots.
   """
   b, sq, h, hd = q.shape
   kv = k.shape[2]
@@ -110,6 +144,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
   logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, k, preferred_element_type=jnp.float32)
   logits = logits * (hd ** -0.5)
   mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, Sq, Sk]
+  if sliding_window:
+    mask = mask & (q_pos[:, :, None] - k_pos[:, None, :] < sliding_window)
   if k_valid is not None:
     mask = mask & k_valid[:, None, :]
   logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)

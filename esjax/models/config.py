@@ -22,6 +22,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # offload_attn (the attention output to pinned host memory, where XLA supports it).
 REMAT = ("none", "full", "dots", "dots_except_mlp", "attn", "offload_attn")
 SCOPES = ("batch", "rank")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # transformers' rope_type
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +38,20 @@ class ModelConfig:
   head_dim: int = 0  # 0: d_model // n_heads
   d_ff: int = 256
   rope_theta: float = 10_000.0
+  # RoPE scaling, as transformers' modeling_rope_utils (see layers.rope_frequencies).
+  rope_type: str = "default"
+  rope_factor: float = 1.0  # linear, dynamic, yarn, llama3
+  rope_original_max_len: int = 0  # dynamic, yarn, llama3: pretraining context; 0: max_seq_len
+  rope_low_freq_factor: float = 1.0  # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_beta_fast: float = 32.0  # yarn
+  rope_beta_slow: float = 1.0  # yarn
+  rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 * ln(rope_factor) + 1
+  rope_truncate: bool = True  # yarn: integer correction range
   norm_eps: float = 1e-5
   qkv_bias: bool = False
+  qk_norm: str = "none"  # RMSNorm of q and k: "head" per head (Qwen3), "full" whole width (OLMoE)
+  sliding_window: int = 0  # key j visible to query i iff 0 <= q_pos[i] - k_pos[j] < window; 0: off
   tie_embeddings: bool = False
   max_seq_len: int = 2048
   init_std: float = 0.02
@@ -95,8 +109,19 @@ class ModelConfig:
                           ("drop_policy", DROP_POLICIES), ("moe_impl", MOE_IMPLS),
                           ("router_impl", ROUTER_IMPLS), ("dtype", DTYPES),
                           ("param_dtype", DTYPES), ("remat", REMAT),
-                          ("capacity_scope", SCOPES), ("balance_scope", SCOPES)):
+                          ("capacity_scope", SCOPES), ("balance_scope", SCOPES),
+                          ("rope_type", ROPE_TYPES), ("qk_norm", QK_NORMS)):
       need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
+    need(self.rope_factor > 0, f"rope_factor={self.rope_factor} must be > 0")
+    need(self.rope_original_max_len >= 0,
+         f"rope_original_max_len={self.rope_original_max_len} must be >= 0")
+    if self.rope_type == "llama3":
+      need(self.rope_high_freq_factor > self.rope_low_freq_factor,
+           f"rope_high_freq_factor={self.rope_high_freq_factor} must be > "
+           f"rope_low_freq_factor={self.rope_low_freq_factor}")
+    if self.rope_type == "dynamic":
+      need(self.effective_head_dim > 2, f"rope_type='dynamic' needs head_dim > 2, got {self.effective_head_dim}")
+    need(self.sliding_window >= 0, f"sliding_window={self.sliding_window} must be >= 0")
     need(self.n_experts >= 0, f"n_experts={self.n_experts} must be >= 0")
     if self.n_experts:
       need(1 <= self.top_k <= self.n_experts,
@@ -113,6 +138,10 @@ class ModelConfig:
   @property
   def effective_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def effective_rope_original_max_len(self) -> int:
+    return self.rope_original_max_len or self.max_seq_len
 
   @property
   def effective_d_ff_expert(self) -> int:
@@ -155,6 +184,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
   attn = d * hd * (cfg.n_heads + 2 * cfg.n_kv_heads) + cfg.n_heads * hd * d
   if cfg.qkv_bias:
     attn += hd * (cfg.n_heads + 2 * cfg.n_kv_heads)
+  if cfg.qk_norm != "none":
+    attn += 2 * hd if cfg.qk_norm == "head" else hd * (cfg.n_heads + cfg.n_kv_heads)
   norms = 2 * d
   dense_mlp = 3 * d * cfg.d_ff
   expert = 3 * d * cfg.effective_d_ff_expert

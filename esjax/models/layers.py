@@ -8,9 +8,13 @@ flax's eager sharding of new variables is off (`esjax/__init__.py`).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from esjax.models.config import ModelConfig
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -27,30 +31,81 @@ def const_param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-  """y = x / rms(x) * scale, computed in float32 (HF Llama's LlamaRMSNorm)."""
+  """y = x / rms(x) * scale, computed in float32 (HF Llama's LlamaRMSNorm), over the trailing
+  dimensions `shape` of x (one dimension, or e.g. (heads, head_dim) for OLMoE's q/k norm)."""
 
-  def __init__(self, dim: int, eps: float, dtype: str = "float32"):
+  def __init__(self, shape: int | tuple[int, ...], eps: float, dtype: str = "float32",
+               axes: tuple[str | None, ...] = ("norm",)):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     self.eps = eps
-    self.scale = const_param(jnp.ones((dim,), dtype), ("norm",))
+    self.scale = const_param(jnp.ones(shape, dtype), axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x, self.scale[...], self.eps)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """x / rms(x) * scale over the last axis, in float32, returned in x's dtype."""
+  """x / rms(x) * scale over the trailing `scale.ndim` axes, in float32, returned in x's
+  dtype."""
   x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  dims = tuple(range(-scale.ndim, 0))
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=dims, keepdims=True) + eps)
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float
+def rope_frequencies(cfg: ModelConfig, seq_len: jax.Array | None = None
+                     ) -> tuple[jax.Array, float]:
+  """(inverse frequencies [head_dim / 2] float32, cos/sin scale) of `cfg`'s RoPE, as
+  transformers' modeling_rope_utils computes them for `cfg.rope_type`.
+
+  "dynamic" (NTK) raises the base once the sequence is longer than `effective_rope_original_max_len`:
+  `seq_len` is the current length, max position + 1 (transformers' dynamic_rope_update).
+  """
+  dim, base, kind, factor = cfg.effective_head_dim, cfg.rope_theta, cfg.rope_type, cfg.rope_factor
+  orig = cfg.effective_rope_original_max_len
+  exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  if kind == "dynamic":
+    seq = jnp.maximum(jnp.asarray(orig if seq_len is None else seq_len, jnp.float32), orig)
+    base = base * ((factor * seq / orig) - (factor - 1)) ** (dim / (dim - 2))
+  inv_freq = 1.0 / (base ** exponent)
+  scale = 1.0
+  if kind == "linear":
+    inv_freq = inv_freq / factor
+  elif kind == "llama3":
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < orig / high) & ~(wavelen > orig / low)
+    inv_freq = jnp.where(medium, smoothed, scaled)
+  elif kind == "yarn":
+    def correction_dim(rotations):
+      return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    lo, hi = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+      lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    hi = hi + 0.001 if lo == hi else hi  # no singularity
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - lo) / (hi - lo), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    scale = cfg.rope_attention_factor or (0.1 * math.log(factor) + 1 if factor > 1 else 1.0)
+  return inv_freq, scale
+
+
+def rope_tables(positions: jax.Array, cfg: ModelConfig, seq_len: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array]:
-  """cos, sin of shape [..., seq, head_dim] for integer `positions` [..., seq]."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  """cos, sin of shape [..., seq, head_dim] for integer `positions` [..., seq]. Dynamic RoPE
+  scales with the sequence length: `seq_len`, by default max position + 1 of `positions`
+  (negative positions, padding, do not count); a caller holding a slice of the sequence
+  passes the whole sequence's."""
+  if cfg.rope_type == "dynamic" and seq_len is None:
+    seq_len = jnp.max(positions) + 1
+  inv_freq, scale = rope_frequencies(cfg, seq_len if cfg.rope_type == "dynamic" else None)
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
+  return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -149,6 +149,9 @@ def check_model(layout: Layout, cfg, seq_len: int | None = None,
        f"n_kv_heads={cfg.n_kv_heads} and tp={tp}: one must divide the other "
        f"(kv heads are sharded when tp divides them, replicated when they divide tp)")
   need(cfg.vocab_size % tp == 0, f"vocab_size={cfg.vocab_size} is not divisible by tp={tp}")
+  need(cfg.qk_norm != "full" or cfg.n_kv_heads % tp == 0,
+       f"qk_norm='full' normalises over all kv heads, so tp={tp} must divide "
+       f"n_kv_heads={cfg.n_kv_heads}")
   need(cfg.d_ff % tp == 0, f"d_ff={cfg.d_ff} is not divisible by tp={tp}")
   chunks = pp * layout.virtual_stages
   need(cfg.n_layers % chunks == 0,

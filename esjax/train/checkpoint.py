@@ -59,6 +59,16 @@ class Checkpointer:
         stage_format=ocp.args.JsonSave(fmt.to_dict())), force=True)
     return step
 
+  def save_params(self, step: int, params: Any, model_cfg: ModelConfig) -> int:
+    """Saves only parameters (the model's own tree) and model config: a checkpoint to start
+    runs from (`checkpoint.init_from`) or to evaluate, not to resume (no optimizer state)."""
+    fmt = stages.StageFormat.of(model_cfg)
+    self._mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(stages.stack(params, fmt)),
+        model_config=ocp.args.JsonSave(model_cfg.to_dict()),
+        stage_format=ocp.args.JsonSave(fmt.to_dict())), force=True)
+    return step
+
   def stage_format(self, step: int) -> stages.StageFormat:
     out = self._mngr.restore(step, args=ocp.args.Composite(stage_format=ocp.args.JsonRestore()))
     return stages.StageFormat(**dict(out.stage_format))

@@ -1,10 +1,11 @@
 """Starting a run from another run's weights (`checkpoint.init_from`), without its optimizer
 state: continued pretraining, and the hook where a checkpoint is converted while it loads.
 
-The path: `checkpoint.restore_params` reads the source's model config and params, `convert`
-turns them into parameters of this run's model config (identity when the two configs have
-the same parameter shapes), and `check_fit` refuses anything whose tree or shapes do not
-match the model, naming the parameter.
+The path: `checkpoint.restore_params` (an esjax run) or `interop.load.read_params` (a Hugging
+Face folder) reads the source's model config and params, `convert` turns them into
+parameters of this run's model config (identity when the two configs have the same parameter
+shapes), and `check_fit` refuses anything whose tree or shapes do not match the model, naming
+the parameter.
 
 `convert` is the one place for load-time conversions. `esjax.transforms` plugs in here: e.g.
 a dense source checkpoint and an MoE target config are upcycled while loading (online
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax
 
+from esjax.interop import load as hf_load
 from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.parallel import rules, stages
@@ -56,10 +58,12 @@ def source_shardings(src_cfg: ModelConfig, plan: ParallelPlan) -> Any:
 
 
 def load(config: Any, model_cfg: ModelConfig, plan: ParallelPlan) -> Any:
-  """Parameters of the model's own tree for this run from `config.checkpoint.init_from`,
-  cast to the model's parameter dtypes and placed by the plan's model specs."""
+  """Parameters of the model's own tree for this run from `config.checkpoint.init_from` (an
+  esjax run or a Hugging Face folder), cast to the model's parameter dtypes and placed by the
+  plan's model specs; the source is read sharded over the same mesh, tensor by tensor."""
   source = config.checkpoint.init_from
-  src_cfg, params = checkpoint.restore_params(source, lambda c: source_shardings(c, plan))
+  reader = hf_load.read_params if hf_load.is_hf_folder(source) else checkpoint.restore_params
+  src_cfg, params = reader(source, lambda c: source_shardings(c, plan))
   abstract = params_lib.shapes(model_cfg)
   shardings = rules.named(plan, rules.model_specs(plan, model_cfg))
   try:

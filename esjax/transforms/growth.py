@@ -124,6 +124,9 @@ def check_growth(src: ModelConfig, tgt: ModelConfig) -> None:
     if getattr(src, name) != getattr(tgt, name):
       raise ValueError(f"grow: {name} {getattr(src, name)} -> {getattr(tgt, name)} differs; "
                        "growth keeps it")
+  if src.qk_norm != "none" or tgt.qk_norm != "none":
+    raise ValueError(f"grow: qk_norm {src.qk_norm!r} -> {tgt.qk_norm!r}; growth is defined for "
+                     "models without q/k norms")
   if src.effective_head_dim != tgt.effective_head_dim:
     raise ValueError(f"grow: head_dim {src.effective_head_dim} -> {tgt.effective_head_dim}; head-wise growth "
                      f"keeps head_dim, set head_dim={src.effective_head_dim} in the target config")

@@ -37,7 +37,7 @@ from esjax.models.config import ModelConfig
 Params = dict[str, Any]
 SCALE_PLACEMENTS = ("down", "balanced")
 _SAME_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "qkv_bias",
-                "tie_embeddings", "d_ff")
+                "qk_norm", "tie_embeddings", "d_ff")
 
 
 def granularity(dense: ModelConfig, moe: ModelConfig) -> int:
