@@ -17,6 +17,7 @@ from flax import nnx
 from esjax.models import ModelConfig, Transformer
 from esjax.models import moe as moe_lib
 from esjax.models.presets import PRESETS
+from esjax.sharding.plan import ParallelPlan
 
 B, S, D, E, F, K = 2, 6, 8, 4, 6, 2
 BASE = ModelConfig(d_model=D, d_ff=F, n_heads=2, n_kv_heads=2, n_experts=E, top_k=K,
@@ -213,11 +214,15 @@ def test_gradients_match_loop_reference(routing, dispatch_mode, impl):
                                err_msg=name)
 
 
-def test_auto_impl_resolves_by_backend():
+def test_auto_impl_follows_the_plan_platform():
+  """'auto' is decided by the platform the step is compiled for (a deviceless GPU compile
+  runs on the CPU backend but must get the GPU paths), not by jax.default_backend()."""
   assert BASE.moe_impl == "auto"
-  want = "blocked" if jax.default_backend() == "cpu" else "ragged"
-  assert moe_lib.resolve_moe_impl("auto") == want
-  assert moe_lib.resolve_moe_impl("ragged") == "ragged"
+  assert ParallelPlan.single("cpu").moe_impl("auto") == "blocked"
+  assert ParallelPlan.single("gpu").moe_impl("auto") == "ragged"
+  assert ParallelPlan.single("gpu").moe_impl("blocked") == "blocked"
+  assert ParallelPlan.single("cpu").ep_dispatch == "padded"
+  assert ParallelPlan.single("gpu").ep_dispatch == "ragged"
   with pytest.raises(ValueError, match="moe_impl='fast'"):
     BASE.replace(moe_impl="fast")
 

@@ -45,6 +45,20 @@ from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
 STATS = ("aux_loss", "seq_aux_loss", "z_loss", "expert_load", "drop_fraction")
+# Named scopes of the loop's conditionals: the forward and backward units, and inside them
+# the first chunk's embedding and the last chunk's head (see `Engine.branch_weights`).
+SCOPE_F, SCOPE_B, SCOPE_FIRST, SCOPE_LAST = ("esjax_unit_f", "esjax_unit_b", "esjax_first",
+                                             "esjax_last")
+
+
+def _first(pred, true_fn, false_fn):
+  with jax.named_scope(SCOPE_FIRST):
+    return lax.cond(pred, true_fn, false_fn)
+
+
+def _last(pred, true_fn, false_fn):
+  with jax.named_scope(SCOPE_LAST):
+    return lax.cond(pred, true_fn, false_fn)
 _KEEP_DTYPE = ("router",)  # parameters the compute-dtype cast leaves in their own dtype
 
 
@@ -73,6 +87,15 @@ class Engine:
     name = lay.schedule if lay.pp > 1 else "1f1b"
     sched = schedule_lib.make_schedule(name, lay.pp, lay.microbatches, lay.virtual_stages)
     return cls(cfg, plan, fmt, tuple(defs), sched, tuple(moe))
+
+  def branch_weights(self, train: bool = True) -> dict[str, float]:
+    """Share of executions of each loop conditional that take its true branch, on the
+    busiest device (stage 0 or pp-1): a unit runs at M*v of the ticks, the first / last
+    chunk in 1/v of a stage's units (what `esjax.plan.report` weighs collectives by)."""
+    s = self.schedule
+    busy = s.microbatches * s.virtual / s.ticks
+    return {SCOPE_F: busy, SCOPE_B: busy if train else 0.0, SCOPE_FIRST: 1 / s.virtual,
+            SCOPE_LAST: 1 / s.virtual}
 
   # Layouts of the parameters and the batch.
 
@@ -272,18 +295,19 @@ class _Step:
       valid, r, slot, first, last, d = unit("f", t)
 
       def run(c):
-        x = lax.cond(first, lambda: self._embed(ends, d["inputs"]), lambda: c["fwd"])
+        x = _first(first, lambda: self._embed(ends, d["inputs"]), lambda: c["fwd"])
         c = dict(c, stash=lax.dynamic_update_index_in_dim(c["stash"], x, slot, 0))
         chunk = lambda: self._chunk(self._slice_round(stage_params, r), x,  # noqa: E731
                                     d["positions"])
         if self.train:  # the last chunk runs in its backward unit, with the head
-          y = lax.cond(last, lambda: jnp.zeros_like(x), lambda: col.vary(chunk()[0], axes))
+          y = _last(last, lambda: jnp.zeros_like(x), lambda: col.vary(chunk()[0], axes))
           return c, y
         y, stats = chunk()
-        terms = lax.cond(last, lambda: self._head(ends, y, d), self._zero_terms)
+        terms = _last(last, lambda: self._head(ends, y, d), self._zero_terms)
         return accumulate(c, r, stats, terms), col.vary(y, axes)
 
-      return lax.cond(valid, run, lambda c: (c, jnp.zeros_like(c["fwd"])), c)
+      with jax.named_scope(SCOPE_F):
+        return lax.cond(valid, run, lambda c: (c, jnp.zeros_like(c["fwd"])), c)
 
     def backward(c, t):
       valid, r, slot, first, last, d = unit("b", t)
@@ -293,9 +317,9 @@ class _Step:
         sp = self._slice_round(stage_params, r)
 
         def f(sp, ends, x):
-          x = lax.cond(first, lambda: self._embed(ends, d["inputs"]), lambda: x)
+          x = _first(first, lambda: self._embed(ends, d["inputs"]), lambda: x)
           y, stats = self._chunk(sp, x, d["positions"])
-          terms = lax.cond(last, lambda: self._head(ends, y, d), self._zero_terms)
+          terms = _last(last, lambda: self._head(ends, y, d), self._zero_terms)
           return (y, self._objective(terms, stats)), (stats, terms)
 
         (_, obj), vjp, (stats, terms) = jax.vjp(f, sp, ends, x_stashed, has_aux=True)
@@ -311,7 +335,8 @@ class _Step:
           grads[k] = jax.tree.map(lambda a, gg: a + gg.astype(jnp.float32), grads[k], g)
         return accumulate(dict(c, grads=grads), r, stats, terms), dx
 
-      return lax.cond(valid, run, lambda c: (c, jnp.zeros_like(c["bwd"])), c)
+      with jax.named_scope(SCOPE_B):
+        return lax.cond(valid, run, lambda c: (c, jnp.zeros_like(c["bwd"])), c)
 
     def tick(c, t):
       c, y = forward(c, t)

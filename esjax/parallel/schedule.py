@@ -33,10 +33,11 @@ import dataclasses
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Schedule:
   """Static tables, indexed [tick, stage]: for F and B, `valid` (bool), the microbatch, the
-  round r (which of the stage's chunks), and the stash slot written (F) or read (B)."""
+  round r (which of the stage's chunks), and the stash slot written (F) or read (B). Equal
+  and hashed by what determines the tables, so it can be part of a jit's static arguments."""
 
   name: str
   pp: int
@@ -51,6 +52,15 @@ class Schedule:
   b_round: np.ndarray
   b_slot: np.ndarray
   stash_size: int
+
+  def _key(self):
+    return (self.name, self.pp, self.virtual, self.microbatches)
+
+  def __eq__(self, other):
+    return isinstance(other, Schedule) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
 
   @property
   def ticks(self) -> int:

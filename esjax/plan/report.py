@@ -1,32 +1,31 @@
-"""Communication report: compile one train step (without running it) and list its collectives.
-
-  python -m esjax.parallel.report --config=esjax/configs/tiny.py --devices=8 \\
-      --config.parallel.dp=2 --config.parallel.tp=4 --config.parallel.ep=8
+"""Communication report: the collectives of a compiled step, per (op, mesh axes).
 
 For every collective in the compiled HLO (all-reduce, all-gather, reduce-scatter, all-to-all,
-collective-permute) the report finds the mesh axes its device groups span and the bytes it
-moves, multiplied by the trip count of the loops around it (microbatches, pipeline steps),
-and sums them per (op, mesh axes). Bytes are per device and per step under a ring model:
-all-reduce 2(n-1)/n * size, all-gather and all-to-all (n-1)/n * result, reduce-scatter
-(n-1) * result, collective-permute the buffer for a device that sends to another one. Mesh
-axes are the folded base axes (`dp_edp`, `tp_ep`, ...): each is named after its attention
-and its MoE role, which is what shows where a folded layout saves traffic.
+ragged-all-to-all, collective-permute) the report finds the mesh axes its device groups span
+and the bytes it moves, multiplied by how many times it runs per step: the trip counts of the
+loops around it, and for a conditional whose op name ends in a scope listed in
+`branch_weights` (the pipeline engine's `lax.cond`s), the share of executions that take its
+true branch. Bytes are per device and per step under a ring model: all-reduce 2(n-1)/n *
+size, all-gather and all-to-all (n-1)/n * result, reduce-scatter (n-1) * result,
+collective-permute the buffer for a device that sends to another one. A ragged all-to-all
+moves a data-dependent number of rows: its bytes are the operand's (an upper bound) and the
+row says so (`bound`). Mesh axes are the folded base axes (`dp_edp`, `tp_ep`, ...), each named
+after its attention and its MoE role, which is what shows where a folded layout saves
+traffic.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
-import os
 import re
-import sys
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "ragged-all-to-all", "all-to-all",
+               "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]")
@@ -34,7 +33,9 @@ _INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*?) ("
                     + "|".join(COLLECTIVES) + r")(-start)?\((.*)$")
 _CALLS = re.compile(r"\b(calls|to_apply|body|condition)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRUE_FALSE = re.compile(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 @dataclasses.dataclass
@@ -43,6 +44,7 @@ class Collective:
   axes: tuple[str, ...]
   count: float
   bytes: float  # per device, per step
+  bound: bool = False  # bytes are an upper bound (ragged all-to-all)
 
 
 def _shape_bytes(text: str) -> list[int]:
@@ -102,9 +104,36 @@ def _span(groups: list[list[int]], mesh_shape: tuple[int, ...],
   return tuple(axis_names[i] for i in sorted(varying))
 
 
-def _wire_bytes(op: str, sizes: list[int], n: int, start: bool) -> float:
-  if start and op in ("all-gather", "collective-permute") and len(sizes) > 1:
-    sizes = sizes[1:2]  # async tuple (operand, result, ...): the result
+def _top_level(text: str) -> list[str]:
+  """The top-level elements of a tuple shape '(a, (b, c), d)' (or [text] for a plain one)."""
+  text = text.strip()
+  if not text.startswith("("):
+    return [text]
+  out, depth, start = [], 0, 1
+  for i, ch in enumerate(text):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+      if depth == 0:
+        out.append(text[start:i])
+    elif ch == "," and depth == 1:
+      out.append(text[start:i])
+      start = i + 1
+  return [e for e in out if e.strip()]
+
+
+def _moved_sizes(shape_text: str, start: bool) -> list[int]:
+  """Bytes of the buffers a collective produces: an async `-start` op's shape is a tuple
+  (operands, results, context...); its results are the second element."""
+  if start:
+    parts = _top_level(shape_text)
+    if len(parts) >= 2:
+      return _shape_bytes(parts[1])
+  return _shape_bytes(shape_text)
+
+
+def _wire_bytes(op: str, sizes: list[int], n: int) -> float:
   size = float(sum(sizes))
   if n <= 1:
     return 0.0
@@ -114,7 +143,7 @@ def _wire_bytes(op: str, sizes: list[int], n: int, start: bool) -> float:
     return (n - 1) * size
   if op == "collective-permute":
     return size
-  return (n - 1) / n * size  # all-gather, all-to-all
+  return (n - 1) / n * size  # all-gather, all-to-all, ragged all-to-all
 
 
 def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
@@ -132,8 +161,21 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
   return comps, entry
 
 
-def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, float]:
-  """How many times each computation runs per call of the entry (loop trip counts)."""
+def _branch_scope(line: str) -> str | None:
+  """The named scope a conditional was traced in: op_name '.../<scope>/cond'."""
+  m = _OP_NAME.search(line)
+  if m is None:
+    return None
+  parts = m.group(1).split("/")
+  if len(parts) < 2 or not parts[-1].startswith("cond"):
+    return None
+  return re.sub(r"^(?:\w+\()*|\)*$", "", parts[-2])  # transpose(jvp(scope)) -> scope
+
+
+def _multiplicities(comps: dict[str, list[str]], entry: str,
+                    branch_weights: dict[str, float]) -> dict[str, float]:
+  """How many times each computation runs per call of the entry (loop trip counts, and the
+  known branch shares of the conditionals named in `branch_weights`)."""
   mult: dict[str, float] = collections.defaultdict(float)
 
   def visit(name: str, times: float, depth: int = 0):
@@ -147,20 +189,27 @@ def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, float]
           continue
         visit(callee, times * (int(trip.group(1)) if (trip and kind == "body") else 1),
               depth + 1)
-      for branches in _BRANCHES.findall(line):
-        for callee in re.findall(r"%?([\w.\-]+)", branches):
-          visit(callee, times, depth + 1)
+      found = [re.findall(r"%?([\w.\-]+)", b) for b in _BRANCHES.findall(line)]
+      found += [[f, t] for t, f in _TRUE_FALSE.findall(line)]  # as (false, true)
+      for callees in found:
+        w = branch_weights.get(_branch_scope(line) or "")
+        if w is not None and len(callees) == 2:  # lax.cond: (false, true)
+          visit(callees[0], times * (1 - w), depth + 1)
+          visit(callees[1], times * w, depth + 1)
+        else:
+          for callee in callees:
+            visit(callee, times, depth + 1)
 
   visit(entry, 1.0)
   return mult
 
 
-def collectives(hlo: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...]
-                ) -> list[Collective]:
+def collectives(hlo: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
+                branch_weights: dict[str, float] | None = None) -> list[Collective]:
   """Collectives of compiled HLO text, summed per (op, mesh axes), largest bytes first."""
   n_devices = math.prod(mesh_shape)
   comps, entry = _computations(hlo)
-  mult = _multiplicities(comps, entry)
+  mult = _multiplicities(comps, entry, branch_weights or {})
   total: dict[tuple[str, tuple[str, ...]], Collective] = {}
   for name, lines in comps.items():
     times = mult.get(name, 0.0)
@@ -176,62 +225,14 @@ def collectives(hlo: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ..
         continue
       axes = _span(groups, mesh_shape, axis_names)
       n = 2 if op == "collective-permute" else max(len(g) for g in groups)
-      moved = _wire_bytes(op, _shape_bytes(shape_text), n, bool(start))
+      moved = _wire_bytes(op, _moved_sizes(shape_text, bool(start)), n)
       if op == "collective-permute":  # share of devices that send
         moved *= len(groups) / n_devices
       key = (op, axes)
-      c = total.setdefault(key, Collective(op, axes, 0.0, 0.0))
+      c = total.setdefault(key, Collective(op, axes, 0.0, 0.0, op == "ragged-all-to-all"))
       c.count += times
       c.bytes += times * moved
   return sorted(total.values(), key=lambda c: -c.bytes)
-
-
-def train_step_for(config: Any) -> dict[str, Any]:
-  """The training loop's jitted train step for an esjax config, with what running it needs:
-  `step`, abstract `state` and `batch` (with shardings), `layout`, `model_cfg`, `tx`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from esjax.configs import common  # pylint: disable=g-import-not-at-top
-  from esjax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from esjax.train import optimizer, partition  # pylint: disable=g-import-not-at-top
-  from esjax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
-
-  model_cfg = common.model_config(config)
-  tc = config.train
-  layout = partition.make_layout(config.parallel, model_cfg)
-  if hasattr(layout, "fm"):
-    mesh_lib.check_model(layout.layout, model_cfg, seq_len=tc.seq_len, batch=tc.batch_size)
-  tx, schedule = optimizer.make_optimizer(config.optim, tc.steps)
-  graphdef, abstract_params = state_lib.abstract_model(model_cfg)
-  with layout.context():
-    shapes = state_lib.abstract_train_state(model_cfg, tx)
-    shardings = layout.state_shardings(shapes, abstract_params)
-    state = state_lib.abstract_train_state(model_cfg, tx, shardings)
-    batch_sh = layout.batch_sharding()
-    batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
-             for k in ("inputs", "targets")}
-    kwargs = {} if shardings is None else dict(in_shardings=(shardings, batch_sh),
-                                                out_shardings=(shardings, None))
-    step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule), donate_argnums=0,
-                   **kwargs)
-  return dict(step=step, state=state, batch=batch, layout=layout, model_cfg=model_cfg,
-              shardings=shardings, tx=tx)
-
-
-def lower_train_step(config: Any):
-  """(compiled train step of the training loop, its Layout) for an esjax config."""
-  parts = train_step_for(config)
-  with parts["layout"].context():
-    compiled = parts["step"].lower(parts["state"], parts["batch"]).compile()
-  return compiled, parts["layout"]
-
-
-def report(compiled: Any, layout: Any) -> list[Collective]:
-  fm = getattr(layout, "fm", None)
-  if fm is None:
-    return []
-  return collectives(compiled.as_text(), tuple(fm.mesh.devices.shape), fm.mesh.axis_names)
 
 
 def format_table(rows: Iterable[Collective], title: str = "") -> str:
@@ -240,44 +241,7 @@ def format_table(rows: Iterable[Collective], title: str = "") -> str:
   lines.append(f"{'collective':<20}{'mesh axes':<34}{'count':>8}{'MiB/step':>12}")
   for c in rows:
     axes = ",".join(c.axes) or "-"
-    lines.append(f"{c.op:<20}{axes:<34}{c.count:>8.0f}{c.bytes / 2**20:>12.3f}")
+    mark = " (upper bound)" if c.bound else ""
+    lines.append(f"{c.op:<20}{axes:<34}{c.count:>8.0f}{c.bytes / 2**20:>12.3f}{mark}")
   lines.append(f"{'total':<62}{sum(c.bytes for c in rows) / 2**20:>12.3f}")
   return "\n".join(lines)
-
-
-def _set_fake_devices(n: int) -> None:
-  flags = os.environ.get("XLA_FLAGS", "")
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
-def main(argv: list[str]) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  del app
-  cfg_flag = config_flags.DEFINE_config_file("config", None, "esjax config file.",
-                                             lock_config=True)
-  devices = flags.DEFINE_integer("devices", 0, "Fake CPU devices to compile for (0: real).")
-  as_json = flags.DEFINE_bool("json", False, "One JSON object per collective instead.")
-  flags.FLAGS(argv)
-  if devices.value:
-    _set_fake_devices(devices.value)
-  config = cfg_flag.value
-  compiled, layout = lower_train_step(config)
-  rows = report(compiled, layout)
-  title = f"layout {getattr(layout, 'layout', 'single device')}; mesh " + (
-      ", ".join(f"{a}={s}" for a, s in layout.fm.mesh.shape.items())
-      if hasattr(layout, "fm") else "-")
-  if as_json.value:
-    for c in rows:
-      print(json.dumps(dataclasses.asdict(c)))
-  else:
-    print(format_table(rows, title))
-
-
-if __name__ == "__main__":
-  try:
-    main(sys.argv)
-  except ValueError as e:
-    sys.exit(f"esjax.parallel.report: error: {e}")

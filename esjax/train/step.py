@@ -20,13 +20,14 @@ from esjax.train.state import TrainState
 
 
 def make_train_step(engine: Engine, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, shapes: TrainState
+                    schedule: optax.Schedule, shapes: TrainState, with_grads: bool = False
                     ) -> Callable[[TrainState, dict[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
-  """`train_step(state, batch) -> (state, metrics)`: one AdamW update on the batch loss.
+  """`train_step(state, batch) -> (state, metrics)`: one update of `tx` on the batch loss.
 
   metrics: the loss metrics (loss, ce_loss, router statistics), plus `grad_norm` (before
-  clipping) and `lr` (the learning rate this update used).
+  clipping), `lr` (the learning rate this update used) and, `with_grads`, the gradients
+  (for tests and debugging).
   """
   master_specs = engine.master_specs(shapes.params)
 
@@ -36,6 +37,8 @@ def make_train_step(engine: Engine, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    if with_grads:
+      metrics["grads"] = grads
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

@@ -1,0 +1,180 @@
+"""`--search`: every valid layout for N devices, ranked by an analytic estimate, the best few
+compiled for real.
+
+A candidate is (pp, tp, cp, ep, etp, dp = the rest, ZeRO-1 or fsdp, microbatches, schedule and
+virtual stages, remat policy) that the model's divisibility rules and the folded mesh accept.
+Its estimate: the memory of the state (master weights, moments, compute copy, gradient
+accumulator) plus activations (the pipeline stash, one chunk's activations during its
+backward, the logits), and the time of `esjax.plan.analytic.Work` (FLOPs with recompute at
+peak over the bubble, minimum bytes at the bandwidth of the links the layout puts them on).
+Candidates whose estimate fits are ranked by estimated time; the `top` best are compiled with
+`esjax.plan.dryrun.plan` and returned ranked by predicted step time, those that fit first.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Iterator
+
+from esjax.configs import common
+from esjax.models.config import ModelConfig
+from esjax.parallel.schedule import make_schedule
+from esjax.plan import analytic, dryrun, targets as targets_lib
+from esjax.sharding.layout import Layout, LayoutError, check_model
+
+REMATS = ("none", "dots_except_mlp", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  layout: Layout
+  remat: str
+  memory: float  # estimated peak bytes per device
+  time: float  # estimated step seconds
+
+  def overrides(self) -> dict[str, Any]:
+    lay = self.layout
+    keys = ("dp", "tp", "cp", "pp", "ep", "etp", "fsdp", "distributed_optimizer",
+            "microbatches", "schedule", "virtual_stages")
+    out = {f"parallel.{k}": getattr(lay, k) for k in keys}
+    out["model.remat"] = self.remat
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg: ModelConfig, n: int, batch: int, seq: int, per_node: int
+            ) -> Iterator[Layout]:
+  """Valid layouts (resolved) for `n` devices: every divisor choice the model allows."""
+  experts = _divisors(cfg.n_experts) if cfg.is_moe else [1]
+  for pp in _divisors(n):
+    if cfg.n_layers % pp or pp > 16:
+      continue
+    for tp in (1, 2, 4, 8):
+      if tp > per_node or n % (pp * tp):
+        continue
+      for cp in (1, 2, 4) if seq >= 8192 else (1,):
+        if n % (pp * tp * cp):
+          continue
+        dp = n // (pp * tp * cp)
+        for ep in experts:
+          for etp in sorted({1, tp}):
+            for zero in ("zero1", "fsdp"):
+              for m, sched, v in _schedules(cfg, pp, dp, batch):
+                try:
+                  lay = Layout(dp=dp, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp,
+                               fsdp=zero == "fsdp",
+                               distributed_optimizer=zero == "zero1", microbatches=m,
+                               schedule=sched, virtual_stages=v).resolve(n)
+                  check_model(lay, cfg, seq_len=seq, batch=batch)
+                except (LayoutError, ValueError):
+                  continue
+                yield lay
+
+
+def _schedules(cfg: ModelConfig, pp: int, dp: int, batch: int
+               ) -> Iterator[tuple[int, str, int]]:
+  """(microbatches, schedule, virtual stages): one sequence per microbatch and dp rank (the
+  most microbatches, the smallest bubble); with pp > 1 1F1B and interleaved."""
+  if batch % dp:
+    return
+  m = batch // dp
+  if pp == 1:
+    yield m, "1f1b", 1
+    return
+  if m < pp:
+    return
+  yield m, "1f1b", 1
+  per_stage = cfg.n_layers // pp
+  for v in sorted({2, per_stage}):
+    if v > 1 and per_stage % v == 0 and m % pp == 0:
+      yield m, "interleaved", v
+
+
+def estimate(cfg: ModelConfig, lay: Layout, batch: int, seq: int,
+             target: targets_lib.Target) -> tuple[float, float]:
+  """(peak bytes per device, step seconds) of a layout, analytically (module docstring)."""
+  work = analytic.Work(cfg, lay, batch, seq)
+  dense, expert = analytic._params_per_device(cfg, lay)  # pylint: disable=protected-access
+  local = dense + expert
+  replicas_dense = lay.dp * lay.cp
+  if lay.fsdp or lay.distributed_optimizer:
+    master = dense / replicas_dense + expert / lay.edp
+  else:
+    master = local
+  compute_copy = local / (replicas_dense if lay.fsdp else 1)
+  state = 12 * master + 2 * compute_copy + 4 * local  # f32 master+moments, bf16, f32 grads
+  d = cfg.d_model
+  tokens_mb = seq * batch / (lay.dp * lay.microbatches)  # one microbatch of one dp rank
+  seq_shard = tokens_mb / (lay.cp * lay.tp)
+  if lay.pp > 1:
+    stash = make_schedule(lay.schedule, lay.pp, lay.microbatches,
+                          lay.virtual_stages).stash_size
+  else:
+    stash = 1
+  chunk_layers = cfg.n_layers // (lay.pp * lay.virtual_stages)
+  per_layer = {"none": 34, "dots_except_mlp": 16, "full": 2}[cfg.remat] * seq_shard * d
+  if cfg.is_moe:
+    f = cfg.effective_d_ff_expert // lay.etp
+    per_layer += (0 if cfg.remat == "full" else 3) * 2 * seq_shard * lay.etp * cfg.top_k * f
+  transient = chunk_layers * per_layer + 34 * seq_shard * d
+  logits = 3 * 4 * tokens_mb / lay.cp * cfg.vocab_size / lay.tp
+  memory = state + stash * 2 * seq_shard * d + transient + logits
+  # Time: compute over the bubble, minimum bytes on their links.
+  compute = work.hardware_flops / lay.n_devices / target.peak_flops / (1 - work.bubble)
+  intra, inter = target.intra_node_bytes_per_s, target.inter_node_bytes_per_s
+  per_node = target.devices_per_node
+  inner = {"tp": lay.tp, "cp": lay.tp * lay.cp, "ep": lay.etp * lay.ep}
+  comm = 0.0
+  for kind, moved in work.minimum_bytes().items():
+    span = inner.get(kind.split(" ")[0], lay.n_devices)
+    comm += moved / (intra if span <= per_node else inter)
+  return memory, compute + comm
+
+
+def candidates(cfg: ModelConfig, n: int, batch: int, seq: int, target: targets_lib.Target
+               ) -> list[Candidate]:
+  """Every valid (layout, remat) with its estimate, those estimated to fit first, fastest
+  first."""
+  out = []
+  for lay in layouts(cfg, n, batch, seq, target.devices_per_node):
+    for remat in REMATS:
+      c = cfg.replace(remat=remat)
+      mem, t = estimate(c, lay, batch, seq, target)
+      out.append(Candidate(lay, remat, mem, t))
+  return sorted(out, key=lambda c: (c.memory > target.usable_bytes, c.time))
+
+
+def search(config: Any, target: targets_lib.Target, n: int, top: int = 3,
+           log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+  """Compiles the `top` best candidates of `config` (its model, batch and sequence) and
+  returns their plans (JSON dicts) ranked by predicted step time, those that fit first."""
+  cfg = common.model_config(config)
+  tc = config.train
+  ranked = candidates(cfg, n, tc.batch_size, tc.seq_len, target)
+  if not ranked:
+    raise ValueError(f"no valid layout of {n} devices for this model and batch "
+                     f"{tc.batch_size} x {tc.seq_len}")
+  if log:
+    log(f"{len(ranked)} candidate layouts; compiling the best {min(top, len(ranked))}:")
+    for c in ranked[:top]:
+      log(f"  {c.layout} remat={c.remat}: estimated {c.memory / 2**30:.1f} GiB, "
+          f"{c.time:.2f} s")
+  results = []
+  for c in ranked[:top]:
+    cand = copy.deepcopy(config)
+    for key, value in c.overrides().items():
+      section, field = key.split(".")
+      cand[section][field] = value
+    r = dryrun.plan(cand, target, n).to_json()
+    r.update(remat=c.remat, estimated_peak_bytes=c.memory, estimated_step_s=c.time)
+    results.append(r)
+    if log:
+      log(f"  compiled {r['layout']} remat={c.remat}: peak "
+          f"{r['peak_bytes_per_device'] / 2**30:.1f} GiB, fits {r['fits']}, predicted "
+          f"{r['predicted_step_s']:.2f} s, MFU {r['predicted_mfu']:.1%}")
+  return sorted(results, key=lambda r: (not r["fits"], r["predicted_step_s"] or 0.0))
+

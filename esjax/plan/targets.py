@@ -1,0 +1,67 @@
+"""The machines a plan is made for: memory and the roofline that predicts a step's time.
+
+Every number is per device, written once here, with its source. Bandwidths are one
+direction (what a ring collective moves per device is limited by it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+SPECS = os.path.join(os.path.dirname(__file__), "gpu_specs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str
+  platform: str  # what the step is compiled for: "gpu" (deviceless, XLA:GPU) or "cpu"
+  memory_bytes: float  # device memory
+  memory_fraction: float  # share the run may use (XLA_PYTHON_CLIENT_MEM_FRACTION)
+  peak_flops: float  # dense bf16 matmul FLOP/s
+  hbm_bytes_per_s: float
+  intra_node_bytes_per_s: float  # NVLink, per GPU and direction
+  inter_node_bytes_per_s: float  # InfiniBand, per GPU and direction
+  devices_per_node: int
+  spec_file: str | None  # XLA's GpuTargetConfigProto for the deviceless compile
+  sources: tuple[str, ...]
+
+  @property
+  def usable_bytes(self) -> float:
+    return self.memory_bytes * self.memory_fraction
+
+
+_FRACTION = 0.92  # launch/slurm/xla_gpu_flags.sh sets XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+_HOPPER_SOURCES = (
+    "peak bf16 989.4 TFLOP/s dense: NVIDIA H100 Tensor Core GPU datasheet (SXM: 1,979 with "
+    "sparsity)",
+    "NVLink 4: 900 GB/s per GPU (both directions, 18 links): same datasheet; 450 GB/s one way",
+    "InfiniBand NDR 400 Gb/s, one ConnectX-7 per GPU (DGX H100 user guide): 50 GB/s one way",
+)
+
+TARGETS = {
+    "h100": Target(
+        "h100", "gpu", memory_bytes=84_978_434_048, memory_fraction=_FRACTION,
+        peak_flops=989.4e12, hbm_bytes_per_s=3.35e12, intra_node_bytes_per_s=450e9,
+        inter_node_bytes_per_s=50e9, devices_per_node=8,
+        spec_file=os.path.join(SPECS, "h100_sxm.txtpb"),
+        sources=_HOPPER_SOURCES + (
+            "80 GB HBM3 at 3.35 TB/s: H100 datasheet; device_memory_size from XLA's "
+            "h100_sxm.txtpb",)),
+    "h200": Target(
+        "h200", "gpu", memory_bytes=141e9, memory_fraction=_FRACTION, peak_flops=989.4e12,
+        hbm_bytes_per_s=4.8e12, intra_node_bytes_per_s=450e9, inter_node_bytes_per_s=50e9,
+        devices_per_node=8, spec_file=os.path.join(SPECS, "h200_sxm.txtpb"),
+        sources=_HOPPER_SOURCES + ("141 GB HBM3e at 4.8 TB/s: NVIDIA H200 datasheet",)),
+    # Fake CPU devices (the same program, upcast bf16 and CPU code paths): memory only.
+    "cpu": Target("cpu", "cpu", memory_bytes=float("inf"), memory_fraction=1.0,
+                  peak_flops=0.0, hbm_bytes_per_s=0.0, intra_node_bytes_per_s=0.0,
+                  inter_node_bytes_per_s=0.0, devices_per_node=8, spec_file=None,
+                  sources=("fake CPU devices: no roofline",)),
+}
+
+
+def get(name: str) -> Target:
+  if name not in TARGETS:
+    raise ValueError(f"--target={name!r}, expected one of {sorted(TARGETS)}")
+  return TARGETS[name]

@@ -1,0 +1,91 @@
+"""The dry-run planner: argument bytes from first principles, fitting, the GPU paths compiled
+deviceless for H100s, and the layout search."""
+
+import dataclasses
+import importlib.util
+import math
+
+import pytest
+
+from esjax.configs import common, tiny
+from esjax.plan import dryrun, search, table, targets
+
+GPU = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+needs_plugin = pytest.mark.skipif(
+    not GPU, reason="jax-cuda12-plugin is not installed (pip install -r requirements-plan.txt)")
+
+
+def dense_config(**parallel):
+  c = tiny.get_config("dense")
+  c.train.batch_size, c.train.seq_len = 8, 32
+  for k, v in parallel.items():
+    c.parallel[k] = v
+  return c
+
+
+def test_argument_bytes_are_the_state_shards():
+  """Arguments = master weights + two Adam moments (float32) of this device's shards + the
+  int32 step counters (Adam's, the learning-rate schedule's, the train step's) + this
+  device's rows of the batch. Shards from the layout by hand: tp=2 splits heads, MLP width
+  and vocabulary; the norms are replicated; dp replicates everything (no ZeRO)."""
+  c = dense_config(dp=4, tp=2)
+  r = dryrun.plan(c, targets.get("cpu"), 8)
+  cfg = common.model_config(c)
+  d, v, layers, h, kv, f = (cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.n_heads,
+                            cfg.n_kv_heads, cfg.d_ff)
+  hd = cfg.effective_head_dim
+  tp = 2
+  per_layer = (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f) / tp + 2 * d
+  params = layers * per_layer + 2 * v * d / tp + d
+  counters = 3 * 4
+  batch = 2 * (c.train.batch_size // 4) * c.train.seq_len * 4  # inputs, targets over dp
+  assert r.memory["arguments"] == 3 * 4 * params + counters + batch
+
+
+def test_distributed_optimizer_divides_the_state():
+  plain = dryrun.plan(dense_config(dp=8), targets.get("cpu"), 8)
+  zero1 = dryrun.plan(dense_config(dp=8, distributed_optimizer=True), targets.get("cpu"), 8)
+  # Every matrix splits over the 8 replicas; norms and counters are small.
+  assert zero1.memory["arguments"] < plain.memory["arguments"] / 6
+
+
+def test_a_layout_that_cannot_fit_says_so():
+  small = dataclasses.replace(targets.get("cpu"), memory_bytes=1e6)
+  r = dryrun.plan(dense_config(dp=8), small, 8)
+  assert not r.fits and r.to_json()["fits"] is False
+  assert "fits: NO" in table.format_result(r, small)
+
+
+@needs_plugin
+def test_tiny_moe_compiles_for_8_h100s_with_the_gpu_paths():
+  """Deviceless XLA:GPU: the step compiles for sm_90 with the GPU code paths (ragged EP
+  exchange, ragged_dot experts), and the prediction is a real number."""
+  c = tiny.get_config("moe")
+  c.train.batch_size, c.train.seq_len = 16, 64
+  c.parallel.dp, c.parallel.tp, c.parallel.ep, c.parallel.etp = 4, 2, 8, 1
+  c.parallel.pp, c.parallel.microbatches = 1, 2
+  r = dryrun.plan(c, targets.get("h100"), 8)
+  ops = {x["op"] for x in r.collectives}
+  assert "ragged-all-to-all" in ops and r.fits
+  j = r.to_json()
+  for key in ("peak_bytes_per_device", "fits", "collective_bytes_per_step",
+              "predicted_step_s", "predicted_mfu"):
+    assert key in j
+  assert 0 < j["predicted_mfu"] < 1 and j["predicted_step_s"] > 0
+  assert {x["link"] for x in r.collectives} <= {"nvlink"}  # one node of 8
+
+
+def test_search_enumerates_valid_layouts_and_ranks_fitting_first():
+  c = dense_config()
+  cfg = common.model_config(c)
+  lays = list(search.layouts(cfg, 8, 8, 32, per_node=8))
+  assert lays and all(l.n_devices == 8 for l in lays)
+  assert len({str(l) for l in lays}) == len(lays)
+  assert all(cfg.n_heads % l.tp == 0 and cfg.n_layers % l.pp == 0 for l in lays)
+  target = targets.get("h100")
+  ranked = search.candidates(cfg, 8, 8, 32, target)
+  fits = [x.memory <= target.usable_bytes for x in ranked]
+  assert fits == sorted(fits, reverse=True)  # fitting ones first
+  times = [x.time for x in ranked if x.memory <= target.usable_bytes]
+  assert times == sorted(times)
+  assert math.isfinite(times[0])
