@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esjax.models.attention import attend
+from esjax.kernels.attention.reference import xla_attention as attend
 from esjax.parallel import context, mesh as mesh_lib
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from esjax.kernels.attention import ops as attention_ops
 from esjax.models import layers
 from esjax.models.cache import KVCache
 from esjax.models.config import ModelConfig
@@ -53,30 +56,12 @@ class Attention(nnx.Module):
     """Attention output [B, S, D]; with a `cache`, also the cache with these tokens added
     (queries then see the cached tokens too; negative positions mark padding)."""
     q, k, v = self.project_qkv(x, positions)
+    window = self.cfg.sliding_window
+    attend = functools.partial(attention_ops.attend, impl=self.cfg.attention_impl)
     if cache is None:
       attend_fn = hooks.attention_override() or attend  # e.g. ring attention under CP
-      return self.output(attend_fn(q, k, v, positions, positions))
+      return self.output(attend_fn(q, k, v, positions, positions, sliding_window=window))
     cache = cache.update(k, v, positions)
-    o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)
+    o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid, sliding_window=window)
     return self.output(o), cache
 
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-           k_valid: jax.Array | None = None) -> jax.Array:
-  """Causal GQA softmax attention in float32 logits.
-
-  q [B, Sq, H, hd]; k, v [B, Sk, KV, hd]; q_pos [B, Sq], k_pos [B, Sk] absolute positions
-  (key j is visible to query i when k_pos[j] <= q_pos[i]); k_valid [B, Sk] masks unused slots.
-  """
-  b, sq, h, hd = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, sq, kv, h // kv, hd)
-  logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, k, preferred_element_type=jnp.float32)
-  logits = logits * (hd ** -0.5)
-  mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, Sq, Sk]
-  if k_valid is not None:
-    mask = mask & k_valid[:, None, :]
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  o = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v)
-  return o.reshape(b, sq, h, hd)

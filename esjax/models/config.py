@@ -17,6 +17,7 @@ MOE_IMPLS = ("auto", "ragged", "blocked")
 ROUTER_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")  # esjax.kernels.attention.ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,10 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
   param_dtype: str = "float32"
   remat: str = "none"
+  # Attention kernel (esjax.kernels.attention.ops): "xla" (plain), "chunked" (memory linear
+  # in the sequence), "cudnn" (flash on NVIDIA GPUs), "auto" (by backend and length).
+  attention_impl: str = "auto"
+  sliding_window: int = 0  # > 0: a query sees keys fewer than this many positions back
 
   # MoE (n_experts == 0: dense).
   n_experts: int = 0
@@ -82,8 +87,10 @@ class ModelConfig:
     for name, allowed in (("score_fn", SCORE_FNS), ("routing_order", ROUTING_ORDERS),
                           ("drop_policy", DROP_POLICIES), ("moe_impl", MOE_IMPLS),
                           ("router_impl", ROUTER_IMPLS), ("dtype", DTYPES),
-                          ("param_dtype", DTYPES), ("remat", REMAT)):
+                          ("param_dtype", DTYPES), ("remat", REMAT),
+                          ("attention_impl", ATTENTION_IMPLS)):
       need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
+    need(self.sliding_window >= 0, f"sliding_window={self.sliding_window} must be >= 0")
     need(self.n_experts >= 0, f"n_experts={self.n_experts} must be >= 0")
     if self.n_experts:
       need(1 <= self.top_k <= self.n_experts,

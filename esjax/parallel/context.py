@@ -3,7 +3,8 @@
 `allgather` (default): queries stay sharded over cp and the rules replicate K and V along the
 sequence (`act_kv_len` -> no axis), so XLA all-gathers K/V over cp before the attention
 einsum. `ring`: a `shard_map` passes K/V blocks around the cp ring with `ppermute` and merges
-the partial softmaxes (online softmax), so no device holds the whole K/V.
+the partial softmaxes by their logsumexp, so no device holds the whole K/V; each block runs
+the chunked kernel, so memory stays linear in the sequence.
 
 Causal load balancing: with a causal mask the last sequence chunk does the most work. The
 sequence is cut into 2*cp chunks and cp rank i holds chunks i and 2cp-1-i
@@ -22,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
+
+from esjax.kernels.attention import chunked
 
 
 def sequence_permutation(layout, seq_len: int) -> np.ndarray | None:
@@ -67,8 +70,9 @@ def attention_fn(fm) -> Callable | None:
 
 
 def ring_attention(fm, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-                   k_pos: jax.Array, k_valid: jax.Array | None = None) -> jax.Array:
-  """`attention.attend` with q, k, v sharded over cp along the sequence (same contract).
+                   k_pos: jax.Array, k_valid: jax.Array | None = None, *,
+                   sliding_window: int = 0) -> jax.Array:
+  """`ops.attend` with q, k, v sharded over cp along the sequence (same contract).
 
   Each cp rank keeps its queries and passes its K/V block (with the blocks' positions, so
   the causal mask holds in any sequence order) around the ring; after cp steps every query
@@ -78,43 +82,33 @@ def ring_attention(fm, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arra
     raise ValueError("ring attention is for training (no KV-cache slots)")
   cp = fm.axes("cp")
   seq4, seq2 = P(None, cp, None, None), P(None, cp)
-  body = functools.partial(_ring_body, axes=cp, n=fm.layout.cp)
+  body = functools.partial(ring_body, axes=cp, n=fm.layout.cp, sliding_window=sliding_window)
   return jax.shard_map(body, in_specs=(seq4, seq4, seq4, seq2, seq2), out_specs=seq4,
                        axis_names={"pp", *cp},  # pp: see pipeline.py
                        check_vma=fm.layout.pp == 1)(q, k, v, q_pos, k_pos)
 
 
-def _ring_body(q, k, v, q_pos, k_pos, *, axes, n):
-  """Online softmax over the n K/V blocks: running max m, denominator l, numerator acc."""
-  b, sq, h, hd = q.shape
-  g = k.shape[2]
-  qg = q.reshape(b, sq, g, h // g, hd) * jnp.asarray(hd ** -0.5, q.dtype)
+def ring_body(q, k, v, q_pos, k_pos, *, axes, n, sliding_window=0):
+  """Ring attention of the local blocks, inside a shard_map where `axes` (n ranks) are manual.
+
+  Each step runs the chunked block kernel (`chunked.attention_block`: memory linear in the
+  block, recomputing custom VJP) on the K/V block at hand and merges it into the running
+  (out, lse); then the K/V block moves one rank along the ring (`ppermute`).
+  """
   perm = [(i, (i + 1) % n) for i in range(n)]
 
-  def add_block(m, l, acc, k, v, k_pos):
-    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, k, preferred_element_type=jnp.float32)
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, Sq, Sk]
-    logits = jnp.where(mask, logits, -jnp.inf)
-    m_new = lax.stop_gradient(jnp.maximum(m, logits.max(-1)))  # any shift gives the same o
-    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # 0 for rows that saw no key yet
-    p = jnp.exp(logits - shift[..., None])
-    scale = jnp.exp(m - shift)
-    l = l * scale + p.sum(-1)
-    acc = acc * scale[..., None] + jnp.einsum("bgrqs,bsgk->bgrqk", p.astype(v.dtype), v,
-                                              preferred_element_type=jnp.float32)
-    return m_new, l, acc
+  def add_block(acc, k, v, k_pos):
+    part = chunked.attention_block(q, k, v, q_pos, k_pos, sliding_window=sliding_window)
+    return chunked.merge(acc, part)
 
   def step(carry, _):
-    m, l, acc, k, v, k_pos = carry
-    m, l, acc = add_block(m, l, acc, k, v, k_pos)
+    acc, k, v, k_pos = carry
+    acc = add_block(acc, k, v, k_pos)
     k, v, k_pos = (lax.ppermute(x, axes, perm) for x in (k, v, k_pos))
-    return (m, l, acc, k, v, k_pos), None
+    return (acc, k, v, k_pos), None
 
-  stats = (b, g, h // g, sq)
-  init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
-          jnp.zeros((*stats, hd), jnp.float32))
-  init = (*lax.pcast(init, axes, to="varying"), k, v, k_pos)  # carried like q's blocks
-  (m, l, acc, k, v, k_pos), _ = lax.scan(step, init, None, length=n - 1)
-  _, l, acc = add_block(m, l, acc, k, v, k_pos)  # the last block: no send after it
-  o = acc / l[..., None]  # every query sees itself, so l > 0
-  return o.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, hd).astype(q.dtype)
+  acc = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))
+  acc = lax.pcast(acc, axes, to="varying")  # carried like q's blocks
+  (acc, k, v, k_pos), _ = lax.scan(step, (acc, k, v, k_pos), None, length=n - 1)
+  out, _ = add_block(acc, k, v, k_pos)  # the last block: no send after it
+  return out.astype(q.dtype)

@@ -39,7 +39,8 @@ def override_layers(fn: Callable) -> Iterator[None]:
 
 
 def attention_override() -> Callable | None:
-  """`fn(q, k, v, q_pos, k_pos) -> o`, same contract as `attention.attend`, or None."""
+  """`fn(q, k, v, q_pos, k_pos, *, sliding_window) -> o`, the contract of
+  `esjax.kernels.attention.ops.attend`, or None."""
   return _ATTN.get()
 
 

@@ -1,0 +1,41 @@
+"""One attention entry point over the implementations, chosen by name (`ModelConfig.
+attention_impl`): "xla" (plain, the reference), "chunked" (linear memory, any backend),
+"cudnn" (flash on NVIDIA GPUs, chunked where it does not apply), "auto".
+
+"auto": cuDNN on a GPU where it applies; elsewhere chunked once the logits of one head
+(Sq * Sk) reach `AUTO_CHUNKED_LOGITS`, plain below (measured on CPU: benchmarks/attention.py).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from esjax.kernels.attention import chunked, cudnn, reference
+
+IMPLS = ("auto", "xla", "chunked", "cudnn")
+AUTO_CHUNKED_LOGITS = 1024 * 1024
+
+
+def resolve(impl: str, q: jax.Array, k: jax.Array, v: jax.Array,
+            k_valid: jax.Array | None = None) -> str:
+  """The implementation "auto" stands for with these operands on the default backend."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl {impl!r}, expected one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  if jax.default_backend() == "gpu" and cudnn.unsupported(q, k, v, k_valid) is None:
+    return "cudnn"
+  return "chunked" if q.shape[1] * k.shape[1] >= AUTO_CHUNKED_LOGITS else "xla"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+           k_valid: jax.Array | None = None, *, sliding_window: int = 0, impl: str = "auto",
+           plain_positions: bool | None = None) -> jax.Array:
+  """Causal GQA attention (the contract of `reference.xla_attention`) by `impl`.
+  `plain_positions`: see `cudnn.cudnn_attention` (only cuDNN uses it)."""
+  impl = resolve(impl, q, k, v, k_valid)
+  if impl == "cudnn":
+    return cudnn.cudnn_attention(q, k, v, q_pos, k_pos, k_valid, sliding_window=sliding_window,
+                                 plain_positions=plain_positions)
+  fn = chunked.chunked_attention if impl == "chunked" else reference.xla_attention
+  return fn(q, k, v, q_pos, k_pos, k_valid, sliding_window=sliding_window)
