@@ -2,12 +2,15 @@
 
     python -m benchmarks.attention --impl xla,chunked --seq 1024,2048
     python -m benchmarks.attention --impl cudnn,xla --seq 4096,8192 --dtype bfloat16  # GPU
+    python -m benchmarks.attention --impl xla,chunked --seq 2048 --step tiny-moe
 
 Times the jitted gradient of sum(attend(q, k, v) * w) in q, k, v (`esjax.kernels.attention.
 ops.attend`, plain positions 0..S-1) for each (impl, seq), in interleaved rounds (the CPU is
 shared and noisy), and reads the compiled temporaries from `memory_analysis()`. The default
 shape is the gpu-mixtral layer: batch 1, 16 heads, 8 KV heads, head_dim 128. Prints one JSON
 line per point; with two impls, a summary with each seq's median ratio to the first impl.
+`--step CONFIG`: instead, the whole train step of a `benchmarks.mfu` config (batch --batch)
+with `attention_impl` set to each impl.
 `layer_memory` (the Attention module's forward + backward, compile only) serves
 `benchmarks.memory --attn-seqs`.
 """
@@ -89,6 +92,32 @@ def run(impls: list[str], seqs: list[int], repeats: int, **shape) -> list[dict]:
            "temp_bytes": p["mem"]["temp_bytes"]} for (impl, seq), p in points.items()]
 
 
+def run_steps(name: str, impls: list[str], seqs: list[int], repeats: int, batch: int
+              ) -> list[dict]:
+  """Median train-step time of `mfu.CONFIGS[name]` per (impl, seq), interleaved."""
+  points = {}
+  for impl in impls:
+    for seq in seqs:
+      cfg = mfu.CONFIGS[name][0]
+      cfg = cfg.replace(attention_impl=impl, max_seq_len=max(cfg.max_seq_len, seq))
+      compiled, state, data = mfu.build_step(cfg, batch, seq)
+      state, metrics = compiled(state, data)  # warm up
+      jax.block_until_ready(metrics["loss"])
+      points[impl, seq] = dict(compiled=compiled, state=state, data=data, times=[],
+                               mem=mfu.memory_stats(compiled))
+  for _ in range(repeats):
+    for p in points.values():
+      t0 = time.perf_counter()
+      p["state"], metrics = p["compiled"](p["state"], p["data"])
+      jax.block_until_ready(metrics["loss"])
+      p["times"].append(time.perf_counter() - t0)
+  return [{"step": name, "impl": impl, "seq": seq, "batch": batch,
+           "backend": jax.default_backend(),
+           "step_ms": round(1e3 * float(np.median(p["times"])), 3),
+           "min_ms": round(1e3 * min(p["times"]), 3),
+           "temp_bytes": p["mem"]["temp_bytes"]} for (impl, seq), p in points.items()]
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--impl", default="xla,chunked", help=f"comma-separated, of {ops.IMPLS}")
@@ -102,19 +131,26 @@ def main(argv=None):
   ap.add_argument("--plain-positions", action="store_true",
                   help="tell cuDNN the positions are plain (no runtime check)")
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--step", default="", help=f"time the train step of one of {sorted(mfu.CONFIGS)}")
   args = ap.parse_args(argv)
   impls = args.impl.split(",")
   bad = [i for i in impls if i not in ops.IMPLS]
   if bad:
     raise SystemExit(f"--impl: unknown {bad}; known: {ops.IMPLS}")
-  rows = run(impls, [int(s) for s in args.seq.split(",")], args.repeats, batch=args.batch,
-             heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-             dtype=args.dtype, sliding_window=args.sliding_window,
-             plain_positions=True if args.plain_positions else None)
+  if args.step and args.step not in mfu.CONFIGS:
+    raise SystemExit(f"--step={args.step!r}; known: {sorted(mfu.CONFIGS)}")
+  seqs = [int(s) for s in args.seq.split(",")]
+  if args.step:
+    rows = run_steps(args.step, impls, seqs, args.repeats, args.batch)
+  else:
+    rows = run(impls, seqs, args.repeats, batch=args.batch, heads=args.heads,
+               kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+               sliding_window=args.sliding_window,
+               plain_positions=True if args.plain_positions else None)
   for row in rows:
     print(json.dumps(row), flush=True)
   if len(impls) == 2:
-    ms = {(r["impl"], r["seq"]): r["fwd_bwd_ms"] for r in rows}
+    ms = {(r["impl"], r["seq"]): r.get("step_ms", r.get("fwd_bwd_ms")) for r in rows}
     first, second = impls
     print(json.dumps({"summary": f"{second}_over_{first}", "device": jax.devices()[0].device_kind,
                       **{str(s): round(ms[second, s] / ms[first, s], 3)

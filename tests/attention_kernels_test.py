@@ -241,8 +241,9 @@ def test_cudnn_falls_back_to_chunked_where_it_does_not_apply():
 
 def test_resolve_and_config_validation():
   x = lambda s: jnp.zeros((1, s, 2, 8))
-  side = int(np.sqrt(ops.AUTO_CHUNKED_LOGITS))
+  side = int(np.sqrt(ops.AUTO_CHUNKED_LOGITS["cpu"]))
   assert ops.resolve("auto", x(side), x(side), x(side)) == "chunked"
+  assert ops.resolve("auto", x(side // 2), x(side // 2), x(side // 2)) == "xla"
   assert ops.resolve("auto", x(1), x(side), x(side)) == "xla"  # decoding one token
   assert ops.resolve("xla", x(side), x(side), x(side)) == "xla"
   with pytest.raises(ValueError, match="flash"):

@@ -1,4 +1,5 @@
-"""Ring attention (CP) equals plain causal attention: values and gradients, any order."""
+"""Ring attention (CP) equals plain causal attention: values and gradients, any order, with
+and without a sliding window."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +10,10 @@ from esjax.kernels.attention.reference import xla_attention as attend
 from esjax.parallel import context, mesh as mesh_lib
 
 
-@pytest.mark.parametrize("layout", [dict(cp=2, dp=2, tp=2), dict(cp=4, dp=2),
-                                    dict(cp=8)], ids=["cp2-dp2-tp2", "cp4-dp2", "cp8"])
-def test_ring_attention_equals_attend(layout):
+@pytest.mark.parametrize("layout,window", [(dict(cp=2, dp=2, tp=2), 0), (dict(cp=4, dp=2), 0),
+                                           (dict(cp=8), 0), (dict(cp=4, dp=2), 5)],
+                         ids=["cp2-dp2-tp2", "cp4-dp2", "cp8", "cp4-dp2-window5"])
+def test_ring_attention_equals_attend(layout, window):
   fm = mesh_lib.make_mesh(mesh_lib.Layout(cp_impl="ring", **layout))
   b, s, h, g, hd = 4, 16, 4, 2, 8
   rng = np.random.default_rng(sum(layout.values()))
@@ -21,9 +23,9 @@ def test_ring_attention_equals_attend(layout):
   pos = jnp.asarray(np.stack([rng.permutation(s) for _ in range(b)]), jnp.int32)
 
   def out_and_grads(fn):
-    out = fn(q, k, v, pos, pos)
-    grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, pos, pos) * w), (0, 1, 2))(q, k, v)
-    return out, grads
+    attend_fn = lambda q, k, v: fn(q, k, v, pos, pos, sliding_window=window)
+    grads = jax.grad(lambda q, k, v: jnp.sum(attend_fn(q, k, v) * w), (0, 1, 2))(q, k, v)
+    return attend_fn(q, k, v), grads
 
   want = out_and_grads(attend)
   with mesh_lib.activate(fm):

@@ -26,7 +26,14 @@ from jax import lax
 
 from esjax.kernels.attention.reference import visible
 
-BLOCK = 512  # default block_q and block_k (CPU: see benchmarks/attention.py)
+# Default block_q = block_k by backend. CPU: measured (benchmarks/attention.py; 64-128 beat
+# 256-512 by 2-4x at seq 1024-2048). Elsewhere: fewer, larger blocks (not measured here).
+BLOCKS = {"cpu": 128}
+BLOCK = 512
+
+
+def default_block() -> int:
+  return BLOCKS.get(jax.default_backend(), BLOCK)
 _BIG = jnp.iinfo(jnp.int32).max
 
 
@@ -219,11 +226,13 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention_block(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                     k_pos: jax.Array, k_valid: jax.Array | None = None, *,
-                    sliding_window: int = 0, block_q: int = BLOCK, block_k: int = BLOCK
-                    ) -> tuple[jax.Array, jax.Array]:
+                    sliding_window: int = 0, block_q: int | None = None,
+                    block_k: int | None = None) -> tuple[jax.Array, jax.Array]:
   """(out [B, Sq, H, hd] float32, lse [B, Sq, H] float32): softmax attention of q over these
   keys and the log of its denominator (-inf where a query sees no key; out is 0 there).
-  Differentiable in both outputs; same contract as `reference.xla_attention`."""
+  Differentiable in both outputs; same contract as `reference.xla_attention`. Blocks of
+  None: `default_block()`."""
+  block_q, block_k = block_q or default_block(), block_k or default_block()
   if block_q < 1 or block_k < 1:
     raise ValueError(f"block_q={block_q} and block_k={block_k} must be >= 1")
   if k_valid is None:
@@ -233,8 +242,8 @@ def attention_block(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                       k_pos: jax.Array, k_valid: jax.Array | None = None, *,
-                      sliding_window: int = 0, block_q: int = BLOCK, block_k: int = BLOCK
-                      ) -> jax.Array:
+                      sliding_window: int = 0, block_q: int | None = None,
+                      block_k: int | None = None) -> jax.Array:
   """`attention_block`'s output in q's dtype (a query that sees no key gets 0)."""
   out, _ = attention_block(q, k, v, q_pos, k_pos, k_valid, sliding_window=sliding_window,
                            block_q=block_q, block_k=block_k)

@@ -3,7 +3,9 @@ attention_impl`): "xla" (plain, the reference), "chunked" (linear memory, any ba
 "cudnn" (flash on NVIDIA GPUs, chunked where it does not apply), "auto".
 
 "auto": cuDNN on a GPU where it applies; elsewhere chunked once the logits of one head
-(Sq * Sk) reach `AUTO_CHUNKED_LOGITS`, plain below (measured on CPU: benchmarks/attention.py).
+(Sq * Sk) reach the backend's `AUTO_CHUNKED_LOGITS`, plain below. CPU: measured with
+benchmarks/attention.py (chunked is slower on one block, faster from 2 x 2 blocks on); other
+backends: a guess (not measured here) that keeps short sequences on the plain path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import jax
 from esjax.kernels.attention import chunked, cudnn, reference
 
 IMPLS = ("auto", "xla", "chunked", "cudnn")
-AUTO_CHUNKED_LOGITS = 1024 * 1024
+AUTO_CHUNKED_LOGITS = {"cpu": 256 * 256}
+AUTO_CHUNKED_LOGITS_DEFAULT = 2048 * 2048
 
 
 def resolve(impl: str, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -23,9 +26,11 @@ def resolve(impl: str, q: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f"attention impl {impl!r}, expected one of {IMPLS}")
   if impl != "auto":
     return impl
-  if jax.default_backend() == "gpu" and cudnn.unsupported(q, k, v, k_valid) is None:
+  backend = jax.default_backend()
+  if backend == "gpu" and cudnn.unsupported(q, k, v, k_valid) is None:
     return "cudnn"
-  return "chunked" if q.shape[1] * k.shape[1] >= AUTO_CHUNKED_LOGITS else "xla"
+  threshold = AUTO_CHUNKED_LOGITS.get(backend, AUTO_CHUNKED_LOGITS_DEFAULT)
+  return "chunked" if q.shape[1] * k.shape[1] >= threshold else "xla"
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
