@@ -4,8 +4,9 @@ attention_impl`): "xla" (plain, the reference), "chunked" (linear memory, any ba
 
 "auto": cuDNN on a GPU where it applies; elsewhere chunked once the logits of one head
 (Sq * Sk) reach the backend's `AUTO_CHUNKED_LOGITS`, plain below. CPU: measured with
-benchmarks/attention.py (chunked is slower on one block, faster from 2 x 2 blocks on); other
-backends: a guess (not measured here) that keeps short sequences on the plain path.
+benchmarks/attention.py (at 8 heads of 64: chunked 1.6x the plain time at seq 256, 0.47x at
+512, 0.26x at 1024); other backends: a guess (not measured here) that keeps short sequences
+on the plain path.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 from esjax.kernels.attention import chunked, cudnn, reference
 
 IMPLS = ("auto", "xla", "chunked", "cudnn")
-AUTO_CHUNKED_LOGITS = {"cpu": 256 * 256}
+AUTO_CHUNKED_LOGITS = {"cpu": 512 * 512}
 AUTO_CHUNKED_LOGITS_DEFAULT = 2048 * 2048
 
 
