@@ -223,6 +223,26 @@ def test_cudnn_lowers_for_cuda_forward_and_backward(monkeypatch, plain, window):
     assert f"sliding_window_length\\22: {window}" in text
 
 
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("order,window", [("plain", 0), ("plain", 64), ("permuted", 0)])
+def test_cudnn_on_gpu_equals_xla(order, window):
+  """On a GPU (JAX_PLATFORMS=cuda pytest -m gpu_only): cuDNN (plain order) or its chunked
+  fallback (permuted) against the plain path on the same bfloat16 operands."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  rng, (b, s, h, g, hd) = _rng(order, window), (2, 512, 8, 2, 64)
+  bf = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  q, k, v, w = bf(b, s, h, hd), bf(b, s, g, hd), bf(b, s, g, hd), bf(b, s, h, hd)
+  pos = np.broadcast_to(np.arange(s), (b, s))
+  pos = jnp.asarray(pos if order == "plain" else np.stack([rng.permutation(s)
+                                                          for _ in range(b)]), jnp.int32)
+  got = _out_and_grads(cudnn.cudnn_attention, q, k, v, pos, pos, None, window, w)
+  want = _out_and_grads(reference.xla_attention, q, k, v, pos, pos, None, window, w)
+  for name, a, e in zip(("o", "dq", "dk", "dv"), [got[0], *got[1]], [want[0], *want[1]]):
+    a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+    np.testing.assert_allclose(a, e, atol=3e-2 * float(np.max(np.abs(e))), err_msg=name)
+
+
 def test_cudnn_falls_back_to_chunked_where_it_does_not_apply():
   q, k, v, q_pos, k_pos, _, window, w, _ = _case("gqa-plain-window")
   assert "dtypes" in cudnn.unsupported(q, k, v, None)  # float32

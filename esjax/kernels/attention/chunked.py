@@ -30,11 +30,12 @@ from esjax.kernels.attention.reference import visible
 # 256-512 by 2-4x at seq 1024-2048). Elsewhere: fewer, larger blocks (not measured here).
 BLOCKS = {"cpu": 128}
 BLOCK = 512
+_BIG = jnp.iinfo(jnp.int32).max
 
 
 def default_block() -> int:
+  """block_q and block_k when the caller gives none: by the default backend."""
   return BLOCKS.get(jax.default_backend(), BLOCK)
-_BIG = jnp.iinfo(jnp.int32).max
 
 
 def _rows(x: jax.Array, i: jax.Array, size: int) -> jax.Array:
