@@ -77,3 +77,28 @@ def test_data_benchmark_reports_start_memory_and_throughput(capsys, tmp_path):
   (prep,) = summary["prepare"].values()
   assert prep["tokens"] > 0 and prep["tokens_per_cpu_s"] > 0
   assert sorted(os.listdir(tmp_path)) == ["bpe.json", "stdlib.jsonl"]  # corpora deleted
+
+
+def test_attention_layer_temporaries_grow_linearly_with_chunked():
+  """benchmarks.memory --attn-seqs at 256, 512, 1024: with the chunked kernel each doubling
+  adds twice the bytes of the one before (linear, plus a constant); the plain path grows more
+  than 8x over the 4x longer sequence (quadratic)."""
+  from benchmarks import attention  # pylint: disable=g-import-not-at-top
+  temps = {}
+  for impl, seqs in (("xla", (256, 1024)), ("chunked", (256, 512, 1024))):
+    cfg = attention.layer_config(2, 1, 8, 16, attention_impl=impl)
+    temps[impl] = [attention.layer_memory(cfg, 1, s)["temp_bytes"] for s in seqs]
+  t = temps["chunked"]
+  assert 1.8 < (t[2] - t[1]) / (t[1] - t[0]) < 2.2, temps
+  assert temps["xla"][1] > 8 * temps["xla"][0], temps
+
+
+def test_attention_benchmark_rows(capsys):
+  from benchmarks import attention  # pylint: disable=g-import-not-at-top
+  attention.main(["--impl", "xla,chunked", "--seq", "64", "--heads", "2", "--kv-heads", "1",
+                  "--head-dim", "8", "--repeats", "1"])
+  *rows, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r["impl"], r["resolved"], r["seq"]) for r in rows] == [("xla", "xla", 64),
+                                                                  ("chunked", "chunked", 64)]
+  assert all(r["fwd_bwd_ms"] > 0 and r["temp_bytes"] > 0 for r in rows)
+  assert summary["64"] == pytest.approx(rows[1]["fwd_bwd_ms"] / rows[0]["fwd_bwd_ms"], rel=1e-2)

@@ -19,6 +19,7 @@ from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
+from esjax.kernels.attention import ops as attention_ops
 from esjax.models import context_parallel, layers
 from esjax.models.cache import KVCache
 from esjax.models.config import ModelConfig
@@ -104,51 +105,25 @@ class Attention(nnx.Module):
     """x [B, S_l, D] (this rank's residual shard), positions [B, S_c] of the cp rank's
     tokens -> attention output [B, S_l, D]. With a `cache` (one device), also the cache with
     these tokens added: queries then see the cached tokens too; negative positions mark
-    padding."""
+    padding. The kernel is `cfg.attention_impl` (esjax.kernels.attention) on the plan's
+    platform."""
     plan, window = self.plan, self.cfg.sliding_window
+    attend = functools.partial(attention_ops.attend, impl=self.cfg.attention_impl,
+                               sliding_window=window, platform=plan.platform)
     if cache is not None:
       if plan.tp or plan.cp:
         raise ValueError(f"KV-cache decoding runs on one device, not on {plan}")
       q, k, v = self.project_qkv(x, positions)
       cache = cache.update(k, v, positions)
-      o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid, sliding_window=window)
-      return self.output(o), cache
+      return self.output(attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)), cache
     x = col.all_gather(x, plan.tp, 1)
     q, k, v = (checkpoint_name(t, "qkv") for t in self.project_qkv(x, positions))
     if not plan.cp:
-      o = attend(q, k, v, positions, positions, sliding_window=window)
+      o = attend(q, k, v, positions, positions)
     elif plan.layout.cp_impl == "ring":
-      if window:
-        raise ValueError(f"sliding_window={window}: the ring context-parallel attention "
-                         "(parallel.cp_impl='ring') has no sliding window; use 'allgather'")
-      o = context_parallel.ring_attend(q, k, v, positions, positions, plan.cp, plan.layout.cp)
+      o = context_parallel.ring_attend(q, k, v, positions, positions, plan.cp, plan.layout.cp,
+                                       sliding_window=window, platform=plan.platform)
     else:
-      o = context_parallel.allgather_attend(
-          functools.partial(attend, sliding_window=window), q, k, v, positions, positions,
-          plan.cp)
+      o = context_parallel.allgather_attend(attend, q, k, v, positions, positions, plan.cp)
     o = checkpoint_name(o, "attn_out")  # names for the remat policies of transformer.py
     return col.psum_scatter(checkpoint_name(self.output(o), "attn_proj"), plan.tp, 1)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-           k_valid: jax.Array | None = None, sliding_window: int = 0) -> jax.Array:
-  """Causal GQA softmax attention in float32 logits.
-
-  q [B, Sq, H, hd]; k, v [B, Sk, KV, hd]; q_pos [B, Sq], k_pos [B, Sk] absolute positions
-  (key j is visible to query i when k_pos[j] <= q_pos[i], and with a `sliding_window` > 0
-  also q_pos[i] - k_pos[j] < sliding_window); k_valid [B, Sk] masks unused slots.
-  """
-  b, sq, h, hd = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, sq, kv, h // kv, hd)
-  logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, k, preferred_element_type=jnp.float32)
-  logits = logits * (hd ** -0.5)
-  mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, Sq, Sk]
-  if sliding_window:
-    mask = mask & (q_pos[:, :, None] - k_pos[:, None, :] < sliding_window)
-  if k_valid is not None:
-    mask = mask & k_valid[:, None, :]
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  o = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v)
-  return o.reshape(b, sq, h, hd)

@@ -24,6 +24,7 @@ REMAT = ("none", "full", "dots", "dots_except_mlp", "attn", "offload_attn")
 SCOPES = ("batch", "rank")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # transformers' rope_type
 QK_NORMS = ("none", "head", "full")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")  # esjax.kernels.attention.ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
   param_dtype: str = "float32"
   remat: str = "none"
+  # Attention kernel (esjax.kernels.attention.ops): "xla" (plain), "chunked" (memory linear
+  # in the sequence), "cudnn" (flash on NVIDIA GPUs), "auto" (by backend and length).
+  attention_impl: str = "auto"
 
   # MoE (n_experts == 0: dense).
   n_experts: int = 0
@@ -110,7 +114,8 @@ class ModelConfig:
                           ("router_impl", ROUTER_IMPLS), ("dtype", DTYPES),
                           ("param_dtype", DTYPES), ("remat", REMAT),
                           ("capacity_scope", SCOPES), ("balance_scope", SCOPES),
-                          ("rope_type", ROPE_TYPES), ("qk_norm", QK_NORMS)):
+                          ("rope_type", ROPE_TYPES), ("qk_norm", QK_NORMS),
+                          ("attention_impl", ATTENTION_IMPLS)):
       need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
     need(self.rope_factor > 0, f"rope_factor={self.rope_factor} must be > 0")
     need(self.rope_original_max_len >= 0,
@@ -120,7 +125,8 @@ class ModelConfig:
            f"rope_high_freq_factor={self.rope_high_freq_factor} must be > "
            f"rope_low_freq_factor={self.rope_low_freq_factor}")
     if self.rope_type == "dynamic":
-      need(self.effective_head_dim > 2, f"rope_type='dynamic' needs head_dim > 2, got {self.effective_head_dim}")
+      need(self.effective_head_dim > 2,
+           f"rope_type='dynamic' needs head_dim > 2, got {self.effective_head_dim}")
     need(self.sliding_window >= 0, f"sliding_window={self.sliding_window} must be >= 0")
     need(self.n_experts >= 0, f"n_experts={self.n_experts} must be >= 0")
     if self.n_experts:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from esjax.kernels.attention import chunked
 from esjax.sharding import collectives as col
 
 
@@ -22,39 +23,28 @@ def allgather_attend(attend_fn, q, k, v, q_pos, k_pos, axes: tuple[str, ...]):
   return attend_fn(q, k, v, q_pos, col.all_gather(k_pos, axes, 1))
 
 
-def ring_attend(q, k, v, q_pos, k_pos, axes: tuple[str, ...], n: int) -> jax.Array:
-  """Causal GQA attention (same contract as `attention.attend`) with K/V blocks passed around
-  the ring of the `n` cp ranks (`axes`) by ppermute and merged with an online softmax: after
-  n steps every query has seen every key. q [B, Sq, H, hd]; k, v [B, Sk, KV, hd] local."""
-  b, sq, h, hd = q.shape
-  g = k.shape[2]
-  qg = q.reshape(b, sq, g, h // g, hd) * jnp.asarray(hd ** -0.5, q.dtype)
+def ring_attend(q, k, v, q_pos, k_pos, axes: tuple[str, ...], n: int, *,
+                sliding_window: int = 0, platform: str | None = None) -> jax.Array:
+  """Causal GQA attention (the contract of `esjax.kernels.attention.reference.xla_attention`)
+  with K/V blocks passed around the ring of the `n` cp ranks (`axes`) by ppermute. Each step
+  runs the chunked block kernel (memory linear in the block, a recomputing custom VJP) on the
+  block at hand and merges its (out, lse) into the running one; after n steps every query
+  has seen every key. q [B, Sq, H, hd]; k, v [B, Sk, KV, hd] local."""
   perm = [(i, (i + 1) % n) for i in range(n)]
 
-  def add_block(m, l, acc, k, v, k_pos):
-    logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, k, preferred_element_type=jnp.float32)
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, Sq, Sk]
-    logits = jnp.where(mask, logits, -jnp.inf)
-    m_new = lax.stop_gradient(jnp.maximum(m, logits.max(-1)))  # any shift gives the same o
-    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # 0 for rows that saw no key yet
-    p = jnp.exp(logits - shift[..., None])
-    scale = jnp.exp(m - shift)
-    l = l * scale + p.sum(-1)
-    acc = acc * scale[..., None] + jnp.einsum("bgrqs,bsgk->bgrqk", p.astype(v.dtype), v,
-                                              preferred_element_type=jnp.float32)
-    return m_new, l, acc
+  def add_block(acc, k, v, k_pos):
+    part = chunked.attention_block(q, k, v, q_pos, k_pos, sliding_window=sliding_window,
+                                   platform=platform)
+    return chunked.merge(acc, part)
 
   def step(carry, _):
-    m, l, acc, k, v, k_pos = carry
-    m, l, acc = add_block(m, l, acc, k, v, k_pos)
+    acc, k, v, k_pos = carry
+    acc = add_block(acc, k, v, k_pos)
     k, v, k_pos = (lax.ppermute(x, axes, perm) for x in (k, v, k_pos))
-    return (m, l, acc, k, v, k_pos), None
+    return (acc, k, v, k_pos), None
 
-  stats = (b, g, h // g, sq)
-  init = (jnp.full(stats, -jnp.inf, jnp.float32), jnp.zeros(stats, jnp.float32),
-          jnp.zeros((*stats, hd), jnp.float32))
-  init = col.vary(init, tuple(jax.typeof(q).manual_axis_type.varying))  # carried like q
-  (m, l, acc, k, v, k_pos), _ = lax.scan(step, (*init, k, v, k_pos), None, length=n - 1)
-  _, l, acc = add_block(m, l, acc, k, v, k_pos)  # the last block: no send after it
-  o = acc / l[..., None]  # every query sees itself, so l > 0
-  return o.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, hd).astype(q.dtype)
+  acc = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32))
+  acc = col.match_vma(acc, q, k, v)  # carried like the blocks
+  (acc, k, v, k_pos), _ = lax.scan(step, (acc, k, v, k_pos), None, length=n - 1)
+  out, _ = add_block(acc, k, v, k_pos)  # the last block: no send after it
+  return out.astype(q.dtype)
