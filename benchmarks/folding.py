@@ -3,8 +3,8 @@
     python -m benchmarks.folding                  # tiny MoE (tiny.py), 8 fake CPU devices
     python -m benchmarks.folding --layouts tp4-etp4,tp4-ep8 --steps 10
 
-For each layout the project's own train step (`esjax.parallel.report.train_step_for`, the
-training loop's step) is compiled once; its collectives are summed per (op, mesh axes) by
+For each layout the project's own train step (`esjax.train.step.for_config`, the training
+loop's step) is compiled once; its collectives are summed per (op, mesh axes) by
 the comm report (bytes per device per step, ring model), and the same executable is run
 `--steps` times on real arrays for the median step time. Pairs share the attention layout
 and differ only in the MoE mapping: unfolded (what Megatron allowed before folding: etp = tp,
@@ -44,40 +44,40 @@ def _use_fake_devices(n: int) -> None:
 
 
 def measure(name: str, config_arg: str, steps: int) -> dict:
+  # After _use_fake_devices: jax must start with the fake devices.
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from esjax.configs import tiny  # pylint: disable=g-import-not-at-top
-  from esjax.parallel import report  # pylint: disable=g-import-not-at-top
-  from esjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from esjax.plan import report  # pylint: disable=g-import-not-at-top
+  from esjax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = tiny.get_config(config_arg)
   for key, value in LAYOUTS[name][0].items():
     config.parallel[key] = value
-  parts = report.train_step_for(config)
-  layout, tc = parts["layout"], config.train
-  with layout.context():
-    compiled = parts["step"].lower(parts["state"], parts["batch"]).compile()
-    rows = report.report(compiled, layout)
-    state = state_lib.create_train_state(parts["model_cfg"], parts["tx"], jax.random.key(0),
-                                         parts["shardings"])
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, parts["model_cfg"].vocab_size, (tc.batch_size, tc.seq_len + 1))
-    batch = layout.put_batch({"inputs": tokens[:, :-1].astype(np.int32),
-                              "targets": tokens[:, 1:].astype(np.int32)})
-    times = []
-    for _ in range(steps + 1):  # the first call warms up
-      t0 = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics["loss"])
-      times.append(time.perf_counter() - t0)
+  run = step_lib.for_config(config)
+  steps_, tc = run.steps, config.train
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, run.model_cfg.vocab_size, (tc.batch_size, tc.seq_len + 1))
+  batch = jax.device_put({"inputs": tokens[:, :-1].astype(np.int32),
+                          "targets": tokens[:, 1:].astype(np.int32)}, steps_.batch_sharding)
+  state = state_lib.create_train_state(steps_.engine, run.tx, jax.random.key(0))
+  compiled = steps_.train.lower(state, batch).compile()
+  mesh = run.plan.mesh
+  rows = report.collectives(compiled.as_text(), tuple(mesh.devices.shape), mesh.axis_names,
+                            steps_.engine.branch_weights())
+  times = []
+  for _ in range(steps + 1):  # the first call warms up
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t0)
   step_ms = float(np.median(times[1:])) * 1e3
   by_op: dict[str, float] = {}
   for c in rows:
     by_op[c.op] = by_op.get(c.op, 0.0) + c.bytes / 2**20
-  fm = layout.fm
   return {
-      "layout": name, "folded_from": LAYOUTS[name][1], "mesh": str(fm.layout),
+      "layout": name, "folded_from": LAYOUTS[name][1], "mesh": str(run.plan.layout),
       "collective_mib_per_step": round(sum(c.bytes for c in rows) / 2**20, 4),
       "by_op_mib": {k: round(v, 4) for k, v in sorted(by_op.items())},
       "by_axes_mib": {f"{c.op}@{','.join(c.axes)}": round(c.bytes / 2**20, 4) for c in rows},

@@ -44,7 +44,9 @@ from esjax.configs import common
 from esjax.interop import hf_config, hf_params, load, safetensors_io
 from esjax.models import presets
 from esjax.models.config import ModelConfig, count_params
-from esjax.train import init_from, optimizer, partition, state as state_lib
+from esjax.sharding.layout import Layout
+from esjax.sharding.plan import make_plan
+from esjax.train import init_from
 
 GIB = 2**30
 STAGES = ("import", "export", "upcycle", "plan8b")
@@ -191,23 +193,21 @@ def _upcycle_setup(cfg, folder: Path):
   return config, cfg.replace(n_experts=8, top_k=2)
 
 
+def _run_plan(config):
+  return make_plan(Layout.from_config(config.parallel))
+
+
 def _plan(config, moe_cfg, folder: Path) -> dict:
-  """host_plan of the read that init_from.load does for this run (source_target placement)."""
-  layout = partition.make_layout(config.parallel, moe_cfg)
-  tx, _ = optimizer.make_optimizer(config.optim, 10)
-  _, abstract = state_lib.abstract_model(moe_cfg)
-  with layout.context():
-    shardings = layout.state_shardings(state_lib.abstract_train_state(moe_cfg, tx), abstract)
-    mesh = jax.tree.leaves(shardings.params)[0].mesh
-    return interop.host_plan(folder, lambda src: init_from.source_target(src, mesh))
+  """host_plan of the read that init_from.load does for this run (its source placement)."""
+  del moe_cfg
+  plan = _run_plan(config)
+  return interop.host_plan(folder, lambda src: init_from.source_shardings(src, plan))
 
 
 def run_upcycle(folder: Path) -> dict:
   config, moe_cfg = _upcycle_setup(load.read_config(folder), folder)
   plan = _plan(config, moe_cfg, folder)
-  layout = partition.make_layout(config.parallel, moe_cfg)
-  tx, _ = optimizer.make_optimizer(config.optim, 10)
-  _, abstract = state_lib.abstract_model(moe_cfg)
+  run_plan = _run_plan(config)
   read = {}
   read_params = load.read_params
 
@@ -220,11 +220,10 @@ def run_upcycle(folder: Path) -> dict:
 
   init_from.hf_load.read_params = read_and_record
   base_anon, _ = Peak.now()
-  with layout.context(), Peak() as peak:
+  with Peak() as peak:
     _watch_reads(peak)
-    shardings = layout.state_shardings(state_lib.abstract_train_state(moe_cfg, tx), abstract)
     t0 = time.perf_counter()
-    params = init_from.load(config, moe_cfg, shardings.params)
+    params = init_from.load(config, moe_cfg, run_plan)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t0
   # What the read held besides the source itself (on CPU the devices' buffers are host memory).

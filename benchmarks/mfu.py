@@ -27,8 +27,10 @@ import numpy as np
 from esjax.configs import common
 from esjax.models import count_params
 from esjax.models.config import ModelConfig
-from esjax.models.moe import resolve_moe_impl
 from esjax.models.presets import get_preset
+from esjax.parallel.pipeline import Engine
+from esjax.sharding.layout import Layout
+from esjax.sharding.plan import make_plan
 from esjax.train import flops, optimizer, state as state_lib, step as step_lib
 
 # name -> (model config, batch size, sequence length).
@@ -69,17 +71,23 @@ def matmul_peak_fn(n: int, dtype: str):
   return fn, (a, b), 4 * 2.0 * n ** 3
 
 
+def one_device_plan():
+  return make_plan(Layout(dp=1), jax.devices()[:1])
+
+
 def build_step(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int = 0):
-  """The training loop's step, jitted as the loop does (state donated): (step, state, batch,
-  compiled). The optimizer is the experiment default (`common.base_config().optim`)."""
+  """The training loop's step on one device, jitted as the loop does (state donated):
+  (compiled step, state, batch). The optimizer is the experiment default
+  (`common.base_config().optim`)."""
   tx, schedule = optimizer.make_optimizer(common.base_config().optim, total_steps=1000)
-  graphdef, _ = state_lib.abstract_model(cfg)
-  state = state_lib.create_train_state(cfg, tx, jax.random.key(seed))
+  engine = Engine.build(cfg, one_device_plan())
+  steps = step_lib.build(engine, tx, schedule)
+  state = state_lib.create_train_state(engine, tx, jax.random.key(seed))
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
-  step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule), donate_argnums=0)
-  compiled = step.lower(state, batch).compile()
+  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
+                         steps.batch_sharding)
+  compiled = steps.train.lower(state, batch).compile()
   return compiled, state, batch
 
 
@@ -132,7 +140,7 @@ def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int) -> lis
     params = count_params(cfg)
     out.append({
         "config": name, "backend": jax.default_backend(), "dtype": cfg.dtype,
-        "moe_impl": resolve_moe_impl(cfg.moe_impl) if cfg.is_moe else None,
+        "moe_impl": one_device_plan().moe_impl(cfg.moe_impl) if cfg.is_moe else None,
         "n_experts": cfg.n_experts, "top_k": cfg.top_k if cfg.is_moe else None,
         "batch_size": r["batch_size"], "seq_len": seq_len, "remat": cfg.remat,
         "total_params": params["total"], "active_params": params["active"],

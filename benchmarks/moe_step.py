@@ -26,8 +26,8 @@ import optax
 from flax import nnx
 
 from esjax.models import ModelConfig, Transformer, count_params
-from esjax.models.moe import resolve_moe_impl
 from esjax.models.loss import lm_loss
+from esjax.sharding.plan import ParallelPlan
 
 
 def make_step(cfg: ModelConfig, batch: dict[str, jax.Array]):
@@ -96,7 +96,7 @@ def main(argv=None):
   rest = med["rest"]
   for name, cfg in models.items():
     print(json.dumps({
-        "model": name, "moe_impl": resolve_moe_impl(cfg.moe_impl) if cfg.is_moe else None,
+        "model": name, "moe_impl": ParallelPlan.single().moe_impl(cfg.moe_impl) if cfg.is_moe else None,
         "block": cfg.moe_block_size if cfg.is_moe else None,
         "step_ms": round(1e3 * med[name], 2), "min_ms": round(1e3 * min(times[name]), 2),
         "tokens_per_s": round(n_tokens / med[name], 1),

@@ -69,7 +69,8 @@ LAYOUTS = [
                                         schedule="interleaved", virtual_stages=2),
      dict(n_layers=4)),
     ("pp4-dp2-1f1b-zero1", dict(pp=4, dp=2, microbatches=4, distributed_optimizer=True),
-     dict(n_layers=4, first_k_dense=1)),
+     dict(n_layers=4)),
+    ("pp2-dp4-moe-every-2", dict(pp=2, dp=4, microbatches=2), dict(n_layers=8, moe_every=2)),
 ]
 DEFAULT = {"dp8-fsdp-drop", "cp4-dp2-drop-position", "tp2-ep4-etp1-folded-zero1",
            "ep8-over-dp2xtp4-drop", "etp2-ep2-tp2-fsdp-drop", "pp2-cp2-tp2-ep4-fsdp-drop",

@@ -7,8 +7,6 @@ dispatcher computes must then give the padded exchange's loss and gradients. The
 collective is lowered for CUDA with `jax.export`.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,9 +15,15 @@ import pytest
 from flax import nnx
 from jax import lax
 
+from jax.sharding import NamedSharding
+
 from esjax.models.config import ModelConfig
 from esjax.models.transformer import Transformer
-from esjax.parallel import expert, mesh as mesh_lib, step as step_lib
+from esjax.parallel.pipeline import Engine
+from esjax.routing import expert_parallel
+from esjax.sharding.layout import Layout
+from esjax.sharding.plan import make_plan
+from esjax.train import state as state_lib, step as step_lib
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   n_experts=8, top_k=2, init_std=0.1, router_init_std=0.5,
@@ -41,59 +45,59 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
   return output
 
 
-def _use_dispatch(monkeypatch, impl):
-  monkeypatch.setattr(expert, "moe_forward_fn",
-                      lambda fm: functools.partial(expert.moe_forward, fm, dispatch_impl=impl))
-
-
-def _step(fm, cfg):
-  graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
+def _grads(layout_kw, cfg):
+  """(loss, gradients) of one train step of `cfg` on `layout_kw` (SGD, one microbatch)."""
+  plan = make_plan(Layout(**layout_kw))
+  engine = Engine.build(cfg, plan)
   tx = optax.sgd(0.1)
-  psh = step_lib.param_shardings(params, fm, cfg)
-  params = jax.device_put(params, psh)
-  opt_state, osh = step_lib.init_opt_state(tx, params, fm, psh)
-  step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, with_grads=True), fm,
-                                 psh, osh, cfg)
+  shapes = state_lib.abstract_train_state(engine, tx)
+  sh = jax.tree.map(lambda s: s.sharding, shapes)
+  batch_sh = NamedSharding(plan.mesh, engine.batch_spec())
+  step = jax.jit(step_lib.make_train_step(engine, tx, optax.constant_schedule(0.1), shapes,
+                                          with_grads=True), in_shardings=(sh, batch_sh))
+  state = state_lib.create_train_state(engine, tx, jax.random.key(0),
+                                       nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0)),
+                                                                  nnx.Param)))
   rng = np.random.default_rng(0)
   tok = rng.integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
-  batch = jax.device_put({"inputs": tok[:, :-1], "targets": tok[:, 1:]},
-                         step_lib.batch_sharding(fm))
-  return step, (params, opt_state, batch)
+  batch = jax.device_put({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, batch_sh)
+  metrics = jax.device_get(step(state, batch)[1])
+  return metrics["loss"], metrics["grads"]
 
 
 @pytest.mark.parametrize("layout,overrides", [
     (dict(dp=8, ep=8), {}),
     (dict(dp=2, tp=2, cp=2, ep=4, etp=1), dict(capacity_factor=1.0)),
-], ids=["ep8-dropless", "ep4-over-tp-cp-drop"])
+    (dict(pp=2, dp=4, ep=4, etp=1, microbatches=2), {}),
+], ids=["ep8-dropless", "ep4-over-tp-cp-drop", "pp2-ep4"])
 def test_ragged_exchange_equals_padded(monkeypatch, layout, overrides):
+  """parallel.ep_dispatch='ragged' (what GPUs get) gives the padded exchange's loss and
+  gradients; on CPU the collective itself is the emulation above."""
   cfg = CFG.replace(**overrides)
-  fm = mesh_lib.make_mesh(mesh_lib.Layout(**layout))
-  results = {}
-  for impl in ("padded", "ragged"):
-    _use_dispatch(monkeypatch, impl)
-    if impl == "ragged":
-      monkeypatch.setattr(expert, "ragged_all_to_all", emulated_ragged_all_to_all)
-    step, args = _step(fm, cfg)
-    results[impl] = jax.device_get(step(*args)[2])
-  want, got = results["padded"], results["ragged"]
-  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
-  for g, w in zip(jax.tree.leaves(got["grads"]), jax.tree.leaves(want["grads"])):
+  want = _grads(dict(layout, ep_dispatch="padded"), cfg)
+  monkeypatch.setattr(expert_parallel, "ragged_all_to_all", emulated_ragged_all_to_all)
+  got = _grads(dict(layout, ep_dispatch="ragged"), cfg)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 
 
-def test_ragged_exchange_lowers_for_cuda(monkeypatch):
-  _use_dispatch(monkeypatch, "ragged")
-  fm = mesh_lib.make_mesh(mesh_lib.Layout(dp=8, ep=8))
-  graphdef, params = nnx.split(Transformer(CFG, nnx.Rngs(0)), nnx.Param)
-  params = jax.device_put(params, step_lib.param_shardings(params, fm, CFG))
-  grads = lambda p, b: step_lib.loss_and_grads(graphdef, p, b)[2]  # noqa: E731
-  tok = jnp.zeros((8, 16), jnp.int32)
-  batch = jax.device_put({"inputs": tok, "targets": tok}, step_lib.batch_sharding(fm))
-  with mesh_lib.activate(fm, CFG):
-    exported = jax.export.export(
-        jax.jit(grads), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(
-            params, batch)
-  # Per MoE layer: rows, ids and results forward, and the transposes of rows and results.
+def test_ragged_exchange_lowers_for_cuda():
+  """The EP step with the GPU exchange, inside the pipeline too, lowers for CUDA: per MoE
+  layer and pass over it, rows, ids and results go out, and the backward sends two
+  cotangents."""
+  plan = make_plan(Layout(pp=2, dp=4, ep=4, etp=1, microbatches=2, ep_dispatch="ragged"))
+  engine = Engine.build(CFG, plan)
+  shapes = state_lib.abstract_train_state(engine, optax.sgd(0.1))
+  tok = jax.ShapeDtypeStruct((8, 16), jnp.int32,
+                             sharding=NamedSharding(plan.mesh, engine.batch_spec()))
+  grads = lambda p, b: engine.loss_and_grads(engine.compute_params(p), b,  # noqa: E731
+                                             engine.master_specs(shapes.params))[1]
+  exported = jax.export.export(
+      jax.jit(grads), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(
+          shapes.params, {"inputs": tok, "targets": tok})
   n = exported.mlir_module().count("stablehlo.custom_call @ragged_all_to_all")
-  assert n == CFG.n_layers * 5, n
+  # One MoE layer per stage; the forward unit (3) and the backward unit's forward (3) and
+  # backward (2) each appear once in the program.
+  assert n == 8, n

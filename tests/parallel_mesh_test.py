@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from esjax.models.presets import get_preset
-from esjax.parallel import mesh as mesh_lib
 from esjax.parallel import rules as rules_lib
-from esjax.parallel.mesh import Layout, LayoutError
+from esjax.sharding.layout import Layout, LayoutError, check_model
+from esjax.sharding.plan import make_plan
 
 
 def megatron_groups(sizes: dict[str, int], order: str, masked: str) -> list[list[int]]:
@@ -41,7 +41,7 @@ FOLDED = [  # (pp, dp, cp, tp, ep, etp)
 
 @pytest.mark.parametrize("pp,dp,cp,tp,ep,etp", FOLDED)
 def test_views_match_megatron_rank_groups(pp, dp, cp, tp, ep, etp):
-  fm = mesh_lib.make_mesh(Layout(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep, etp=etp))
+  fm = make_plan(Layout(pp=pp, dp=dp, cp=cp, tp=tp, ep=ep, etp=etp))
   edp = fm.layout.edp
   attn = fm.view(("dp", "cp", "tp"))
   moe = fm.view(("edp", "ep", "etp"))
@@ -61,7 +61,7 @@ def test_views_match_megatron_rank_groups(pp, dp, cp, tp, ep, etp):
 
 
 def test_folded_axis_names():
-  fm = mesh_lib.make_mesh(Layout(dp=2, tp=4, ep=2, etp=2))
+  fm = make_plan(Layout(dp=2, tp=4, ep=2, etp=2))
   assert fm.mesh.axis_names == ("pp", "dp_edp", "tp_ep", "tp_etp")
   assert fm.axes("tp") == ("tp_ep", "tp_etp")
   assert fm.axes("ep") == ("tp_ep",)
@@ -72,14 +72,16 @@ def test_folded_axis_names():
 
 def test_rules_per_layer_type():
   cfg = get_preset("tiny-mixtral")  # 4 heads, 2 kv heads
-  fm = mesh_lib.make_mesh(Layout(dp=2, tp=4, ep=8, etp=1, fsdp=True))
-  r = rules_lib.layout_rules(fm, cfg)
+  plan = make_plan(Layout(dp=2, tp=4, ep=8, etp=1, fsdp=True))
+  r = dict(rules_lib.logical_rules(plan, cfg))
   assert r["heads"] == ("tp_ep",) and r["kv_heads"] is None  # kv=2 < tp=4: replicated
   assert r["exp"] == ("dp_ep", "tp_ep") and r["mlp_moe"] is None
   assert r["embed"] == ("dp_ep",) and r["embed_moe"] is None  # edp = 1
-  assert r["act_res_len"] == ("tp_ep",) and r["act_len"] is None
-  assert rules_lib.logical_to_spec(("exp", "embed_moe", "mlp_moe"), r) == \
-      jax.sharding.PartitionSpec(("dp_ep", "tp_ep"), None, None)
+  specs = rules_lib.model_specs(plan, cfg)
+  assert specs["layers"][0]["mlp"]["w_gate"] == jax.sharding.PartitionSpec(
+      ("dp_ep", "tp_ep"), None, None)
+  assert specs["layers"][0]["attn"]["wq"] == jax.sharding.PartitionSpec(
+      "dp_ep", "tp_ep", None)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -89,10 +91,12 @@ def test_rules_per_layer_type():
     (dict(dp=8, ep=3), r"not divisible by etp\*ep = 1\*3 = 3"),
     (dict(dp=8, cp_impl="ulysses"), r"cp_impl='ulysses'"),
     (dict(dp=8, tp=0), r"parallel.tp=0 must be >= 1"),
+    (dict(dp=4, pp=2, schedule="interleaved"), r"needs parallel.virtual_stages >= 2"),
+    (dict(dp=8, fsdp=True, distributed_optimizer=True), r"set one of them"),
 ])
 def test_bad_layouts_fail_at_start(kw, match):
   with pytest.raises(LayoutError, match=match):
-    mesh_lib.make_mesh(Layout(**kw))
+    make_plan(Layout(**kw))
 
 
 def test_layouts_that_do_not_nest_name_their_sizes():
@@ -108,26 +112,28 @@ def test_layouts_that_do_not_nest_name_their_sizes():
      None),
     (dict(dp=2, tp=4), dict(n_heads=12, n_kv_heads=3, head_dim=16), r"n_kv_heads=3 and tp=4"),
     (dict(dp=2, ep=4, tp=4, etp=1), dict(n_experts=6, top_k=2), r"n_experts=6 .* ep=4"),
-    (dict(dp=2, pp=4), {}, r"n_layers=2 is not divisible by pp=4"),
+    (dict(dp=2, pp=4), {}, r"n_layers=2 is not divisible by pp\*virtual_stages = 4\*1"),
     (dict(dp=4, pp=2), dict(n_layers=4, first_k_dense=1), r"same layer kinds"),
+    (dict(dp=4, pp=2, schedule="interleaved", virtual_stages=2, microbatches=3),
+     dict(n_layers=4), r"microbatches=3 to be a multiple of pp=2"),
     (dict(dp=8, ep=2, etp=4), dict(d_ff=130), r"d_ff_expert=130 is not divisible by etp=4"),
 ])
 def test_layout_vs_model(kw, shape, match):
   cfg = get_preset("tiny-mixtral", **shape)
   layout = Layout(**kw).resolve(8)
   if match is None:
-    mesh_lib.check_model(layout, cfg, seq_len=32, batch=8)
+    check_model(layout, cfg, seq_len=32, batch=8)
   else:
     with pytest.raises(LayoutError, match=match):
-      mesh_lib.check_model(layout, cfg)
+      check_model(layout, cfg)
 
 
 def test_sequence_and_batch_checks():
   cfg = get_preset("tiny-mixtral")
   with pytest.raises(LayoutError, match=r"sequence length 12 is not divisible by 2\*cp\*tp = 8"):
-    mesh_lib.check_model(Layout(dp=2, cp=2, tp=2).resolve(8), cfg, seq_len=12)
+    check_model(Layout(dp=2, cp=2, tp=2).resolve(8), cfg, seq_len=12)
   with pytest.raises(LayoutError, match=r"batch 6 is not divisible by dp\*microbatches = 2\*2"):
-    mesh_lib.check_model(Layout(dp=2, tp=4, microbatches=2).resolve(8), cfg, batch=6)
+    check_model(Layout(dp=2, tp=4, microbatches=2).resolve(8), cfg, batch=6)
 
 
 def test_from_config_rejects_unknown_keys():

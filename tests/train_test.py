@@ -13,8 +13,10 @@ import pytest
 from flax import nnx
 
 from esjax.configs import common, tiny
-from esjax.models.transformer import Transformer
-from esjax.train import (checkpoint, guard, init_from, loop, loss, metrics, optimizer,
+from esjax.data import dataset
+from esjax.models import params as params_lib
+from esjax.models.loss import lm_loss
+from esjax.train import (checkpoint, guard, init_from, loop, metrics, optimizer,
                          state as state_lib, step as step_lib)
 
 
@@ -26,6 +28,7 @@ def small_config(steps=4, variant="moe", **train):
                   **train})
   c.checkpoint.async_save = False
   c.optim.warmup_steps = 2
+  c.parallel.dp = 1  # one of the test process's 8 devices
   return c
 
 
@@ -54,21 +57,22 @@ def test_train_step_matches_reference_adamw():
   # eps 1e-6 keeps g / (|g| + eps) insensitive to float32 summation order for tiny g.
   c.optim.update(dict(warmup_steps=0, lr=1e-2, grad_clip=0.5, weight_decay=0.1, eps=1e-6))
   model_cfg = common.model_config(c)
-  tx, schedule = optimizer.make_optimizer(c.optim, c.train.steps)
-  state = state_lib.create_train_state(model_cfg, tx, jax.random.key(1))
-  graphdef, _ = state_lib.abstract_model(model_cfg)
+  c.train.batch_size, c.train.seq_len = 2, 16
+  run = step_lib.for_config(c)
+  engine = run.steps.engine
+  state = state_lib.create_train_state(engine, run.tx, jax.random.key(1))
   rng = np.random.default_rng(0)
   batch = {k: jnp.asarray(rng.integers(0, 256, (2, 16)), jnp.int32)
            for k in ("inputs", "targets")}
 
-  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
-  grad_fn = nnx.jit(nnx.value_and_grad(loss.lm_loss, has_aux=True))
+  params = state_lib.params_from_state(jax.device_get(state.params), engine)
+  model = params_lib.model_from_params(model_cfg, jax.tree.map(jnp.asarray, params))
+  grad_fn = nnx.jit(nnx.value_and_grad(lm_loss, has_aux=True))
   (ref_loss, _), grads = grad_fn(model, batch)
   g = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(grads))
-  p0 = jax.tree.map(lambda x: np.asarray(x, np.float64), state.params)
+  p0 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
 
-  step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule), donate_argnums=0)
-  new, m = step(state, batch)
+  new, m = run.steps.train(state, jax.device_put(batch, run.steps.batch_sharding))
   norm = math.sqrt(sum(float(np.sum(x * x)) for x in jax.tree.leaves(g)))
   scale = min(1.0, 0.5 / norm)
   assert float(m["loss"]) == pytest.approx(float(ref_loss), rel=1e-6)
@@ -83,8 +87,8 @@ def test_train_step_matches_reference_adamw():
     return p - 1e-2 * upd
 
   want = jax.tree.map(adamw_first_step, p0, g)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6),
-               new.params, want)
+  got = state_lib.params_from_state(jax.device_get(new.params), engine)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6), got, want)
 
 
 def test_guard_names_the_step():
@@ -154,23 +158,21 @@ def test_init_from_starts_a_new_run_from_weights_only(tmp_path):
   loop.train_and_evaluate(c2, str(tmp_path / "b"))
   (rec,) = metrics.read_metrics(str(tmp_path / "b"))
   model_cfg = common.model_config(c2)
-  graphdef, _ = state_lib.abstract_model(model_cfg)
-  from esjax.data import dataset  # pylint: disable=g-import-not-at-top
   data = dataset.build(c2.data, c2.train.seq_len, c2.train.batch_size, c2.train.seed)
-  ref, _ = loss.lm_loss(nnx.merge(graphdef, trained), jax.device_put(data.train.batch(0)))
+  ref, _ = lm_loss(params_lib.model_from_params(model_cfg, trained),
+                   jax.device_put(data.train.batch(0)))
   assert rec["loss"] == pytest.approx(float(ref), rel=1e-6)
   fresh_opt = checkpoint.Checkpointer(str(tmp_path / "b" / "checkpoints"))
-  tx, _ = optimizer.make_optimizer(c2.optim, 1)
-  st, _ = fresh_opt.restore(1, state_lib.abstract_train_state(model_cfg, tx))
+  steps = step_lib.for_config(c2).steps
+  st, _ = fresh_opt.restore(1, steps.abstract_state, steps.engine.fmt)
   fresh_opt.close()
   assert int(st.opt_state[1][0].count) == 1  # Adam restarted: one update, not four.
   c3 = small_config(steps=1, variant="dense")
   c3.model.d_ff = 64  # Smaller than the checkpoint's: no load-time conversion shrinks.
   c3.checkpoint.init_from = str(tmp_path / "a")
-  with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.w_down' has shape \(128, 64\) in the "
-                                       r"checkpoint but the model expects \(64, 64\).*d_ff 128 "
-                                       r"-> 64 shrinks"):
-    init_from.load(c3, common.model_config(c3))
+  with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.w_down' has shape \(128, 64\) but "
+                                       r"the model expects \(64, 64\).*d_ff 128 -> 64 shrinks"):
+    init_from.load(c3, common.model_config(c3), step_lib.for_config(c3).plan)
 
 
 def test_init_from_onto_a_parallel_layout(tmp_path):
@@ -183,12 +185,12 @@ def test_init_from_onto_a_parallel_layout(tmp_path):
   c2.checkpoint.init_from = str(tmp_path / "a")
   c2.optim.lr = 0.0
   c2.parallel.update(dict(pp=2, tp=2, dp=2, microbatches=2, fsdp=True))
+  c2.model.n_layers = 2  # one layer per stage
   loop.train_and_evaluate(c2, str(tmp_path / "b"))
   (rec,) = metrics.read_metrics(str(tmp_path / "b"))
-  graphdef, _ = state_lib.abstract_model(common.model_config(c2))
-  from esjax.data import dataset  # pylint: disable=g-import-not-at-top
   data = dataset.build(c2.data, c2.train.seq_len, c2.train.batch_size, c2.train.seed)
-  ref, _ = loss.lm_loss(nnx.merge(graphdef, trained), jax.device_put(data.train.batch(0)))
+  ref, _ = lm_loss(params_lib.model_from_params(common.model_config(c2), trained),
+                   jax.device_put(data.train.batch(0)))
   assert rec["loss"] == pytest.approx(float(ref), rel=1e-5)
 
 
@@ -196,7 +198,7 @@ def test_eval_tasks_during_training_score_the_model_of_that_step(tmp_path):
   """eval.tasks: metrics of the benchmark task at every eval.every steps and the last, equal
   to evaluating the checkpoint of that step directly."""
   from esjax.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
-  from esjax.eval import harness, loading, tasks  # pylint: disable=g-import-not-at-top
+  from esjax.eval import harness, hook, loading, tasks  # pylint: disable=g-import-not-at-top
   mc_dir = os.path.join(os.path.dirname(__file__), "testdata", "eval", "tiny_mc")
   ppl_dir = tmp_path / "tiny_ppl"  # a continuous metric: bits per byte of a text
   ppl_dir.mkdir()
@@ -207,7 +209,9 @@ def test_eval_tasks_during_training_score_the_model_of_that_step(tmp_path):
   c.eval.update(dict(tasks=task_dir, every=2, limit=3, batch_size=2))
   c.checkpoint.every = 0  # only the final checkpoint (step 3)
   workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(c, workdir)
+  with pytest.raises(ValueError, match="eval.tasks=.* needs a task evaluator"):
+    loop.train_and_evaluate(c, workdir)
+  loop.train_and_evaluate(c, workdir, hook.for_config(c.eval))
   records = {r["step"]: r for r in metrics.read_metrics(workdir)}
   assert [s for s, r in records.items() if "eval/tiny_mc/acc" in r] == [2, 3]
   model_cfg, params = checkpoint.restore_params(os.path.join(workdir, "checkpoints", "3"))

@@ -19,9 +19,10 @@ An experiment file builds on `base_config()` and changes what it needs:
   dense source is grown with
   the recipe `grow`, a dense source of an MoE run is upcycled: esjax.transforms.online),
   `async_save`.
-- `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`), `fsdp`,
-  `microbatches`, and the CP attention (`cp_impl`, `cp_load_balance`); read only by
-  `esjax.parallel`.
+- `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`; dp=0 fills the devices),
+  `fsdp` / `distributed_optimizer` (ZeRO-3 / ZeRO-1), `microbatches`, the pipeline
+  `schedule` and `virtual_stages`, the CP attention (`cp_impl`, `cp_load_balance`) and the
+  EP exchange (`ep_dispatch`): `esjax.sharding.layout.Layout`.
 - `eval`: benchmark tasks scored every `every` steps while training (`tasks`, `limit`,
   `num_fewshot`, `batch_size`); their metrics go to metrics.jsonl as `eval/<task>/<metric>`.
 """
@@ -102,12 +103,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
 
   c.parallel = ml_collections.ConfigDict()
-  for axis in ("dp", "tp", "cp", "pp", "ep", "etp"):
-    c.parallel[axis] = 1
-  c.parallel.fsdp = False
+  c.parallel.dp = 0  # 0: every device the other sizes leave
+  for axis in ("tp", "cp", "pp", "ep", "etp"):
+    c.parallel[axis] = 1  # etp=0: etp = tp (Megatron's default)
+  c.parallel.fsdp = False  # ZeRO-3: weights split over the data axes, gathered per use
+  c.parallel.distributed_optimizer = False  # ZeRO-1: master weights and moments split
   c.parallel.microbatches = 1
-  c.parallel.cp_impl = "allgather"  # or "ring" (esjax/parallel/context.py)
+  c.parallel.schedule = "1f1b"  # pipeline schedule (pp > 1): gpipe, 1f1b, interleaved
+  c.parallel.virtual_stages = 1  # model chunks per pipeline stage (interleaved)
+  c.parallel.cp_impl = "allgather"  # or "ring" (esjax/models/context_parallel.py)
   c.parallel.cp_load_balance = True
+  c.parallel.ep_dispatch = "auto"  # EP exchange: padded all_to_all, ragged_all_to_all
 
   c.eval = ml_collections.ConfigDict()  # benchmark tasks during training (esjax/eval/hook.py)
   c.eval.tasks = ""  # comma-separated task folders / groups (esjax/eval/README.md); '': off

@@ -19,6 +19,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from esjax.sharding.layout import BaseAxis, Layout, base_axes, device_mesh
@@ -97,14 +98,31 @@ class ParallelPlan:
       return "ragged" if self.native_collectives else "blocked"
     return moe_impl
 
+  def view(self, roles: tuple[str, ...]) -> np.ndarray:
+    """Device ids arranged as (pp, *roles), e.g. ("dp", "cp", "tp") (the attention view) or
+    ("edp", "ep", "etp") (the MoE view): Megatron's rank groups are its slices."""
+    ids = np.vectorize(lambda d: d.id)(self.mesh.devices)
+    order, shape = [0], [self.layout.pp]
+    for role in roles:
+      members = [i + 1 for i, b in enumerate(self.base) if role in (b.attn, b.moe)]
+      order += members
+      shape.append(math.prod(self.base[i - 1].size for i in members))
+    return ids.transpose(order).reshape(shape)
+
   def __str__(self) -> str:
     return f"{self.layout} on {self.layout.n_devices} {self.platform}"
 
 
 def make_plan(layout: Layout, devices: Sequence[Any] | None = None) -> ParallelPlan:
-  """The plan of `layout` over `devices` (default: every device of this job). Devices may be
+  """The plan of `layout` over `devices` (default: every device of this job; a single-process
+  job whose layout names fewer, every size given, uses the first that many). Devices may be
   those of a deviceless topology (`jax.experimental.topologies`): the platform follows them."""
-  devices = list(jax.devices() if devices is None else devices)
+  if devices is None:
+    devices = jax.devices()
+    if layout.dp and jax.process_count() == 1:
+      wanted = layout.pp * layout.dp * layout.cp * layout.tp
+      devices = devices[:wanted] if wanted < len(devices) else devices
+  devices = list(devices)
   layout = layout.resolve(len(devices))
   platform = devices[0].platform
   platform = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
