@@ -11,7 +11,10 @@ from flax import nnx
 
 from esjax import interop
 from esjax.configs import common
-from esjax.train import init_from, optimizer, partition, state as state_lib
+from esjax.parallel import rules
+from esjax.sharding.layout import Layout
+from esjax.sharding.plan import make_plan
+from esjax.train import init_from
 from interop_test import HF_CASES, TOL, _hf_logits, _hf_model, _logits
 
 PARALLEL = dict(dp=4, tp=2, ep=8, etp=1, fsdp=True)
@@ -26,18 +29,15 @@ def folder(tmp_path_factory):
 
 
 def _start(folder, model_cfg, grow="fpi"):
-  """The loop's init_from path: layout, the train state's shardings, init_from.load."""
+  """The loop's init_from path: the run's plan, init_from.load onto its model shardings."""
   config = common.base_config()
   config.checkpoint.init_from, config.checkpoint.grow = str(folder), grow
   config.parallel.update(PARALLEL)
-  layout = partition.make_layout(config.parallel, model_cfg)
-  tx, _ = optimizer.make_optimizer(config.optim, 10)
-  _, abstract = state_lib.abstract_model(model_cfg)
-  with layout.context():
-    shardings = layout.state_shardings(state_lib.abstract_train_state(model_cfg, tx), abstract)
-    params = init_from.load(config, model_cfg, shardings.params)
+  plan = make_plan(Layout.from_config(config.parallel))
+  params = init_from.load(config, model_cfg, plan)
+  shardings = rules.named(plan, rules.model_specs(plan, model_cfg))
   jax.tree.map(lambda p, s: p.sharding.is_equivalent_to(s, p.ndim) or pytest.fail(str(s)),
-               params, shardings.params)
+               params, shardings)
   return params
 
 

@@ -275,3 +275,22 @@ def test_moe_train_step_pallas_equals_xla(name, overrides):
                  tree_got, tree_want)
   router_grad = want[2]["layers"][cfg.moe_layers[0]]["mlp"]["router"]
   assert np.abs(np.asarray(router_grad[...])).sum() > 0
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("experts,top_k,order", [(8, 2, "topk_softmax"), (64, 8, "softmax_topk"),
+                                                 (256, 8, "softmax_topk")])
+def test_triton_kernel_on_gpu_equals_reference(experts, top_k, order):
+  """On a GPU (JAX_PLATFORMS=cuda pytest -m gpu_only): the kernel compiled by Triton (no
+  interpreter) gives the reference's experts and weights, and its gradient."""
+  logits = jax.random.normal(jax.random.key(experts), (4096, experts), jnp.float32)
+  kwargs = dict(order=order, renormalize=order == "softmax_topk")
+  got = jax.jit(lambda x: ops.route(x, top_k, interpret=False, **kwargs))(logits)
+  want = jax.jit(lambda x: router.route(x, top_k, **kwargs))(logits)
+  np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+  np.testing.assert_allclose(np.asarray(got.weights), np.asarray(want.weights), rtol=1e-6)
+  grad = jax.grad(lambda x, f: jnp.sum(f(x).weights ** 2), argnums=0)
+  g_got = jax.jit(lambda x: grad(x, lambda y: ops.route(y, top_k, interpret=False, **kwargs)))
+  g_want = jax.jit(lambda x: grad(x, lambda y: router.route(y, top_k, **kwargs)))
+  np.testing.assert_allclose(np.asarray(g_got(logits)), np.asarray(g_want(logits)),
+                             rtol=1e-5, atol=1e-7)

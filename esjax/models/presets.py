@@ -12,6 +12,12 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3-8b": ModelConfig(
         vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
         rope_theta=500_000.0, norm_eps=1e-5, max_seq_len=8192),
+    # NVIDIA's upcycling recipe (He et al. 2024, "Upcycling Large Language Models into
+    # Mixture of Experts"): Llama-3-8B's MLP copied into 8 experts, top-2, softmax then top-k.
+    "llama3-8b-8e2": ModelConfig(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+        rope_theta=500_000.0, norm_eps=1e-5, max_seq_len=8192, n_experts=8, top_k=2,
+        routing_order="softmax_topk", aux_loss_coef=0.01),
     "mixtral-8x7b": ModelConfig(
         vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
         rope_theta=1e6, norm_eps=1e-5, max_seq_len=32768, n_experts=8, top_k=2,

@@ -20,6 +20,7 @@ available (FLOPs come from the ledger), and a program that does not fit still co
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -105,8 +106,16 @@ def abstract_batch(steps: step_lib.Steps, batch: int, seq: int) -> dict[str, Any
 
 
 def plan(config: Any, target: targets_lib.Target, n_devices: int) -> Result:
-  """Compiles `config`'s train step for `n_devices` of `target` and reads it (see above)."""
+  """Compiles `config`'s train step for `n_devices` of `target` and reads it (see above).
+
+  On a GPU target, attention that would run on cuDNN is compiled as the chunked kernel
+  instead: jax checks cuDNN's version and the GPU's compute capability on a real device
+  (both are flash attention: memory linear in the sequence, the same FLOPs)."""
   devices = devices_for(target, n_devices)
+  if target.platform == "gpu" and config.model.get("attention_impl") in (None, "auto",
+                                                                          "cudnn"):
+    config = copy.deepcopy(config)
+    config.model.attention_impl = "chunked"
   t0 = time.perf_counter()
   run = step_lib.for_config(config, devices)
   steps, engine = run.steps, run.steps.engine

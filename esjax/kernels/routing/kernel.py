@@ -39,7 +39,7 @@ _BLOCK_ELEMS = {"triton": 4096, "mosaic": 32768, "interpret": 1 << 18}
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class BlockLayout:
   """Padded kernel shapes for `n_tokens` x `n_experts` logits and `top_k`."""
   block_tokens: int
   tokens: int  # padded to a multiple of block_tokens
@@ -52,7 +52,7 @@ class Layout:
 
 
 def layout_for(backend: str, n_tokens: int, n_experts: int, top_k: int,
-               block_tokens: int | None = None, interpret: bool = False) -> Layout:
+               block_tokens: int | None = None, interpret: bool = False) -> BlockLayout:
   """Block and padding sizes the backend needs."""
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}, expected one of {BACKENDS}")
@@ -69,12 +69,12 @@ def layout_for(backend: str, n_tokens: int, n_experts: int, top_k: int,
     raise ValueError(f"block_tokens={block_tokens} must be a multiple of 8"
                      + (" and a power of two for triton" if pow2 else ""))
   tokens = pl.cdiv(n_tokens, block_tokens) * block_tokens
-  return Layout(block_tokens, tokens, experts, k)
+  return BlockLayout(block_tokens, tokens, experts, k)
 
 
 def _route_block(logits_ref, weights_ref, indices_ref, counts_ref, *, n_tokens, n_experts,
                  top_k, score_fn, order, renormalize, scaling):
-  """Routes one [block_tokens, experts] block (shapes padded as `Layout` says)."""
+  """Routes one [block_tokens, experts] block (shapes padded as `BlockLayout` says)."""
   bt, e_pad = logits_ref.shape
   k_pad = weights_ref.shape[1]
   x = logits_ref[...].astype(jnp.float32)
