@@ -47,8 +47,8 @@ from esjax.sharding.plan import ParallelPlan
 STATS = ("aux_loss", "seq_aux_loss", "z_loss", "expert_load", "drop_fraction")
 # Named scopes of the loop's conditionals: the forward and backward units, and inside them
 # the first chunk's embedding and the last chunk's head (see `Engine.branch_weights`).
-SCOPE_F, SCOPE_B, SCOPE_FIRST, SCOPE_LAST = ("esjax_unit_f", "esjax_unit_b", "esjax_first",
-                                             "esjax_last")
+SCOPE_F, SCOPE_B, SCOPE_FIRST, SCOPE_LAST, SCOPE_SKIP = (
+    "esjax_unit_f", "esjax_unit_b", "esjax_first", "esjax_last", "esjax_skip_last")
 
 
 def _first(pred, true_fn, false_fn):
@@ -56,8 +56,8 @@ def _first(pred, true_fn, false_fn):
     return lax.cond(pred, true_fn, false_fn)
 
 
-def _last(pred, true_fn, false_fn):
-  with jax.named_scope(SCOPE_LAST):
+def _last(pred, true_fn, false_fn, scope=SCOPE_LAST):
+  with jax.named_scope(scope):
     return lax.cond(pred, true_fn, false_fn)
 _KEEP_DTYPE = ("router",)  # parameters the compute-dtype cast leaves in their own dtype
 
@@ -90,12 +90,15 @@ class Engine:
 
   def branch_weights(self, train: bool = True) -> dict[str, float]:
     """Share of executions of each loop conditional that take its true branch, on the
-    busiest device (stage 0 or pp-1): a unit runs at M*v of the ticks, the first / last
-    chunk in 1/v of a stage's units (what `esjax.plan.report` weighs collectives by)."""
+    busiest device (what `esjax.plan.report` weighs collectives by): a unit runs at M*v of
+    the ticks; the first chunk's embedding (stage 0) and the last chunk's head (stage pp-1)
+    in 1/v of a stage's units; the forward unit skips the last chunk on stage pp-1 only, so
+    a device of any other stage runs every forward chunk."""
     s = self.schedule
     busy = s.microbatches * s.virtual / s.ticks
+    skip = 1.0 if s.pp == 1 else 0.0
     return {SCOPE_F: busy, SCOPE_B: busy if train else 0.0, SCOPE_FIRST: 1 / s.virtual,
-            SCOPE_LAST: 1 / s.virtual}
+            SCOPE_LAST: 1 / s.virtual, SCOPE_SKIP: skip}
 
   # Layouts of the parameters and the batch.
 
@@ -300,7 +303,8 @@ class _Step:
         chunk = lambda: self._chunk(self._slice_round(stage_params, r), x,  # noqa: E731
                                     d["positions"])
         if self.train:  # the last chunk runs in its backward unit, with the head
-          y = _last(last, lambda: jnp.zeros_like(x), lambda: col.vary(chunk()[0], axes))
+          y = _last(last, lambda: jnp.zeros_like(x), lambda: col.vary(chunk()[0], axes),
+                    SCOPE_SKIP)
           return c, y
         y, stats = chunk()
         terms = _last(last, lambda: self._head(ends, y, d), self._zero_terms)

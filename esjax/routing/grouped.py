@@ -42,12 +42,12 @@ def take_rows(x: jax.Array, idx: jax.Array, inv: jax.Array) -> jax.Array:
 
 
 def _take_rows_fwd(x, idx, inv):
-  return take_rows(x, idx, inv), (idx, inv)
+  return take_rows(x, idx, inv), (idx, inv, x[:0])  # x[:0]: x's type for the cotangent
 
 
 def _take_rows_bwd(res, g):
-  idx, inv = res
-  return jnp.take(g, inv, axis=0, mode="fill", fill_value=0), None, None
+  idx, inv, x = res
+  return col.like_primal(jnp.take(g, inv, axis=0, mode="fill", fill_value=0), x), None, None
 
 
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
@@ -201,8 +201,8 @@ def _chunked_swiglu_bwd(sizes, res, dy):
   init = col.match_vma((jnp.zeros_like(x), zeros(w_gate), zeros(w_up), zeros(w_down)),
                        x, w_gate, w_up, w_down, chunks, gate, up, dy)
   dx, dwg, dwu, dwd = _for_chunks(sizes, chunks, body, init)
-  return (dx, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype),
-          None)
+  grads = (dx, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
+  return (*(col.like_primal(g, p) for g, p in zip(grads, (x, w_gate, w_up, w_down))), None)
 
 
 chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)

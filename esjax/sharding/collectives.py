@@ -81,3 +81,10 @@ def share(tree, axes: Axes, size_of):
       return x
     return lax.pcast(x / size_of(missing), missing, to="varying")
   return jax.tree.map(one, tree)
+
+
+def like_primal(ct, primal):
+  """A custom VJP's cotangent typed like its primal input: summed over the axes it varies
+  over and the primal does not (a primal replicated over them was used on every device)."""
+  extra = tuple(a for a in varying_axes(ct) if a not in varying_axes(primal))
+  return psum(ct, extra)
