@@ -45,6 +45,7 @@ from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
 STATS = ("aux_loss", "seq_aux_loss", "z_loss", "expert_load", "drop_fraction")
+
 # Named scopes of the loop's conditionals: the forward and backward units, and inside them
 # the first chunk's embedding and the last chunk's head (see `Engine.branch_weights`).
 SCOPE_F, SCOPE_B, SCOPE_FIRST, SCOPE_LAST, SCOPE_SKIP = (
@@ -59,6 +60,8 @@ def _first(pred, true_fn, false_fn):
 def _last(pred, true_fn, false_fn, scope=SCOPE_LAST):
   with jax.named_scope(scope):
     return lax.cond(pred, true_fn, false_fn)
+
+
 _KEEP_DTYPE = ("router",)  # parameters the compute-dtype cast leaves in their own dtype
 
 

@@ -11,9 +11,12 @@ shardings; no weight is allocated), and reads from the executable:
 - collectives per step and mesh axis (`esjax.plan.report`), each axis mapped to its link
   (NVLink inside a node, InfiniBand across nodes);
 
-and predicts the step time from the target's roofline (`esjax.plan.targets`): the model's
-FLOPs with recompute at peak, stretched by the pipeline bubble, plus the collectives at
-their link's bandwidth, plus the optimizer's pass over its state at HBM bandwidth. Caveats:
+and predicts the step time from the target's roofline (`esjax.plan.targets`): the FLOPs the
+devices execute (the model's, plus recompute) at the measured bf16 matmul rate, stretched by
+the pipeline bubble, plus the collectives at their link's bandwidth (no overlap assumed;
+`predicted_step_s_overlapped` assumes perfect overlap), plus the optimizer's pass over its
+state at HBM bandwidth; MFU is the model's FLOPs over that time at the datasheet peak.
+Caveats:
 the deviceless compile does no autotuning (default GEMM tiles), `cost_analysis()` is not
 available (FLOPs come from the ledger), and a program that does not fit still compiles.
 """
@@ -158,7 +161,7 @@ def predict(work: analytic.Work, target: targets_lib.Target,
   if not target.peak_flops:
     return {"predicted_step_s": None, "predicted_mfu": None, "bubble": work.bubble}
   n = work.layout.n_devices
-  compute = work.hardware_flops / n / target.peak_flops / (1 - work.bubble)
+  compute = work.hardware_flops / n / target.matmul_flops / (1 - work.bubble)
   bw = {"nvlink": target.intra_node_bytes_per_s, "ib": target.inter_node_bytes_per_s}
   comm = 0.0
   for c in collectives:  # ragged all-to-alls: the routed share of their buffers

@@ -124,7 +124,7 @@ def estimate(cfg: ModelConfig, lay: Layout, batch: int, seq: int,
   logits = 3 * 4 * tokens_mb / lay.cp * cfg.vocab_size / lay.tp
   memory = state + stash * 2 * seq_shard * d + transient + logits
   # Time: compute over the bubble, minimum bytes on their links.
-  compute = work.hardware_flops / lay.n_devices / target.peak_flops / (1 - work.bubble)
+  compute = work.hardware_flops / lay.n_devices / target.matmul_flops / (1 - work.bubble)
   intra, inter = target.intra_node_bytes_per_s, target.inter_node_bytes_per_s
   per_node = target.devices_per_node
   inner = {"tp": lay.tp, "cp": lay.tp * lay.cp, "ep": lay.etp * lay.ep}
