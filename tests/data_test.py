@@ -71,7 +71,7 @@ def test_sentencepiece_file(tmp_path):
                                  minloglevel=2)
   loaded = tokenizer.load_tokenizer(str(tmp_path / "sp.model"))
   ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-  assert loaded.vocab_size == 60 and loaded.eos_id == 2
+  assert loaded.vocab_size == 60 and loaded.eos_id == 2 and loaded.bos_id == ref.bos_id() == 1
   np.testing.assert_array_equal(loaded.encode("the lazy dog"), ref.encode("the lazy dog"))
   assert loaded.decode(loaded.encode("the lazy dog")) == "the lazy dog"
   got = loaded.encode_batch(["the lazy dog", "tokens"])
@@ -307,3 +307,56 @@ def test_eval_batches_fixed_and_in_order():
   np.testing.assert_array_equal(batches[1]["inputs"][:, 0], [6, 9])
   one = dataset.eval_batches([windows[:1]], one_source, batch_size=2, n_batches=8)  # repeats
   np.testing.assert_array_equal(one[0]["inputs"], [[0, 1], [0, 1]])
+
+
+def _special_tokenizer(folder):
+  tokenizers = pytest.importorskip("tokenizers")
+  specials = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_end|>"]
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.train_from_iterator([TEXT * 20], tokenizers.trainers.BpeTrainer(
+      vocab_size=80, special_tokens=specials))
+  folder.mkdir()
+  tok.save(str(folder / "tokenizer.json"))
+  return tok
+
+
+@pytest.mark.parametrize("files", [
+    # Qwen-instruct: no BOS, end-of-text <|im_end|> (generation_config also lists it first)
+    {"tokenizer_config.json": {"bos_token": None, "eos_token": "<|im_end|>"},
+     "generation_config.json": {"eos_token_id": [4, 3]}},
+    # Llama: BOS <s>, EOS </s>, as added-token dicts in special_tokens_map.json
+    {"tokenizer_config.json": {"add_bos_token": True},
+     "special_tokens_map.json": {"bos_token": {"content": "<s>", "lstrip": False},
+                                 "eos_token": {"content": "</s>", "lstrip": False}}},
+], ids=["qwen-instruct", "llama"])
+def test_hf_tokenizer_special_tokens_are_transformers(tmp_path, files):
+  """bos_id / eos_id are transformers' tokenizer.bos_token_id / eos_token_id, and the
+  evaluation prefix is lm-eval's prefix_token_id (lm_eval/models/huggingface.py 0.4.13:
+  BOS if not None, else EOS)."""
+  transformers = pytest.importorskip("transformers")
+  from esjax.eval import perplexity  # pylint: disable=g-import-not-at-top
+  _special_tokenizer(tmp_path / "tok")
+  for name, content in files.items():
+    (tmp_path / "tok" / name).write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **content}
+        if name == "tokenizer_config.json" else content))
+  ours = tokenizer.load_tokenizer(str(tmp_path / "tok" / "tokenizer.json"))
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+  assert (ours.bos_id, ours.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+  want_prefix = hf.bos_token_id if hf.bos_token_id is not None else hf.eos_token_id
+  assert perplexity.prefix_id(ours) == want_prefix
+
+
+def test_hf_tokenizer_ids_from_generation_config_or_config(tmp_path):
+  tok = _special_tokenizer(tmp_path / "tok")
+  folder = tmp_path / "tok"
+  (folder / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+  loaded = tokenizer.load_tokenizer(str(folder / "tokenizer.json"))
+  assert (loaded.bos_id, loaded.eos_id) == (1, 2)
+  (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [4, 3]}))
+  loaded = tokenizer.load_tokenizer(str(folder / "tokenizer.json"))
+  assert (loaded.bos_id, loaded.eos_id) == (1, tok.token_to_id("<|im_end|>"))
+  (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+  with pytest.raises(ValueError, match="eos_token='<nope>' is not in the vocabulary"):
+    tokenizer.load_tokenizer(str(folder / "tokenizer.json"))

@@ -167,10 +167,12 @@ def _windows():
   return dataset.build(data, seq_len=16, batch_size=4, seed=0).train.windows
 
 
-def _replay(mode, ratio, down_ratio, resync_every=0, check=None):
+def _replay(mode, ratio, down_ratio, resync_every=0, check=None, resync="snapshot",
+            optim=OPTIM):
   windows = _windows()
-  server = ParameterServer(init_params(TINY, 0), mode, down_ratio, resync_every)
-  workers = [Worker(k, TINY.to_dict(), OPTIM, mode, ratio, windows[k::3], 4, seed=0)
+  server = ParameterServer(init_params(TINY, 0), mode, down_ratio, resync_every,
+                           up_ratio=ratio, resync=resync)
+  workers = [Worker(k, TINY.to_dict(), optim, mode, ratio, windows[k::3], 4, seed=0)
              for k in range(3)]
   for k, w in enumerate(workers):
     w.set_params(server.register(k))
@@ -190,8 +192,10 @@ def _replay(mode, ratio, down_ratio, resync_every=0, check=None):
 
 @pytest.mark.parametrize("mode", ["dgs", "oneway"])
 def test_full_ratio_reproduces_dense_async_sgd(mode):
+  """(With resync="current": the authors' snapshot resync sends stale models on purpose.)"""
   dense, dense_workers, dense_losses, _ = _replay("dense", 1.0, 1.0)
-  other, other_workers, other_losses, _ = _replay(mode, 1.0, 1.0, resync_every=3)
+  other, other_workers, other_losses, _ = _replay(mode, 1.0, 1.0, resync_every=3,
+                                                  resync="current")
   np.testing.assert_allclose(other_losses, dense_losses, rtol=1e-5)
   for a, b in zip(other.params, dense.params):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -205,7 +209,8 @@ def test_full_ratio_reproduces_dense_async_sgd(mode):
   assert not np.allclose(sparse.params[0], dense.params[0], atol=1e-5)
 
 
-def test_dgs_downlink_conserves_the_model_and_uplink_is_exact():
+@pytest.mark.parametrize("resync", ["snapshot", "current"])
+def test_dgs_downlink_conserves_the_model_and_uplink_is_exact(resync):
   """Worker k holds sync + sent_k, so it plus what it misses is the server model; the server
   model is the initial one minus every pushed payload."""
   def check(server, workers, k):
@@ -213,7 +218,8 @@ def test_dgs_downlink_conserves_the_model_and_uplink_is_exact():
     for theta_k, s, a in zip(mine, server.sync, server.sent[k]):
       np.testing.assert_allclose(theta_k, np.asarray(s) + np.asarray(a), rtol=1e-5, atol=1e-6)
 
-  server, workers, _, pushes = _replay("dgs", 0.05, 0.1, resync_every=5, check=check)
+  server, workers, _, pushes = _replay("dgs", 0.05, 0.1, resync_every=5, check=check,
+                                       resync=resync)
   expected = [np.asarray(p, np.float64) for p in init_params(TINY, 0)]
   for payload in pushes:
     for i, s in enumerate(payload):
@@ -277,3 +283,124 @@ def test_lr_schedule():
                         "decay_steps": 110, "final_lr_fraction": 0.1})
   assert float(cosine(60)) == pytest.approx(0.01 + 0.09 * 0.5)  # halfway down the cosine
   assert float(cosine(110)) == pytest.approx(0.01)
+
+
+def _threshold_topk(x, rate):
+  """serialization.py's k and mask: k = int(numel * rate) or 1; keep |x| > kthvalue(|x|,
+  numel - k) (exactly k entries for distinct magnitudes)."""
+  k = int(x.size * rate) if int(x.size * rate) != 0 else 1
+  a = np.abs(x)
+  return a > np.sort(a)[x.size - k - 1]
+
+
+def _authors_worker(steps, lrs, lr0, momentum):
+  """core/utils/serialization.py worker_gradient_executor with core/optim/gradient_sgd.py's
+  `rate=0.01 * (lr / self.args.lr)` (yanring/GradientServer 1ca8053), float64: one buffer
+  u, u = m u + lr g; payload u * mask; u += u * (1 - mask) * (1 / m - 1). Yields payloads."""
+  u = {key: np.zeros(v.shape) for key, v in steps[0].items()}
+  for step, lr in zip(steps, lrs):
+    out = {}
+    for key in u:
+      u[key] = momentum * u[key] + lr * np.asarray(step[key], np.float64)
+      mask = _threshold_topk(u[key].ravel(), 0.01 * (lr / lr0)).reshape(u[key].shape)
+      out[key] = u[key] * mask
+      u[key] = u[key] + u[key] * (~mask) * (1 / momentum - 1)
+    yield out
+
+
+def test_density_follows_the_learning_rate_as_the_authors_worker():
+  """Warmup then a decay: k changes nearly every step, from one compiled update."""
+  grads = _random_steps(10, [(40, 30), (700,)], seed=4)
+  lrs = [0.02, 0.1, 0.2, 0.2, 0.15, 0.1, 0.06, 0.03, 0.01, 0.004]
+  state = dgs.samomentum_init(grads[0])
+  update = jax.jit(lambda s, st, k: dgs.samomentum_update(s, st, 0.9, 0.01, k))
+  for g, lr, want in zip(grads, lrs, _authors_worker(grads, lrs, 0.2, 0.9)):
+    kept = {key: dgs.scheduled_kept(v.size, 0.01, lr, 0.2) for key, v in g.items()}
+    step = jax.tree.map(lambda x: lr * x, g)
+    payload, state = update(step, state, jax.tree.map(np.int32, kept))
+    for key in g:
+      sent = dgs.trim([jax.device_get(payload[key])], [kept[key]])[0]
+      assert sent.indices.size == np.count_nonzero(want[key])
+      np.testing.assert_allclose(np.asarray(dgs.densify(sent, g[key])), want[key],
+                                 rtol=1e-4, atol=1e-7)
+  assert update._cache_size() == 1
+  assert [dgs.scheduled_kept(1200, 0.01, lr, 0.2) for lr in (0.0, 0.02, 0.2, 0.3)] == [1, 1,
+                                                                                        12, 12]
+
+
+def _authors_server(params, pushes, n_workers, resync_every, rate):
+  """core/server.py GradientServer.receive (SparseGradientUpdate), float64, one accumulator
+  `acc_send_grad` per worker (one server thread per worker), per-tensor filter
+  server_gradient_filter. Its resync fires on worker 1's pushes when max_version % 150 == 1;
+  here on the server's update count (esjax's rule), the rest as written: the flagged worker
+  gets `synced_model` (the snapshot) and its accumulator is zeroed. Returns the replies
+  (("dense", arrays) or ("sparse", dense-ified arrays))."""
+  global_model = [np.asarray(p, np.float64).copy() for p in params]
+  synced = [p.copy() for p in global_model]
+  acc = {k: [np.zeros_like(p) for p in global_model] for k in range(n_workers)}
+  un_synced, replies = set(), []
+  for version, (k, update) in enumerate(pushes, 1):
+    for p, u in zip(global_model, update):
+      p -= u  # update(): global_model.add_(-1, gradient_update)
+    agg = [p - s for p, s in zip(global_model, synced)]
+    if resync_every and version % resync_every == 0:
+      synced = [p.copy() for p in global_model]  # sync_model()
+      un_synced = set(range(n_workers))
+    if k in un_synced:
+      acc[k] = [np.zeros_like(p) for p in global_model]
+      replies.append(("dense", [s.copy() for s in synced]))
+      un_synced.remove(k)
+    else:
+      send = [a - c for a, c in zip(agg, acc[k])]
+      send = [x * _threshold_topk(x.ravel(), rate).reshape(x.shape) for x in send]
+      acc[k] = [c + x for c, x in zip(acc[k], send)]
+      replies.append(("sparse", send))
+  return replies, global_model
+
+
+def test_dgs_server_matches_the_authors_gradient_server():
+  rng = np.random.default_rng(5)
+  params = [rng.standard_normal((30, 20)), rng.standard_normal(250)]
+  order = [0, 1, 2, 0, 0, 2, 1, 1, 0, 2, 2, 1, 0, 1, 2, 0, 1, 2, 2, 0]
+  pushes = []
+  for k in order:  # sparse uploads of random coordinates
+    update = []
+    for p in params:
+      idx = rng.choice(p.size, 3, replace=False)
+      update.append(dgs.Sparse(idx.astype(np.int32),
+                               (rng.standard_normal(3) * 0.1).astype(np.float32)))
+    pushes.append((k, update))
+  server = ParameterServer([p.astype(np.float32) for p in params], "dgs", down_ratio=0.05,
+                           resync_every=6)
+  for k in range(3):
+    server.register(k)
+  dense_updates = [(k, [np.asarray(dgs.densify(s, p)) for s, p in zip(u, params)])
+                   for k, u in pushes]
+  want, want_model = _authors_server(params, dense_updates, 3, 6, 0.05)
+  for (k, update), (kind, reply) in zip(pushes, want):
+    got = server.push(k, update)
+    assert dgs.is_sparse_payload(got) == (kind == "sparse")
+    got = [np.asarray(dgs.densify(g, p)) if kind == "sparse" else np.asarray(g)
+           for g, p in zip(got, params)]
+    for g, r in zip(got, reply):
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+  for g, w in zip(server.params, want_model):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  # Resyncs after updates 6, 12, 18; worker 1 pushes no more after 18: 3 + 3 + 2.
+  assert sum(kind == "dense" for kind, _ in want) == 8
+
+
+def test_worker_uploads_follow_the_lr_warmup():
+  """Through the Worker and the server: each push sends scheduled_kept entries per tensor at
+  that worker step's lr (20-step warmup), the server pads them back to one shape."""
+  optim = dict(OPTIM, warmup_steps=20)
+  server, workers, _, pushes = _replay("dgs", 0.05, 0.1, optim=optim)
+  from esjax.distributed.worker import lr_schedule  # noqa: PLC0415
+  schedule, sizes = lr_schedule(optim), [x.size for x in init_params(TINY, 0)]
+  records = server.drain_records()
+  for payload, record in zip(pushes, records):
+    lr = float(schedule(record["worker_step"] - 1))
+    want = [dgs.scheduled_kept(n, 0.05, lr, optim["lr"]) for n in sizes]
+    assert [s.indices.size for s in payload] == want
+    assert record["up_density"] == pytest.approx(sum(want) / server.n_entries)
+  assert len({r["up_density"] for r in records}) > 2

@@ -46,7 +46,8 @@ def _records(workdir):
 
 
 def test_dgs_trains_and_reports_the_configured_compression(tmp_path):
-  config = _config("dgs", **{"dgs.ratio": 0.01, "dgs.down_ratio": 0.02})
+  config = _config("dgs", **{"dgs.ratio": 0.01, "dgs.down_ratio": 0.02,
+                             "dgs.ratio_follows_lr": False})  # a fixed density to check
   training = runtime.AsyncTraining(config, str(tmp_path))
   initial = _initial_loss(training)
   summary = training.run()

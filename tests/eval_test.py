@@ -71,9 +71,9 @@ def test_multiple_choice_matches_direct_loglikelihoods(model):
     if "choices" in item:
       pairs = [(shots + item["context"], " " + c) for c in item["choices"]]
       lengths = [len(c) for c in item["choices"]]
-    else:
+    else:  # lm-eval divides by the lengths of doc_to_choice: Winogrande's are the contexts
       pairs = [(shots + c, " " + item["continuation"]) for c in item["contexts"]]
-      lengths = [len(item["continuation"])] * len(pairs)
+      lengths = [len(c) for c in item["contexts"]]
     want = np.asarray([ref_loglikelihood(model, c, x) for c, x in pairs])
     np.testing.assert_allclose(sample["loglikelihoods"], want, rtol=1e-5, atol=1e-3)
     accs.append(float(np.argmax(want) == item["gold"]))
@@ -109,19 +109,78 @@ def test_is_greedy_flag(model):
 def test_encode_pair_moves_trailing_space():
   assert harness.encode_pair(BYTE, "Answer: ", "yes") == (byte_ids("Answer:"), byte_ids(" yes"))
   assert harness.encode_pair(BYTE, "", "yes") == ([BYTE.eos_id], byte_ids("yes"))
+  # lm-eval 0.4.13 loglikelihood: a continuation that starts with the prefix token keeps it
+  # as the context instead of adding another.
+  assert harness.encode_pair(BYTE, "", "\x00yes") == ([BYTE.eos_id], byte_ids("yes"))
 
 
-def test_random_fewshot_never_uses_the_item_and_is_seeded():
-  items = tuple({"context": f"q{i}", "choices": ["a", "b"], "gold": i % 2} for i in range(6))
-  task = tasks.Task("t", "multiple_choice", items, fewshot=items, num_fewshot=3)
-  first = [tasks.fewshot_examples(task, it, random.Random(1234)) for it in items]
-  again = [tasks.fewshot_examples(task, it, random.Random(1234)) for it in items]
-  assert first == again
-  for item, shots in zip(items, first):
-    assert len(shots) == 3 and item not in shots
-  prefix = tasks.fewshot_prefix(task.replace(description="Desc.\n\n"), items[0],
-                                random.Random(0))
-  assert prefix.startswith("Desc.\n\n") and prefix.count("\n\n") == 4
+class LmEvalContextSampler:
+  """lm-eval 0.4.13 lm_eval/api/samplers.py ContextSampler.sample (transcribed)."""
+
+  def __init__(self, df, rnd=None):
+    self.rnd, self.df = random.Random(rnd), df
+
+  def sample(self, n, eval_doc=None):
+    if n == 0:
+      return []
+    res = (self.rnd.sample(list(self.df), n) if not eval_doc
+           else self.rm_eval_doc(eval_doc, self.rnd.sample(list(self.df), n + 1), n))
+    if len(res) < n:
+      res = self.rnd.sample([x for x in self.df if x != eval_doc], n)
+    return res
+
+  @staticmethod
+  def rm_eval_doc(doc, it, n=None):
+    return [x for x in it if x != doc] if n is None else [x for x in it if x != doc][:n]
+
+
+class LmEvalFirstNSampler(LmEvalContextSampler):
+  def sample(self, n, eval_doc=None):
+    pool = self.rm_eval_doc(eval_doc, self.df) if eval_doc is not None else self.df
+    return pool[:n]
+
+
+def lm_eval_fewshot(docs, fewshot_docs, n, sampler, same_split, seed=1234):
+  """ConfigurableTask builds `sampler_cls(fewshot_docs, rnd=None)`; the evaluator calls
+  `set_fewshot_seed(1234)` (sampler.set_rnd); `fewshot_context` then runs doc after doc with
+  `eval_doc=doc` only when the few-shot split is the test split (lm_eval/api/task.py)."""
+  s = {"random": LmEvalContextSampler, "first_n": LmEvalFirstNSampler}[sampler](
+      list(fewshot_docs), rnd=None)
+  s.rnd = random.Random(seed)
+  return [s.sample(n, eval_doc=doc if same_split else None) for doc in docs]
+
+
+@pytest.mark.parametrize("sampler", ["random", "first_n"])
+@pytest.mark.parametrize("split", ["fewshot", "test"])
+def test_fewshot_examples_are_lm_evals(sampler, split):
+  """30 items, 5-shot, from a separate 40-item pool or from the items themselves (with an
+  exact duplicate of an item in the pool, which the same-split sampler must resample)."""
+  item = lambda i: {"context": f"q{i}", "choices": ["a", "b"], "gold": i % 2}  # noqa: E731
+  items = tuple(item(i) for i in range(30)) + (item(3),)  # item 3 twice
+  pool = tuple(item(100 + i) for i in range(40))
+  task = tasks.Task("t", "multiple_choice", items, fewshot=pool, num_fewshot=5,
+                    fewshot_sampler=sampler, fewshot_split=split)
+  rng = random.Random(1234)  # one per task, item after item
+  got = [tasks.fewshot_examples(task, it, rng) for it in items]
+  want = lm_eval_fewshot(items, items if split == "test" else pool, 5, sampler,
+                         same_split=split == "test")
+  assert got == want
+  assert all(len(shots) == 5 for shots in got)
+  if split == "test":
+    assert all(it not in shots for it, shots in zip(items, got))
+  prefixes = tasks.fewshot_prefixes(task.replace(description="Desc.\n\n"), items)
+  assert prefixes[0] == "Desc.\n\n" + "".join(
+      f"{ex['context']} {ex['choices'][ex['gold']]}\n\n" for ex in want[0])
+  assert prefixes[7].endswith("".join(f"{ex['context']} {ex['choices'][ex['gold']]}\n\n"
+                                      for ex in want[7]))
+
+
+def test_fewshot_pool_too_small_names_the_split():
+  items = tuple({"context": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(3))
+  with pytest.raises(ValueError, match="needs 4 items in the few-shot pool"):
+    tasks.Task("t", "multiple_choice", items, num_fewshot=3, fewshot_split="test")
+  with pytest.raises(ValueError, match="fewshot_split='train'"):
+    tasks.Task("t", "multiple_choice", items, fewshot_split="train")
 
 
 # Perplexity ----------------------------------------------------------------------------------

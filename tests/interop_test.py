@@ -113,6 +113,10 @@ HF_CASES = {
     "mixtral_window": ("MixtralConfig", dict(
         intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
         sliding_window=5)),
+    "mixtral": ("MixtralConfig", dict(
+        intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral_top1": ("MixtralConfig", dict(  # esjax: softmax_topk, renormalised (weight 1)
+        intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=1)),
     "qwen2_moe_shared_first_dense": ("Qwen2MoeConfig", dict(
         intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
         num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0])),
@@ -430,6 +434,7 @@ def test_export_errors_leave_nothing_on_disk(tmp_path):
       "qwen2-moe window": ModelConfig(n_experts=4, top_k=2, n_shared_experts=1,
                                       shared_expert_gate=True, sliding_window=8),
       "olmoe dense layer": ModelConfig(n_experts=4, top_k=2, qk_norm="full", first_k_dense=1),
+      "groups": ModelConfig(n_experts=4, top_k=2, n_expert_groups=2),
   }
   for name, cfg in bad.items():
     with pytest.raises(ValueError, match="cannot export"):

@@ -26,7 +26,8 @@ ROUTING = {  # name: config fields
     "topk_softmax": dict(),
     "softmax_topk": dict(routing_order="softmax_topk"),
     "softmax_topk_renorm": dict(routing_order="softmax_topk", renormalize=True),
-    "sigmoid": dict(score_fn="sigmoid", routing_order="softmax_topk"),
+    "sigmoid": dict(score_fn="sigmoid", routing_order="softmax_topk"),  # renormalised
+    "sigmoid_raw": dict(score_fn="sigmoid", routing_order="softmax_topk", renormalize=False),
     "sigmoid_renorm_scaled": dict(score_fn="sigmoid", routing_order="softmax_topk",
                                   renormalize=True, routed_scaling=2.5),
     "shared": dict(n_shared_experts=2, d_ff_shared=5),
@@ -100,9 +101,18 @@ def route_weights(l, idx, cfg, xp):
     s = xp.exp(l - xp.max(l)) / xp.sum(xp.exp(l - xp.max(l))) if cfg.score_fn == "softmax" \
         else 1 / (1 + xp.exp(-l))
     w = s[idx]
-    if cfg.renormalize:
+    if renormalised(cfg):
       w = w / xp.sum(w)
   return w * cfg.routed_scaling
+
+
+def renormalised(cfg):
+  """Megatron's topk_routing_with_score_function: sigmoid weights are divided by their sum
+  when k > 1, pre-softmax ones are not; an explicit `renormalize` overrides (HF Qwen2-MoE
+  norm_topk_prob, or the sigmoid opt-out)."""
+  if cfg.renormalize is None:
+    return cfg.score_fn == "sigmoid" and cfg.top_k > 1
+  return cfg.renormalize
 
 
 def ref_forward(p, x, cfg, indices, keep, xp):

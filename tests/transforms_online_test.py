@@ -87,3 +87,42 @@ def test_source_is_read_sharded_where_the_rules_divide_it():
       None, None, None)  # heads 4 % 8: replicated
   vocab = target["embed"].sharding.spec[0]  # 64 divides: split over tp
   assert rules.entry_axes(vocab) == tp
+
+
+@pytest.mark.parametrize("order", ["topk_softmax", "softmax_topk"])
+def test_config_chooses_the_upcycling_scale_placement(order):
+  """checkpoint.upcycle_scale reaches the upcycling. "balanced" against Megatron-LM's
+  upcycling_utils._convert_to_moe_state_dict (d98e8a6) for silu + GLU: activation scale
+  a = G (top-k then softmax) or R * G * G / topk (pre-softmax, R = E / G), weight scale
+  a^(1/3) on fc1 (gate and up) and fc2 (down), expert e holding shard e % G."""
+  from esjax.configs import common  # pylint: disable=g-import-not-at-top
+  from esjax.train import init_from  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  n, g, k = 8, 2, 2
+  dst = SRC.replace(n_experts=n, d_ff_expert=SRC.d_ff // g, top_k=k, routing_order=order)
+  dense = build.params_of(random_model(SRC))
+  config = common.base_config()
+  out = {}
+  for placement in ("down", "balanced"):
+    config.checkpoint.upcycle_scale = placement
+    out[placement] = jax.device_get(init_from.convert(SRC, dense, dst, config))
+  r = n // g  # Megatron's expansion rate
+  a = g if order == "topk_softmax" else r * g * g / k
+  s = a ** (1 / 3)
+  fe = SRC.d_ff // g
+  for i in (0, 2):
+    d, moe = dense["layers"][i]["mlp"], out["balanced"]["layers"][i]["mlp"]
+    for e in range(n):
+      shard = slice((e % g) * fe, (e % g + 1) * fe)
+      np.testing.assert_allclose(moe["w_gate"][e], np.asarray(d["w_gate"])[:, shard] * s,
+                                 rtol=1e-6)
+      np.testing.assert_allclose(moe["w_up"][e], np.asarray(d["w_up"])[:, shard] * s,
+                                 rtol=1e-6)
+      np.testing.assert_allclose(moe["w_down"][e], np.asarray(d["w_down"])[shard] * s,
+                                 rtol=1e-6)
+    down = out["down"]["layers"][i]["mlp"]
+    np.testing.assert_allclose(down["w_down"][1], np.asarray(d["w_down"])[fe:] * a, rtol=1e-6)
+    np.testing.assert_allclose(down["w_gate"][1], np.asarray(d["w_gate"])[:, fe:], rtol=1e-6)
+  config.checkpoint.upcycle_scale = "cube"
+  with pytest.raises(ValueError, match="scale_placement='cube'"):
+    init_from.convert(SRC, dense, dst, config)

@@ -16,8 +16,8 @@ An experiment file builds on `base_config()` and changes what it needs:
   `eval_batches`, and the collapse guard (`spike_factor`, `spike_window`).
 - `checkpoint`: `every`, `keep`, `init_from` (another run's workdir or checkpoint, or a
   Hugging Face folder: its weights, without optimizer state, start this run; a smaller
-  dense source is grown with
-  the recipe `grow`, a dense source of an MoE run is upcycled: esjax.transforms.online),
+  dense source is grown with the recipe `grow`, a dense source of an MoE run is upcycled:
+  esjax.transforms.online, with its output scale placed by `upcycle_scale`),
   `async_save`.
 - `parallel`: the mesh sizes (`dp`, `tp`, `cp`, `pp`, `ep`, `etp`; dp=0 fills the devices),
   `fsdp` / `distributed_optimizer` (ZeRO-3 / ZeRO-1), `microbatches`, the pipeline
@@ -38,7 +38,9 @@ from ml_collections import config_dict
 from esjax.models.config import ModelConfig
 from esjax.models.presets import get_preset
 
-_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# ModelConfig field annotations -> placeholder types ("bool | None": None means the
+# preset's value here, which for `renormalize` may itself be None, the rule by score_fn).
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "bool | None": bool}
 
 
 def model_section(preset: str = "", **fields: Any) -> ml_collections.ConfigDict:
@@ -100,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.init_from = ""
   c.checkpoint.grow = "aki_pro"  # init_from a smaller dense model: esjax.transforms.growth.METHODS
+  # init_from a dense model into an MoE: where the upcycling output scale s goes, "down" (all
+  # on w_down: exact) or "balanced" (s^(1/3) on gate, up and down: Megatron's rule).
+  c.checkpoint.upcycle_scale = "down"
   c.checkpoint.async_save = True
 
   c.parallel = ml_collections.ConfigDict()

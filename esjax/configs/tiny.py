@@ -6,12 +6,14 @@ library's sources, byte-level) in a few minutes on a laptop CPU.
 
 Variants (`tiny.py:ARG`): `moe` (default; tiny-mixtral: 8 experts, top-2), `dense`
 (tiny-llama, the same attention and width), `qwen2` (tiny-qwen2-moe: fine-grained and
-shared experts). `tiny.py:moe,steps=50` also sets the number of steps.
+shared experts), `deepseek` (tiny-deepseek-v3: sigmoid routing balanced by an expert bias
+instead of an auxiliary loss, group-limited). `tiny.py:moe,steps=50` also sets the number of steps.
 """
 
 from esjax.configs import common
 
-VARIANTS = {"moe": "tiny-mixtral", "dense": "tiny-llama", "qwen2": "tiny-qwen2-moe"}
+VARIANTS = {"moe": "tiny-mixtral", "dense": "tiny-llama", "qwen2": "tiny-qwen2-moe",
+            "deepseek": "tiny-deepseek-v3"}
 TEST_ARGS = tuple(VARIANTS)  # tests/configs_test.py builds each variant
 
 

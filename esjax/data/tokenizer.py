@@ -1,19 +1,25 @@
 """Tokenizers: raw UTF-8 bytes (the default, nothing to download), or a model file.
 
-Every tokenizer has `encode(text) -> np.ndarray[int32]`, `encode_batch(texts)` (the same for
-a list, in one call to the library: `esjax.data.prepare` uses it), `decode(ids) -> str`,
-`vocab_size` and `eos_id` (appended after each document). `load_tokenizer(spec)` picks one;
-`fingerprint(spec)` names its content (a prepared corpus records it):
+Every tokenizer has `encode(text) -> np.ndarray[int32]` (no special tokens added),
+`encode_batch(texts)` (the same for a list, in one call to the library: `esjax.data.prepare`
+uses it), `decode(ids) -> str`, `vocab_size`, `eos_id` (appended after each document; where
+generation stops) and `bos_id` (None when the tokenizer has none; evaluation's prefix token
+is BOS, else end-of-text, as lm-eval's). `load_tokenizer(spec)` picks one; `fingerprint(spec)`
+names its content (a prepared corpus records it):
 
 - `"byte"`: ids are the UTF-8 bytes, vocab 256. Byte 0 (NUL), which never occurs in text,
   is the end-of-document id, so the vocabulary stays 256 and fits the tiny presets.
 - a path ending in `.model`: a SentencePiece model (needs the `sentencepiece` package).
-- a path ending in `.json`: a Hugging Face `tokenizers` file (needs `tokenizers`).
+- a path ending in `.json`: a Hugging Face `tokenizers` file (needs `tokenizers`); its BOS
+  and end-of-text tokens are those of the `tokenizer_config.json` (or `special_tokens_map.json`)
+  beside it, as transformers' `bos_token_id` / `eos_token_id`, else the `bos_token_id` /
+  `eos_token_id` of `generation_config.json` or `config.json` there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Protocol, Sequence
 
@@ -23,6 +29,7 @@ import numpy as np
 class Tokenizer(Protocol):
   vocab_size: int
   eos_id: int
+  bos_id: int | None
 
   def encode(self, text: str) -> np.ndarray: ...
 
@@ -36,6 +43,7 @@ class ByteTokenizer:
 
   vocab_size = 256
   eos_id = 0
+  bos_id = None
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
@@ -60,6 +68,8 @@ class SentencePieceTokenizer:
     if eos < 0:
       raise ValueError(f"tokenizer {path!r} has no end-of-sentence id; train it with eos_id >= 0")
     self.eos_id = eos
+    bos = int(self._sp.bos_id())
+    self.bos_id = bos if bos >= 0 else None
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._sp.encode(text), np.int32)
@@ -72,8 +82,9 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-  """A Hugging Face `tokenizers` JSON file (`tokenizer.json`)."""
+  """A Hugging Face `tokenizers` JSON file (`tokenizer.json`) and the configs beside it."""
 
+  # Only for a tokenizer file with no config beside it naming its end-of-text token.
   EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "[SEP]", "<|end_of_text|>")
 
   def __init__(self, path: str):
@@ -81,12 +92,18 @@ class HFTokenizer:
 
     self._tok = tokenizers.Tokenizer.from_file(path)
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-    ids = [self._tok.token_to_id(t) for t in self.EOS_CANDIDATES]
-    ids = [i for i in ids if i is not None]
-    if not ids:
-      raise ValueError(f"tokenizer {path!r} has none of the end-of-text tokens "
-                       f"{list(self.EOS_CANDIDATES)}")
-    self.eos_id = int(ids[0])
+    special = special_tokens(os.path.dirname(os.path.abspath(path)), self._tok.token_to_id)
+    eos = special.get("eos")
+    if eos is None:
+      ids = [self._tok.token_to_id(t) for t in self.EOS_CANDIDATES]
+      ids = [i for i in ids if i is not None]
+      if not ids:
+        raise ValueError(f"tokenizer {path!r}: no tokenizer_config.json, generation_config.json "
+                         "or config.json beside it names an end-of-text token, and it has none "
+                         f"of {list(self.EOS_CANDIDATES)}")
+      eos = ids[0]
+    self.eos_id = int(eos)
+    self.bos_id = special.get("bos")
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
@@ -97,6 +114,42 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids])
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def special_tokens(folder: str, token_to_id) -> dict[str, int | None]:
+  """{"bos": id or None, "eos": id or None} of a Hugging Face tokenizer folder.
+
+  The token strings of `tokenizer_config.json`, then `special_tokens_map.json` (what
+  transformers reads for `bos_token_id` / `eos_token_id`; a key present with null means
+  none), else the ids of `generation_config.json`, then `config.json` (a list: its first).
+  Keys absent everywhere are left out.
+  """
+  out: dict[str, int | None] = {}
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    cfg = _read_json(os.path.join(folder, name))
+    for kind in ("bos", "eos"):
+      if kind in out or f"{kind}_token" not in cfg:
+        continue
+      token = cfg[f"{kind}_token"]
+      token = token.get("content") if isinstance(token, dict) else token
+      token_id = None if token is None else token_to_id(token)
+      if token is not None and token_id is None:
+        raise ValueError(f"{folder}/{name}: {kind}_token={token!r} is not in the vocabulary")
+      out[kind] = token_id
+  for name in ("generation_config.json", "config.json"):
+    cfg = _read_json(os.path.join(folder, name))
+    for kind in ("bos", "eos"):
+      value = cfg.get(f"{kind}_token_id")
+      if kind not in out and value is not None:
+        out[kind] = int(value[0] if isinstance(value, list) else value)
+  return out
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from esjax.configs import common
 from esjax.data import dataset
-from esjax.distributed.server import MODES, ParameterServer
+from esjax.distributed.server import MODES, RESYNCS, ParameterServer
 from esjax.distributed.worker import Worker, abstract_model, init_params
 from esjax.optim import dgs
 from esjax.models.loss import lm_loss
@@ -119,7 +119,8 @@ class AsyncTraining:
              cfg.ray.ship_code)
     mode = cfg.dgs.mode
     self.server = ray.remote(ParameterServer).options(num_cpus=cfg.ray.cpus_per_server).remote(
-        params, mode, cfg.dgs.down_ratio, cfg.dgs.resync_every, version)
+        params, mode, cfg.dgs.down_ratio, cfg.dgs.resync_every, version, up_ratio=cfg.dgs.ratio,
+        resync=cfg.dgs.resync)
     remaining = max(0, cfg.train.steps_per_worker * n - version)
     shards = np.array_split(self.data.train.windows, n)  # contiguous, disjoint
     optim = cfg.optim.to_dict()
@@ -129,7 +130,8 @@ class AsyncTraining:
           num_cpus=cfg.ray.cpus_per_worker, runtime_env=_worker_env(cfg)).remote(
               self.server, k, model_cfg=self.model_cfg.to_dict(), optim=optim,
               mode=mode, ratio=cfg.dgs.ratio, windows=ray.put(shards[k]),
-              batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+              batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+              ratio_follows_lr=cfg.dgs.ratio_follows_lr)
       steps = remaining // n + (k < remaining % n)
       self.running[self.workers[k].run.remote(steps)] = k
     logging.info("DGS %s: %d workers, %d updates to go from version %d", mode, n, remaining,
@@ -249,6 +251,10 @@ def validate(config) -> None:
       raise ValueError(f"dgs.{name}={config.dgs[name]} must be in (0, 1]")
   if config.dgs.resync_every < 0:
     raise ValueError(f"dgs.resync_every={config.dgs.resync_every} must be >= 0 (0: never)")
+  if config.dgs.resync not in RESYNCS:
+    raise ValueError(f"dgs.resync={config.dgs.resync!r}, expected one of {RESYNCS}")
+  if config.dgs.ratio_follows_lr and config.optim.lr <= 0:
+    raise ValueError(f"dgs.ratio_follows_lr needs optim.lr > 0, got {config.optim.lr}")
   if config.train.num_workers < 1 or config.train.steps_per_worker < 0:
     raise ValueError(f"train.num_workers={config.train.num_workers} must be >= 1 and "
                      f"train.steps_per_worker={config.train.steps_per_worker} >= 0")

@@ -7,7 +7,10 @@ The server holds the global model as a flat list of arrays (the parameter leaves
 - `oneway`: the worker sends a sparse SAMomentum update; the reply is the dense model.
 - `dgs`: sparse both ways. The reply is the top-k of the model difference the worker is
   missing (methods.md 7.2). Every `resync_every` updates the server snapshots its model and
-  sends each worker, on its next reply, the dense model once (resetting its accumulator).
+  sends each worker, on its next reply, a dense model once. `resync="snapshot"` (the
+  authors' core/server.py) sends the snapshot and zeroes the worker's accumulator;
+  `"current"` sends the model as of that reply and sets the accumulator to its distance from
+  the snapshot (a fresher model for the same bytes; experiments/dgs/README.md compares them).
 
 Per worker the server keeps the model version it last sent (staleness of an update = updates
 applied since then) and counts bytes and entries each way. Payload byte counts are those of
@@ -27,6 +30,7 @@ import numpy as np
 from esjax.optim import dgs
 
 MODES = ("dense", "oneway", "dgs")
+RESYNCS = ("snapshot", "current")
 
 
 @functools.partial(jax.jit, static_argnames=("ratio",))
@@ -47,22 +51,30 @@ def _subtract(a, b):
 
 
 @jax.jit
-def _add(a, b):
-  return jax.tree.map(jnp.add, a, b)
+def _zeros(a):
+  return jax.tree.map(jnp.zeros_like, a)
 
 
 class ParameterServer:
   """Global model, per-worker state and counters. Not thread-safe: one push at a time."""
 
   def __init__(self, params: list[np.ndarray], mode: str = "dgs", down_ratio: float = 0.01,
-               resync_every: int = 0, version: int = 0):
+               resync_every: int = 0, version: int = 0, up_ratio: float | None = None,
+               resync: str = "snapshot"):
+    """`up_ratio`: the workers' static upload density; their (trimmed) sparse payloads are
+    padded to it so the jitted update compiles once (None: payloads arrive at one size)."""
     if mode not in MODES:
       raise ValueError(f"DGS mode {mode!r}, expected one of {MODES}")
     if mode == "dgs":
       dgs.num_kept(1, down_ratio)  # validates the ratio
     if resync_every < 0:
       raise ValueError(f"resync_every={resync_every} must be >= 0 (0: never)")
+    if resync not in RESYNCS:
+      raise ValueError(f"resync={resync!r}, expected one of {RESYNCS}")
     self.mode, self.down_ratio, self.resync_every = mode, down_ratio, resync_every
+    self.resync = resync
+    self.up_kept = (None if up_ratio is None or mode == "dense"
+                    else [dgs.num_kept(int(np.size(p)), up_ratio) for p in params])
     self.params = [jnp.asarray(p) for p in params]
     self.sync = self.params  # snapshot of the last resync (dgs)
     self.sent: dict[int, list[jax.Array]] = {}  # per worker: sent since resync (dgs)
@@ -77,14 +89,21 @@ class ParameterServer:
     self.t0 = time.time()
 
   def _dense_reply(self, worker: int) -> list[np.ndarray]:
-    if self.mode == "dgs":  # the worker now holds params = sync + sent
-      self.sent[worker] = _subtract(self.params, self.sync)
+    """The dense model for `worker`. In dgs mode the worker then holds `sync + sent[worker]`:
+    the snapshot with a zero accumulator (resync="snapshot", the authors' server) or the
+    current model with the accumulator at its distance from the snapshot ("current")."""
+    self.resync_due.discard(worker)
+    if self.mode != "dgs":
+      return [np.asarray(p) for p in self.params]
+    if self.resync == "snapshot":
+      self.sent[worker] = _zeros(self.params)
+      return [np.asarray(p) for p in self.sync]
+    self.sent[worker] = _subtract(self.params, self.sync)
     return [np.asarray(p) for p in self.params]
 
   def register(self, worker: int) -> list[np.ndarray]:
     """A worker joins (or rejoins after a restart): it gets the dense model."""
     self.worker_version[worker] = self.version
-    self.resync_due.discard(worker)
     self.totals["bytes_down"] += self.dense_bytes  # counted, but not an update's reply
     return self._dense_reply(worker)
 
@@ -94,19 +113,22 @@ class ParameterServer:
       raise ValueError(f"worker {worker} pushed before it registered")
     staleness = self.version - self.worker_version[worker]
     up_bytes, up_entries = dgs.payload_stats(payload)
-    if self.mode == "dgs" and worker not in self.resync_due:
+    if self.up_kept is not None:
+      payload = dgs.pad(payload, self.up_kept)
+    resync_point = (self.mode == "dgs" and self.resync_every
+                    and (self.version + 1) % self.resync_every == 0)
+    if self.mode == "dgs" and not resync_point and worker not in self.resync_due:
       self.params, self.sent[worker], reply = _dgs_push(
           self.params, self.sync, self.sent[worker], payload, ratio=self.down_ratio)
       reply = jax.device_get(reply)
     else:
       self.params = _dense_push(self.params, payload)
-      self.resync_due.discard(worker)
+      if resync_point:  # new snapshot; every worker gets a dense reply next (this one now)
+        self.sync, self.resync_due = self.params, set(self.worker_version)
       reply = self._dense_reply(worker)
     self.version += 1
     self.worker_version[worker] = self.version
     down_bytes, down_entries = dgs.payload_stats(reply)
-    if self.mode == "dgs" and self.resync_every and self.version % self.resync_every == 0:
-      self._resync()
     dense_reply = not dgs.is_sparse_payload(reply)
     for key, val in (("bytes_up", up_bytes), ("bytes_down", down_bytes),
                      ("entries_up", up_entries), ("entries_down", down_entries),
@@ -121,13 +143,6 @@ class ParameterServer:
         "time": time.time() - self.t0, **(info or {})})
     return reply
 
-  def _resync(self) -> None:
-    """New snapshot; every worker gets the dense model on its next reply. Until then its
-    accumulator is re-based so that `worker model == sync + sent` keeps holding."""
-    shift = _subtract(self.sync, self.params)
-    self.sent = {k: _add(a, shift) for k, a in self.sent.items()}
-    self.sync = self.params
-    self.resync_due = set(self.worker_version)
 
   def drain_records(self) -> list[dict[str, Any]]:
     records, self.records = self.records, []

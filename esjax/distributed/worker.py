@@ -50,15 +50,21 @@ class Worker:
   """Model copy + data shard + SAMomentum (sparse modes) or heavy-ball (dense) state.
 
   `windows` [N, seq_len + 1] are this worker's token windows (its shard of the corpus); it
-  draws shuffled batches of them with `esjax.data.dataset.BatchIterator`.
+  draws shuffled batches of them with `esjax.data.dataset.BatchIterator`. With
+  `ratio_follows_lr` a sparse upload's density is `ratio * lr / optim["lr"]` (the authors'
+  worker), else `ratio`.
   """
 
   def __init__(self, worker_id: int, model_cfg: dict[str, Any], optim: dict[str, Any],
-               mode: str, ratio: float, windows: np.ndarray, batch_size: int, seed: int = 0):
+               mode: str, ratio: float, windows: np.ndarray, batch_size: int, seed: int = 0,
+               ratio_follows_lr: bool = True):
     self.worker_id, self.mode, self.ratio = worker_id, mode, ratio
+    self.ratio_follows_lr = ratio_follows_lr and mode != "dense"
+    self.lr0 = float(optim["lr"])
     self.batches = dataset.BatchIterator(np.asarray(windows), batch_size, seed + worker_id)
     self.graphdef, abstract, self.rest = abstract_model(ModelConfig.from_dict(dict(model_cfg)))
     self.treedef = jax.tree.structure(abstract)
+    self.sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)]
     self.params = None
     self.opt_state = None
     self.schedule = lr_schedule(optim)
@@ -77,15 +83,21 @@ class Worker:
   def compute(self) -> tuple[list, dict[str, Any]]:
     """One gradient step on the local model; returns (payload leaves, info for the log)."""
     batch = next(self.batches)
-    lr = self.schedule(self.step)
-    payload, self.opt_state, loss = self._step_fn(self.params, self.rest, self.opt_state, batch,
-                                                  lr)
+    lr = float(self.schedule(self.step))
+    kept = None
+    if self.ratio_follows_lr:
+      kept = [dgs.scheduled_kept(n, self.ratio, lr, self.lr0) for n in self.sizes]
+    payload, self.opt_state, loss = self._step_fn(
+        self.params, self.rest, self.opt_state, batch, lr,
+        None if kept is None else self.treedef.unflatten([np.int32(k) for k in kept]))
     loss = float(loss)
     if not np.isfinite(loss):
       raise FloatingPointError(f"worker {self.worker_id}: loss is {loss} at local step {self.step}")
     self.step += 1
     leaves = jax.tree.leaves(jax.device_get(payload), is_leaf=lambda x: isinstance(x, dgs.Sparse))
-    return leaves, {"loss": loss, "lr": float(lr), "worker_step": self.step}
+    if kept is not None:
+      leaves = dgs.trim(leaves, kept)
+    return leaves, {"loss": loss, "lr": lr, "worker_step": self.step}
 
   def receive(self, reply: list) -> None:
     """Apply the server's reply: a sparse model difference, or the dense model."""
@@ -105,8 +117,8 @@ def _apply_sparse(params, reply):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sparse", "ratio", "momentum",
                                              "weight_decay", "clip_norm"))
-def _worker_step(params, rest, opt_state, batch, lr, *, graphdef, sparse, ratio, momentum,
-                 weight_decay, clip_norm):
+def _worker_step(params, rest, opt_state, batch, lr, kept, *, graphdef, sparse, ratio,
+                 momentum, weight_decay, clip_norm):
   def loss_fn(p):
     return lm_loss(nnx.merge(graphdef, p, rest), batch)
 
@@ -115,7 +127,7 @@ def _worker_step(params, rest, opt_state, batch, lr, *, graphdef, sparse, ratio,
     grads, _ = optax.clip_by_global_norm(clip_norm).update(grads, optax.EmptyState())
   step = jax.tree.map(lambda g, p: lr * (g + weight_decay * p), grads, params)
   if sparse:
-    payload, opt_state = dgs.samomentum_update(step, opt_state, momentum, ratio)
+    payload, opt_state = dgs.samomentum_update(step, opt_state, momentum, ratio, kept)
   else:
     payload, opt_state = dgs.momentum_update(step, opt_state, momentum)
   return payload, opt_state, loss

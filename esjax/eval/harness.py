@@ -3,14 +3,14 @@
 Multiple choice follows lm-evaluation-harness: each choice's continuation (target delimiter +
 choice) is scored by log p(continuation | n-shot prompt); `acc` takes the argmax of the summed
 log-likelihoods, `acc_norm` the argmax after dividing each by its choice's length in
-characters. Generation tasks decode greedily until a stop string and compare the extracted
-answer with the reference (strict and flexible extraction, see `answers`).
+characters (lm-eval's `doc_to_choice`: for Winogrande-style items, the contexts). Generation
+tasks decode greedily until a stop string and compare the extracted answer with the
+reference (strict and flexible extraction, see `answers`).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,19 +19,22 @@ from esjax.eval import answers
 from esjax.eval.generation import generate_text
 from esjax.eval.perplexity import prefix_id, text_perplexity
 from esjax.eval.scoring import loglikelihoods
-from esjax.eval.tasks import Task, TaskGroup, choice_pairs, fewshot_prefix
+from esjax.eval.tasks import Task, TaskGroup, choice_pairs, fewshot_prefixes
 from esjax.models.transformer import Transformer
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
   """Token ids of (context, continuation) as lm-eval splits them: trailing spaces of the
   context move to the continuation, and the continuation's ids are those of the joined text
-  after the context's. An empty context becomes the prefix (BOS or end-of-text) token."""
+  after the context's. An empty context becomes the prefix (BOS or end-of-text) token, or
+  the continuation's first token when that is the prefix token (lm-eval 0.4.13's
+  `loglikelihood`)."""
   n_spaces = len(context) - len(context.rstrip())
   if n_spaces:
     context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
   if not context:
-    return [prefix_id(tokenizer)], [int(t) for t in tokenizer.encode(continuation)]
+    cont, prefix = [int(t) for t in tokenizer.encode(continuation)], prefix_id(tokenizer)
+    return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
   whole = [int(t) for t in tokenizer.encode(context + continuation)]
   ctx = [int(t) for t in tokenizer.encode(context)]
   return ctx, whole[len(ctx):]
@@ -59,11 +62,9 @@ def _items(task: Task, limit: int) -> Sequence[dict[str, Any]]:
 def run_multiple_choice(model: Transformer, tokenizer, task: Task, *, batch_size: int = 8,
                         max_len: int | None = None, limit: int = 0
                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  rng = random.Random(task.fewshot_seed)
   items = _items(task, limit)
   requests, counts = [], []
-  for item in items:
-    prefix = fewshot_prefix(task, item, rng)
+  for item, prefix in zip(items, fewshot_prefixes(task, items)):
     contexts, conts, _ = choice_pairs(item)
     requests += [encode_pair(tokenizer, prefix + c, task.target_delimiter + x)
                  for c, x in zip(contexts, conts)]
@@ -81,9 +82,8 @@ def run_multiple_choice(model: Transformer, tokenizer, task: Task, *, batch_size
 def run_generate(model: Transformer, tokenizer, task: Task, *, batch_size: int = 8,
                  max_len: int | None = None, limit: int = 0
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  rng = random.Random(task.fewshot_seed)
   items = _items(task, limit)
-  prompts = [fewshot_prefix(task, item, rng) + item["prompt"] for item in items]
+  prompts = [p + item["prompt"] for item, p in zip(items, fewshot_prefixes(task, items))]
   outputs = generate_text(model, tokenizer, prompts, max_new_tokens=task.max_new_tokens,
                           stop=task.until, batch_size=batch_size, max_len=max_len)
   samples = []

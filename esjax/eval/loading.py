@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from esjax.data.tokenizer import Tokenizer, load_tokenizer
@@ -24,7 +26,7 @@ from esjax.models.transformer import Transformer
 from esjax.train import checkpoint as ckpt_lib
 
 
-build_model = params_lib.model_from_params  # (cfg, params pure dict) -> Transformer
+build_model = params_lib.model_from_params  # (cfg, params[, buffers]) -> Transformer
 
 
 def load_hf(folder: str) -> tuple[Transformer, Tokenizer]:
@@ -58,6 +60,7 @@ def load(checkpoint: str, config: ml_collections.ConfigDict | None = None
     model, tokenizer = load_hf(checkpoint)
     return model, tokenizer, config
   cfg, params = ckpt_lib.restore_params(checkpoint)
+  buffers = ckpt_lib.restore_buffers(checkpoint) if cfg.expert_bias else None
   config = config if config is not None else run_config(checkpoint)
   spec = config.data.tokenizer if config is not None and "data" in config else "byte"
-  return build_model(cfg, params), load_tokenizer(spec), config
+  return build_model(cfg, params, buffers), load_tokenizer(spec), config

@@ -22,12 +22,15 @@ import dataclasses
 import json
 import os
 import random
-from typing import Any
+from typing import Any, Sequence
 
 from esjax.eval import answers
 
 KINDS = ("multiple_choice", "generate", "perplexity")
 SAMPLERS = ("random", "first_n")
+# Where few-shot examples come from: fewshot.jsonl (a split other than the scored one, as
+# every exported benchmark), or the scored items themselves (lm-eval's same-split case).
+FEWSHOT_SPLITS = ("fewshot", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Task:
   num_fewshot: int = 0
   fewshot_sampler: str = "random"
   fewshot_seed: int = 1234
+  fewshot_split: str = "fewshot"
   description: str = ""
   target_delimiter: str = " "
   fewshot_delimiter: str = "\n\n"
@@ -56,11 +60,17 @@ class Task:
     if self.fewshot_sampler not in SAMPLERS:
       raise ValueError(f"task {self.name}: fewshot_sampler={self.fewshot_sampler!r}, "
                        f"expected one of {SAMPLERS}")
+    if self.fewshot_split not in FEWSHOT_SPLITS:
+      raise ValueError(f"task {self.name}: fewshot_split={self.fewshot_split!r}, expected one "
+                       f"of {FEWSHOT_SPLITS}")
     if self.num_fewshot < 0:
       raise ValueError(f"task {self.name}: num_fewshot={self.num_fewshot} must be >= 0")
-    if self.num_fewshot and len(self.fewshot) < self.num_fewshot:
-      raise ValueError(f"task {self.name}: num_fewshot={self.num_fewshot} but the few-shot "
-                       f"split has {len(self.fewshot)} items (add fewshot.jsonl)")
+    # The same split leaves out the item itself: the random sampler draws n + 1.
+    need = self.num_fewshot + (self.fewshot_split == "test")
+    if self.num_fewshot and len(self.fewshot_pool) < need:
+      raise ValueError(f"task {self.name}: num_fewshot={self.num_fewshot} needs {need} items in "
+                       f"the few-shot pool ({self.fewshot_split} split), it has "
+                       f"{len(self.fewshot_pool)} (add fewshot.jsonl, or fewshot_split='test')")
     if self.kind == "perplexity" and self.num_fewshot:
       raise ValueError(f"task {self.name}: perplexity tasks take no few-shot examples")
     for where, items in (("test", self.items), ("fewshot", self.fewshot)):
@@ -69,6 +79,10 @@ class Task:
 
   def replace(self, **kw: Any) -> "Task":
     return dataclasses.replace(self, **kw)
+
+  @property
+  def fewshot_pool(self) -> tuple[dict[str, Any], ...]:
+    return self.items if self.fewshot_split == "test" else self.fewshot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,14 +202,15 @@ def load_tasks(spec: str) -> list[Task | TaskGroup]:
 def choice_pairs(item: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
   """(contexts, continuations, choice texts) of a multiple-choice item, one per choice.
 
-  The choice texts are what `acc_norm` divides by (in characters, as lm-eval): the choices,
-  or for the shared-continuation form the continuation, so there `acc_norm == acc`.
+  The choice texts are what `acc_norm` divides by (in characters): lm-eval's `doc_to_choice`,
+  the choices, or for the shared-continuation form (Winogrande) the contexts, since there
+  the choices are the sentence up to the blank filled with each option.
   """
   if "choices" in item:
     n = len(item["choices"])
     return [item["context"]] * n, list(item["choices"]), list(item["choices"])
   n = len(item["contexts"])
-  return list(item["contexts"]), [item["continuation"]] * n, [item["continuation"]] * n
+  return list(item["contexts"]), [item["continuation"]] * n, list(item["contexts"])
 
 
 def render_example(task: Task, item: dict[str, Any]) -> str:
@@ -207,14 +222,27 @@ def render_example(task: Task, item: dict[str, Any]) -> str:
 
 
 def fewshot_examples(task: Task, item: dict[str, Any], rng: random.Random) -> list[dict]:
-  """`num_fewshot` examples for `item`, never the item itself (lm-eval's samplers)."""
+  """`num_fewshot` examples for `item`, as lm-eval 0.4.13's samplers (lm_eval/api/samplers.py)
+  pick them with one `random.Random(fewshot_seed)` per task, used item after item.
+
+  From another split (fewshot.jsonl): `random` draws n, `first_n` takes the first n. From the
+  scored split (`fewshot_split="test"`) the item itself is left out: `random` draws n + 1
+  and drops it (if copies of it were drawn, it draws n again from the pool without it),
+  `first_n` takes the first n of the pool without it.
+  """
   n = task.num_fewshot
   if not n:
     return []
-  pool = task.fewshot
-  picked = list(pool[:n + 1]) if task.fewshot_sampler == "first_n" else rng.sample(
-      pool, min(n + 1, len(pool)))
-  return [ex for ex in picked if ex != item][:n]
+  pool = list(task.fewshot_pool)
+  same_split = task.fewshot_split == "test"
+  if task.fewshot_sampler == "first_n":
+    return [ex for ex in pool if not same_split or ex != item][:n]
+  if not same_split:
+    return rng.sample(pool, n)
+  picked = [ex for ex in rng.sample(pool, n + 1) if ex != item][:n]
+  if len(picked) < n:
+    picked = rng.sample([ex for ex in pool if ex != item], n)
+  return picked
 
 
 def fewshot_prefix(task: Task, item: dict[str, Any], rng: random.Random) -> str:
@@ -222,3 +250,10 @@ def fewshot_prefix(task: Task, item: dict[str, Any], rng: random.Random) -> str:
   shots = fewshot_examples(task, item, rng)
   text = "".join(render_example(task, ex) + task.fewshot_delimiter for ex in shots)
   return task.description + text
+
+
+def fewshot_prefixes(task: Task, items: Sequence[dict[str, Any]]) -> list[str]:
+  """`fewshot_prefix` of each item, in order, from one `random.Random(task.fewshot_seed)`
+  (lm-eval seeds its sampler once per task and builds the prompts item after item)."""
+  rng = random.Random(task.fewshot_seed)
+  return [fewshot_prefix(task, item, rng) for item in items]

@@ -20,7 +20,7 @@ Hugging Face architecture that computes exactly what the esjax model computes, o
     without a window                         sigmoid gate; none: a zero-width shared expert)
 
 Routing: HF Mixtral does softmax over all experts, top-k, renormalise, which equals esjax's
-`topk_softmax`; HF Qwen2-MoE / Qwen3-MoE / OLMoE do softmax, top-k and renormalise only if
+`topk_softmax` (for top-1, `softmax_topk` renormalised: weight 1); HF Qwen2-MoE / Qwen3-MoE / OLMoE do softmax, top-k and renormalise only if
 `norm_topk_prob`, which is esjax's `softmax_topk` with `renormalize=norm_topk_prob`. Router
 loss coefficients are not mapped (HF's `router_aux_loss_coef` scales a loss defined
 differently: concatenated over layers and k times esjax's); pass `aux_loss_coef=...` as an
@@ -164,8 +164,10 @@ def moe_layer_pattern(moe_layers: set[int], n_layers: int) -> tuple[int, int]:
 def _moe_fields(hf: dict[str, Any], model_type: str, n_layers: int) -> dict[str, Any]:
   n_experts = hf.get("num_experts", hf.get("num_local_experts", 0))
   if model_type == "mixtral":
-    return dict(n_experts=n_experts, top_k=hf["num_experts_per_tok"],
-                routing_order="topk_softmax")
+    top_k = hf["num_experts_per_tok"]  # top-1: weight 1, which softmax_topk renormalised is
+    if top_k == 1:
+      return dict(n_experts=n_experts, top_k=1, routing_order="softmax_topk", renormalize=True)
+    return dict(n_experts=n_experts, top_k=top_k, routing_order="topk_softmax")
   kw: dict[str, Any] = dict(routing_order="softmax_topk",
                             renormalize=bool(hf.get("norm_topk_prob")))
   if model_type == "olmoe":
@@ -257,7 +259,10 @@ def architecture_for(cfg: ModelConfig) -> str:
     if cfg.n_shared_experts or cfg.qkv_bias:
       _cannot("qk_norm='head' with shared experts or qkv_bias", "Qwen3-MoE has neither")
     return "Qwen3MoeForCausalLM"
-  renormalised = cfg.routing_order == "topk_softmax" or cfg.renormalize
+  if cfg.n_expert_groups > 1:
+    _cannot(f"n_expert_groups={cfg.n_expert_groups}", "its MoE architectures have no "
+            "group-limited routing")
+  renormalised = cfg.routing_order == "topk_softmax" or cfg.renormalize_
   if renormalised and not cfg.qkv_bias and not cfg.n_shared_experts and every_layer:
     return "MixtralForCausalLM"
   if cfg.sliding_window:
@@ -313,7 +318,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
               layer_types=[kind] * cfg.n_layers)
   elif model_type == "qwen3_moe":
     hf.update(use_sliding_window=bool(window), sliding_window=window)
-  renormalise = cfg.routing_order == "topk_softmax" or cfg.renormalize
+  renormalise = cfg.routing_order == "topk_softmax" or cfg.renormalize_
   if model_type == "mixtral":
     hf.update(intermediate_size=cfg.effective_d_ff_expert, num_local_experts=cfg.n_experts,
               num_experts_per_tok=cfg.top_k)

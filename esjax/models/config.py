@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from esjax.routing.router import resolve_renormalize
+
 SCORE_FNS = ("softmax", "sigmoid")
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
 DROP_POLICIES = ("probs", "position")
@@ -74,8 +76,19 @@ class ModelConfig:
   first_k_dense: int = 0
   score_fn: str = "softmax"
   routing_order: str = "topk_softmax"  # Mixtral; "softmax_topk": scores over all experts first
-  renormalize: bool = False  # softmax_topk only: divide the k weights by their sum
+  # softmax_topk only: divide the k weights by their sum. None: sigmoid with top_k > 1 does
+  # (Megatron, DeepSeek-V3), softmax does not (Qwen2-MoE's norm_topk_prob default).
+  renormalize: bool | None = None
   routed_scaling: float = 1.0  # multiplies the routed weights (DeepSeek's scaling factor)
+  # Group-limited routing (DeepSeek-V3 n_group / topk_group): experts in n_expert_groups
+  # groups of consecutive experts, each token chooses among its best top_k_groups groups.
+  n_expert_groups: int = 1
+  top_k_groups: int = 1
+  # DeepSeek-V3 e_score_correction_bias (sigmoid only): a per-expert bias added to the
+  # scores for selection only, a non-trainable variable (`moe.ExpertBias`). After each
+  # optimizer step bias += expert_bias_rate * sign(mean load - load); 0: kept as loaded.
+  expert_bias: bool = False
+  expert_bias_rate: float = 1e-3
   router_init_std: float = 0.02
   aux_loss_coef: float = 0.0  # Switch load balancing (see balance_scope)
   seq_aux_loss_coef: float = 0.0  # the same, per sequence (DeepSeek-V2)
@@ -139,6 +152,26 @@ class ModelConfig:
       need(self.capacity_factor >= 0, f"capacity_factor={self.capacity_factor} must be >= 0")
       need(not (self.score_fn == "sigmoid" and self.routing_order == "topk_softmax"),
            "score_fn='sigmoid' needs routing_order='softmax_topk' (scores first, then top-k)")
+      need(not (self.routing_order == "topk_softmax" and self.top_k == 1),
+           "routing_order='topk_softmax' with top_k=1 gives every weight 1 and the router no "
+           "gradient from the LM loss; use routing_order='softmax_topk'")
+      need(self.renormalize in (None, True, False),
+           f"renormalize={self.renormalize!r}, expected None, True or False")
+      g = self.n_expert_groups
+      need(g >= 1 and self.n_experts % g == 0,
+           f"n_expert_groups={g} must be >= 1 and divide n_experts={self.n_experts}")
+      need(1 <= self.top_k_groups <= g
+           and 1 <= self.top_k // self.top_k_groups <= self.n_experts // g,
+           f"top_k_groups={self.top_k_groups} must be in [1, n_expert_groups={g}] with "
+           f"top_k // top_k_groups (top_k={self.top_k}) in [1, {self.n_experts // g}]")
+      need(self.top_k <= self.top_k_groups * (self.n_experts // g),
+           f"top_k={self.top_k} exceeds the {self.top_k_groups * (self.n_experts // g)} "
+           f"experts of top_k_groups={self.top_k_groups} groups")
+      need(not self.expert_bias or self.score_fn == "sigmoid",
+           f"expert_bias needs score_fn='sigmoid', got {self.score_fn!r}")
+      need(self.expert_bias_rate >= 0, f"expert_bias_rate={self.expert_bias_rate} must be >= 0")
+      need(self.router_impl == "xla" or (not self.expert_bias and g == 1),
+           "router_impl='pallas' has no expert_bias or group-limited routing; use 'xla'")
 
   # Derived shapes.
   @property
@@ -156,6 +189,10 @@ class ModelConfig:
   @property
   def effective_d_ff_shared(self) -> int:
     return self.d_ff_shared or self.effective_d_ff_expert
+
+  @property
+  def renormalize_(self) -> bool:
+    return resolve_renormalize(self.renormalize, self.score_fn, self.top_k)
 
   @property
   def is_moe(self) -> bool:

@@ -84,7 +84,7 @@ def lm_loss(model: Transformer, batch: dict[str, Any]) -> tuple[jax.Array, dict[
   x = model.embed_tokens(batch["inputs"])
   stats = []
   for block in model.layers:
-    x, s = run_block(block, x, positions, cfg.remat)
+    x, s = run_block(block, x, positions, cfg.remat, batch.get("mask"))
     if s is not None:
       stats.append(s)
   sums = token_sums(cfg, model.logits(x), batch["targets"], batch.get("mask"), plan.tp)

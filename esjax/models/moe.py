@@ -4,6 +4,10 @@ The routed part is `esjax.routing.expert_parallel.routed_experts`, the same func
 device and under any parallel plan (expert parallelism included): routing, token dropping,
 the grouped expert compute of `cfg.moe_impl` and the router statistics. Shared experts are a
 tensor-parallel MLP on the same tokens.
+
+DeepSeek-V3's expert bias (`cfg.expert_bias`) is an `ExpertBias` variable, not a Param: the
+optimizer never sees it; the train step updates it with `update_expert_biases`. A token
+`mask` keeps padding out of the router losses and the expert load.
 """
 
 from __future__ import annotations
@@ -22,13 +26,31 @@ from esjax.routing import expert_parallel, router
 from esjax.sharding.plan import ParallelPlan
 
 
-def routing_for(cfg: ModelConfig, logits: jax.Array) -> router.Routing:
-  """Routing of router `logits` [T, E] as `cfg` asks (XLA reference or Pallas kernel)."""
+def routing_for(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None = None
+                ) -> router.Routing:
+  """Routing of router `logits` [T, E] as `cfg` asks (XLA reference or Pallas kernel);
+  `bias` [E]: the layer's expert bias (selection only), when `cfg.expert_bias`."""
   kwargs = dict(score_fn=cfg.score_fn, order=cfg.routing_order,
-                renormalize=cfg.renormalize, scaling=cfg.routed_scaling)
-  if cfg.router_impl == "pallas":
+                renormalize=cfg.renormalize_, scaling=cfg.routed_scaling)
+  if cfg.router_impl == "pallas":  # the config allows no bias and no groups with it
     return routing_kernel.route(logits, cfg.top_k, **kwargs)
-  return router.route(logits, cfg.top_k, **kwargs)
+  return router.route(logits, cfg.top_k, bias=bias, n_groups=cfg.n_expert_groups,
+                      top_k_groups=cfg.top_k_groups, **kwargs)
+
+
+class ExpertBias(nnx.Variable):
+  """Per-expert routing bias [E] (DeepSeek-V3's e_score_correction_bias): a non-trainable
+  variable (a "buffer", esjax.train.state), updated by the train step, never by the
+  optimizer."""
+
+
+def update_expert_biases(cfg: ModelConfig, biases: jax.Array, expert_load: jax.Array
+                         ) -> jax.Array:
+  """Biases [..., n_moe_layers, E] after one aux-loss-free update from a step's
+  `expert_load` [n_moe_layers, E] (the global batch's, padding excluded)."""
+  if not (cfg.expert_bias and cfg.expert_bias_rate):
+    return biases
+  return router.update_expert_bias(biases, expert_load, cfg.expert_bias_rate)
 
 
 class MoE(nnx.Module):
@@ -48,6 +70,8 @@ class MoE(nnx.Module):
                         plan)
       if cfg.shared_expert_gate:
         self.shared_gate = layers.param(rngs, (d, 1), ("embed", None), std, pd)
+    if cfg.expert_bias:
+      self.expert_bias = ExpertBias(jnp.zeros((e,), jnp.float32))
 
   def shared_out(self, x: jax.Array) -> jax.Array:
     y = self.shared(x)
@@ -56,11 +80,15 @@ class MoE(nnx.Module):
       y = jax.nn.sigmoid(gate) * y
     return y
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x [B, S_l, D] -> (y [B, S_l, D], per-layer router statistics of the micro-batch)."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [B, S_l, D], mask [B, S_c] (1: the token counts in the router losses and the load)
+    -> (y [B, S_l, D], per-layer router statistics of the micro-batch)."""
+    bias = self.expert_bias[...] if self.cfg.expert_bias else None
     y, stats = expert_parallel.routed_experts(
         x, self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...],
-        cfg=self.cfg, plan=self.plan, route=functools.partial(routing_for, self.cfg))
+        cfg=self.cfg, plan=self.plan, mask=mask,
+        route=functools.partial(routing_for, self.cfg, bias=bias))
     if self.cfg.n_shared_experts:
       y = y + self.shared_out(x)
     return y, stats

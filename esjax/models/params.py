@@ -1,8 +1,9 @@
 """The model's parameter tree without allocating it, and the one shape check everything uses.
 
-The tree is `nnx.to_pure_dict(nnx.state(Transformer(cfg), nnx.Param))`: `embed`,
+Parameters are `nnx.to_pure_dict(nnx.state(Transformer(cfg), nnx.Param))`: `embed`,
 `layers.{i}.attn.wq`, ..., `final_norm.scale`, `lm_head` (stable names: checkpoints, growth,
-upcycling and Hugging Face interop address parameters by them).
+upcycling and Hugging Face interop address parameters by them). Buffers are the model's
+other variables (no gradient, no optimizer), in the same layout.
 """
 
 from __future__ import annotations
@@ -19,17 +20,31 @@ from esjax.sharding.plan import ParallelPlan
 
 
 def abstract_model(cfg: ModelConfig, plan: ParallelPlan | None = None
-                   ) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graphdef and abstract parameter State (shapes, dtypes and logical axes),
+                   ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """The model's graphdef, abstract parameter State (shapes, dtypes and logical axes) and
+  abstract buffers (its non-Param variables: DeepSeek-V3's expert biases; usually empty),
   with nothing allocated."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), plan)), nnx.Param)
+  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), plan))
+  return nnx.split(model, nnx.Param, ...)
 
 
-def model_from_params(cfg: ModelConfig, params: Any) -> Transformer:
-  """A `Transformer(cfg)` (one device) holding `params` (the pure dict; no copy)."""
-  graphdef, state = abstract_model(cfg)
+def buffer_shapes(cfg: ModelConfig) -> dict[str, Any]:
+  """ShapeDtypeStructs of the buffers, as a pure dict ({} for most models)."""
+  return nnx.to_pure_dict(abstract_model(cfg)[2])
+
+
+def initial_buffers(cfg: ModelConfig) -> dict[str, Any]:
+  """The buffers' initial values (every expert bias starts at zero)."""
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), buffer_shapes(cfg))
+
+
+def model_from_params(cfg: ModelConfig, params: Any, buffers: Any = None) -> Transformer:
+  """A `Transformer(cfg)` (one device) holding `params` and `buffers` (pure dicts; no copy;
+  buffers default to their initial values)."""
+  graphdef, state, rest = abstract_model(cfg)
   nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  nnx.replace_by_pure_dict(rest, initial_buffers(cfg) if buffers is None else buffers)
+  return nnx.merge(graphdef, state, rest)
 
 
 def shapes(cfg: ModelConfig) -> dict[str, Any]:

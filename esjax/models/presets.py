@@ -54,6 +54,13 @@ PRESETS: dict[str, ModelConfig] = {
         qkv_bias=True, max_seq_len=256, n_experts=8, top_k=4, d_ff_expert=32,
         n_shared_experts=1, d_ff_shared=64, shared_expert_gate=True,
         routing_order="softmax_topk", first_k_dense=1, aux_loss_coef=0.001),
+    # DeepSeek-V3's routing (sigmoid, selection-only expert bias, 4 of 16 experts within
+    # 2 of 4 groups, routed scaling, an ungated shared expert) on the esjax decoder.
+    "tiny-deepseek-v3": ModelConfig(
+        vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=128,
+        max_seq_len=256, n_experts=16, top_k=4, d_ff_expert=32, n_shared_experts=1,
+        score_fn="sigmoid", routing_order="softmax_topk", routed_scaling=2.5,
+        n_expert_groups=4, top_k_groups=2, expert_bias=True, first_k_dense=1),
 }
 
 

@@ -53,8 +53,10 @@ class Block(nnx.Module):
   def is_moe(self) -> bool:
     return isinstance(self.mlp, MoE)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None):
-    """(x, MoE stats or None); with a KV `cache`, (x, stats, updated cache)."""
+  def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+               mask: jax.Array | None = None):
+    """(x, MoE stats or None); with a KV `cache`, (x, stats, updated cache). `mask` [B, S]:
+    the tokens the router losses count (None: all)."""
     if cache is None:
       x = x + self.attn(self.attn_norm(x), positions)
     else:
@@ -63,19 +65,21 @@ class Block(nnx.Module):
     h = self.mlp_norm(x)
     stats = None
     if self.is_moe:
-      h, stats = self.mlp(h)
+      h, stats = self.mlp(h, mask)
     else:
       h = self.mlp(h)
     x = x + h
     return (x, stats) if cache is None else (x, stats, cache)
 
 
-def run_block(block: Block, x: jax.Array, positions: jax.Array, remat: str):
-  """`block(x, positions)`, under `nnx.remat` with the named policy unless remat='none'."""
+def run_block(block: Block, x: jax.Array, positions: jax.Array, remat: str,
+              mask: jax.Array | None = None):
+  """`block(x, positions, mask=mask)`, under `nnx.remat` with the named policy unless
+  remat='none'."""
   if remat == "none":
-    return block(x, positions)
-  return nnx.remat(lambda blk, h, p: blk(h, p), policy=REMAT_POLICIES[remat])(
-      block, x, positions)
+    return block(x, positions, mask=mask)
+  return nnx.remat(lambda blk, h, p, m: blk(h, p, mask=m), policy=REMAT_POLICIES[remat])(
+      block, x, positions, mask)
 
 
 class Transformer(nnx.Module):
@@ -84,8 +88,9 @@ class Transformer(nnx.Module):
   `model(tokens [B, S] int32)` returns float32 logits [B, S, V] and an aux dict: `moe_loss`
   (the weighted router losses to add to the LM loss) and, for MoE models, `aux_loss`,
   `seq_aux_loss`, `z_loss` (means over MoE layers), `expert_load` [n_moe_layers, E] and
-  `drop_fraction`. Under a plan with tp > 1 (inside the step's shard_map) the logits are this
-  rank's vocabulary shard.
+  `drop_fraction`. `mask` [B, S] (1: the token counts, e.g. the batch's loss mask) keeps
+  padding out of the router losses and the expert load. Under a plan with tp > 1 (inside the
+  step's shard_map) the logits are this rank's vocabulary shard.
 
   Incremental decoding (one device): `model(tokens, positions, cache=init_cache(cfg, B, L))`
   writes the tokens' keys/values at the cache's index and returns `(logits, aux, cache)`;
@@ -118,7 +123,7 @@ class Transformer(nnx.Module):
                        self.plan.tp)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               cache: list[KVCache] | None = None):
+               cache: list[KVCache] | None = None, mask: jax.Array | None = None):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     if positions is None:
@@ -129,10 +134,10 @@ class Transformer(nnx.Module):
     stats, new_cache = [], []
     for i, block in enumerate(self.layers):
       if cache is not None:
-        x, s, c = block(x, positions, cache[i])
+        x, s, c = block(x, positions, cache[i], mask)
         new_cache.append(c)
       else:
-        x, s = run_block(block, x, positions, self.cfg.remat)
+        x, s = run_block(block, x, positions, self.cfg.remat, mask)
       if s is not None:
         stats.append(s)
     out = self.logits(x), aggregate_moe_stats(self.cfg, stats)

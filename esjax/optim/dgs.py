@@ -12,6 +12,12 @@ sent). With `step = lr * (grad + wd * params)`:
     u_last = where(sent, c, u_last)        # sent coordinates: heavy-ball momentum continues
     acc    = where(sent, 0, acc + step)    # unsent coordinates: accumulate without decay
 
+The authors' worker sends a density that follows the learning rate, `ratio * lr / lr0`
+(core/optim/gradient_sgd.py: `rate=0.01 * (lr / self.args.lr)`): `scheduled_kept` gives each
+tensor's k for a step. The jitted update keeps the static top-`num_kept(size, ratio)` slots
+and sends the first k of them (`kept`); `trim` cuts the payload to those on the host, and
+the server `pad`s it back to the static size, so neither side recompiles as k changes.
+
 Server (7.2). Global model `params`, snapshot `sync`, per worker `sent_k` (what it has been
 sent since the last resync), so worker k holds `sync + sent_k`. After applying an update,
 worker k is missing `params - sync - sent_k`; the server sends its top-k and adds that to
@@ -57,6 +63,30 @@ def topk(x: jax.Array, ratio: float) -> Sparse:
   flat = x.reshape(-1)
   _, idx = jax.lax.top_k(jnp.abs(flat), num_kept(flat.size, ratio))
   return Sparse(idx.astype(jnp.int32), flat[idx])
+
+
+def scheduled_kept(size: int, ratio: float, lr: float, lr0: float) -> int:
+  """Entries a tensor of `size` sends at learning rate `lr`: the authors' k for density
+  `ratio * (lr / lr0)` (`int(numel * rate)`, at least 1), at most `num_kept(size, ratio)`."""
+  if lr0 <= 0:
+    raise ValueError(f"the density schedule needs a peak learning rate > 0, got {lr0}")
+  return min(num_kept(size, ratio), max(1, int(size * (ratio * (float(lr) / lr0)))))
+
+
+def trim(payload: list, kept: list[int]) -> list:
+  """Host side: each Sparse leaf cut to its first `kept` entries (what goes on the wire)."""
+  return [Sparse(np.asarray(s.indices)[:k], np.asarray(s.values)[:k])
+          for s, k in zip(payload, kept)]
+
+
+def pad(payload: list, sizes: list[int]) -> list:
+  """Each Sparse leaf padded to `sizes` entries with (index 0, value 0): the static shapes of
+  the server's jitted update. Only for scatter-adds (`apply_payload`), where they add 0."""
+  out = []
+  for s, n in zip(payload, sizes):
+    idx, val = np.asarray(s.indices), np.asarray(s.values)
+    out.append(Sparse(np.pad(idx, (0, n - idx.size)), np.pad(val, (0, n - val.size))))
+  return out
 
 
 def densify(s: Sparse, like: jax.Array) -> jax.Array:
@@ -129,16 +159,28 @@ def samomentum_init(params: PyTree) -> SAMomentumState:
   return SAMomentumState(zeros, zeros)
 
 
-def samomentum_update(step: PyTree, state: SAMomentumState, momentum: float, ratio: float
-                      ) -> tuple[PyTree, SAMomentumState]:
-  """One worker step. `step` = lr * (grad + wd * params). Returns (pytree of Sparse, state)."""
-  def one(s, u, a):
+def samomentum_update(step: PyTree, state: SAMomentumState, momentum: float, ratio: float,
+                      kept: PyTree = None) -> tuple[PyTree, SAMomentumState]:
+  """One worker step. `step` = lr * (grad + wd * params). Returns (pytree of Sparse, state).
+
+  `kept` (a pytree like `step` of int scalars, may be traced): send only the first k of each
+  tensor's top-`num_kept(size, ratio)`; the other slots hold zeros and count as unsent.
+  """
+  def one(s, u, a, k):
     c = momentum * u + a + s
     payload = topk(c, ratio)
-    mask = sent_mask(payload, c)
+    if k is None:
+      mask = sent_mask(payload, c)
+    else:
+      live = jnp.arange(payload.indices.size) < k
+      payload = Sparse(payload.indices, jnp.where(live, payload.values, 0))
+      mask = jnp.zeros(c.size, bool).at[payload.indices].set(live).reshape(c.shape)
     return payload, jnp.where(mask, c, u), jnp.where(mask, 0.0, a + s).astype(a.dtype)
 
-  out = jax.tree.map(one, step, state.u_last, state.acc)
+  if kept is None:
+    kept = jax.tree.map(lambda _: None, step)
+  out = jax.tree.map(one, step, state.u_last, state.acc, kept,
+                     is_leaf=lambda x: x is None)
   treedef = jax.tree.structure(step)
   payload, u_last, acc = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
   return payload, SAMomentumState(u_last, acc)

@@ -31,12 +31,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from esjax.models import loss as loss_lib
 from esjax.models.config import ModelConfig
+from esjax.models.moe import update_expert_biases
 from esjax.models.transformer import (Block, embed_lookup, head_logits, run_block,
                                       stacked_moe_stats)
 from esjax.parallel import rules, schedule as schedule_lib, stages
@@ -84,7 +86,7 @@ class Engine:
     for p in range(fmt.period):
       layer = fmt.layer(0, 0, 0, p)
       block = nnx.eval_shape(lambda layer=layer: Block(cfg, layer, nnx.Rngs(0), plan))
-      defs.append(nnx.split(block, nnx.Param)[0])
+      defs.append(nnx.split(block, nnx.Param, ...)[0])  # the rest: buffers
       if cfg.is_moe_layer(layer):
         moe.append(p)
     name = lay.schedule if lay.pp > 1 else "1f1b"
@@ -112,6 +114,27 @@ class Engine:
   def master_specs(self, shapes: Any) -> dict[str, Any]:
     return rules.master_specs(self.plan, self.compute_specs, shapes)
 
+  def buffer_specs(self, shapes: Any) -> Any:
+    """Buffers (stacked like the layers) live with their stage, replicated within it."""
+    pp = self.plan.pp or None
+    return stages.map_dicts(lambda a: P(pp, *([None] * (len(a.shape) - 1))), shapes)
+
+  def update_buffers(self, buffers: Any, metrics: dict[str, jax.Array]) -> Any:
+    """The buffers after a step: each MoE layer's expert bias moved by the aux-loss-free rule
+    from the step's expert load (`moe.update_expert_biases`), outside the gradient."""
+    if not buffers or not self.cfg.expert_bias:
+      return buffers
+    load = metrics["expert_load"]  # [n_moe_layers, E] in layer order
+    row = {layer: i for i, layer in enumerate(self.cfg.moe_layers)}
+    index = self.fmt.layer_index()
+    slots = dict(buffers[stages.STAGES])
+    for p, tree in slots.items():
+      if tree:
+        rows = jnp.asarray(np.vectorize(row.__getitem__)(index[int(p)]))  # [pp, v, R]
+        bias = update_expert_biases(self.cfg, tree["mlp"]["expert_bias"], load[rows])
+        slots[p] = {**tree, "mlp": {**tree["mlp"], "expert_bias": bias}}
+    return {**buffers, stages.STAGES: slots}
+
   def batch_spec(self) -> P:
     """[B, S] batch arrays: batch over dp, sequence over cp (replicated over tp and pp)."""
     return P(self.plan.dp or None, self.plan.cp or None)
@@ -131,27 +154,28 @@ class Engine:
   # The step.
 
   def loss_and_grads(self, params: dict[str, Any], batch: dict[str, jax.Array],
-                     master_specs: dict[str, Any]) -> tuple[dict[str, jax.Array], Any]:
+                     master_specs: dict[str, Any], buffers: Any = None
+                     ) -> tuple[dict[str, jax.Array], Any]:
     """(metrics, float32 gradients laid out by `master_specs`) of the mean microbatch loss."""
-    return self._run(params, batch, master_specs, train=True)
+    return self._run(params, batch, master_specs, buffers or {}, train=True)
 
-  def evaluate(self, params: dict[str, Any], batch: dict[str, jax.Array]
+  def evaluate(self, params: dict[str, Any], batch: dict[str, jax.Array], buffers: Any = None
                ) -> dict[str, jax.Array]:
     """The loss metrics of `batch` (forward only, the same microbatches and pipeline)."""
-    return self._run(params, batch, None, train=False)[0]
+    return self._run(params, batch, None, buffers or {}, train=False)[0]
 
-  def _run(self, params, batch, master_specs, train: bool):
+  def _run(self, params, batch, master_specs, buffers, train: bool):
     batch = prepare_batch(self.plan, batch)
     bspec = self.batch_spec()
     gathers = rules.fsdp_gathers(self.plan, self.cfg, self.fmt)
-    in_specs = (self.compute_specs, {k: bspec for k in batch})
+    in_specs = (self.compute_specs, {k: bspec for k in batch}, self.buffer_specs(buffers))
     out_specs = (P(), master_specs if train else P())
 
-    def body(p, b):
-      return _Step(self, gathers, train).run(p, b, master_specs)
+    def body(p, b, bufs):
+      return _Step(self, gathers, train).run(p, b, bufs, master_specs)
 
     fn = jax.shard_map(body, mesh=self.plan.mesh, in_specs=in_specs, out_specs=out_specs)
-    return fn(params, batch)
+    return fn(params, batch, buffers)
 
 
 class _Step:
@@ -192,21 +216,21 @@ class _Step:
     x = embed_lookup(self._end(ends, "embed"), tokens, self.plan.tp, self.cfg.dtype)
     return col.vary(x, self.axes)
 
-  def _chunk(self, sp, x, positions):
+  def _chunk(self, sp, bp, x, positions, mask):
     """The chunk's layers on x [mb, S_l, D] (a scan over its R repeats of the slot
-    pattern): (y, stats [R, MoE slots, ...])."""
+    pattern): (y, stats [R, MoE slots, ...]). `bp`: the chunk's buffers (no gradient)."""
     cfg, defs = self.cfg, self.e.slot_defs
     sp = self._gather_round(sp)
 
     def rep(h, trees):
       out = []
-      for gd, tree in zip(defs, trees):
-        h, s = run_block(nnx.merge(gd, tree), h, positions, cfg.remat)
+      for gd, (tree, buf) in zip(defs, trees):
+        h, s = run_block(nnx.merge(gd, tree, buf), h, positions, cfg.remat, mask)
         if s is not None:
           out.append(s)
       return h, ({k: jnp.stack([s[k] for s in out]) for k in STATS} if out else {})
 
-    trees = tuple(sp[p] for p in range(self.fmt.period))
+    trees = tuple((sp[p], lax.stop_gradient(bp.get(p, {}))) for p in range(self.fmt.period))
     if self.fmt.repeats == 1:
       x, stats = rep(x, jax.tree.map(lambda a: a[0], trees))
       return x, jax.tree.map(lambda a: a[None], stats)
@@ -253,7 +277,7 @@ class _Step:
 
   # The loop.
 
-  def run(self, params, batch, master_specs):
+  def run(self, params, batch, buffers, master_specs):
     plan, sched, cfg, axes = self.plan, self.sched, self.cfg, self.axes
     pp, v, m = sched.pp, sched.virtual, sched.microbatches
     params = col.vary(params, axes)  # gradients stay local until the one reduction
@@ -261,6 +285,7 @@ class _Step:
     # not make the (tp-replicated) CE terms look tp-varying
     stage = col.axis_index(plan.pp)
     stage_params = params[stages.STAGES]
+    stage_buffers = col.vary(buffers.get(stages.STAGES, {}), axes)
     ends = {k: x for k, x in params.items() if k != stages.STAGES}
     mb, s_c = micro["inputs"].shape[1:]
     act = jnp.zeros((mb, s_c // plan.size(plan.tp), cfg.d_model), jnp.dtype(cfg.dtype))
@@ -303,8 +328,9 @@ class _Step:
       def run(c):
         x = _first(first, lambda: self._embed(ends, d["inputs"]), lambda: c["fwd"])
         c = dict(c, stash=lax.dynamic_update_index_in_dim(c["stash"], x, slot, 0))
-        chunk = lambda: self._chunk(self._slice_round(stage_params, r), x,  # noqa: E731
-                                    d["positions"])
+        chunk = lambda: self._chunk(self._slice_round(stage_params, r),  # noqa: E731
+                                    self._slice_round(stage_buffers, r), x, d["positions"],
+                                    d.get("mask"))
         if self.train:  # the last chunk runs in its backward unit, with the head
           y = _last(last, lambda: jnp.zeros_like(x), lambda: col.vary(chunk()[0], axes),
                     SCOPE_SKIP)
@@ -322,10 +348,11 @@ class _Step:
       def run(c):
         x_stashed = lax.dynamic_index_in_dim(c["stash"], slot, 0, keepdims=False)
         sp = self._slice_round(stage_params, r)
+        bp = self._slice_round(stage_buffers, r)
 
         def f(sp, ends, x):
           x = _first(first, lambda: self._embed(ends, d["inputs"]), lambda: x)
-          y, stats = self._chunk(sp, x, d["positions"])
+          y, stats = self._chunk(sp, bp, x, d["positions"], d.get("mask"))
           terms = _last(last, lambda: self._head(ends, y, d), self._zero_terms)
           return (y, self._objective(terms, stats)), (stats, terms)
 

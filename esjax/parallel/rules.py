@@ -54,7 +54,7 @@ def specs(cfg: ModelConfig, table: Rules | dict[str, Any]) -> dict[str, Any]:
   """PartitionSpecs of the model's own parameter tree under a rules table, by flax's
   `nnx.get_partition_spec` (a pure dict like the parameters)."""
   table = tuple(table.items()) if isinstance(table, dict) else table
-  _, state = params_lib.abstract_model(cfg)
+  _, state, _ = params_lib.abstract_model(cfg)
   with nnx.logical_axis_rules(table):
     out = nnx.get_partition_spec(state)
   return nnx.to_pure_dict(out)
@@ -71,7 +71,7 @@ def _entry_axes(entry) -> tuple[str, ...]:
 
 def _logical_names(cfg: ModelConfig) -> dict[str, Any]:
   """The canonical tree of each parameter's logical axis names (tuples)."""
-  _, state = params_lib.abstract_model(cfg)
+  _, state, _ = params_lib.abstract_model(cfg)
   names = jax.tree.map(lambda v: v.replace(tuple(v.get_metadata().get("out_sharding") or ())),
                        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(names)

@@ -86,13 +86,18 @@ def map_dicts(fn, *trees):
 
 
 def stack(params: dict[str, Any], fmt: StageFormat) -> dict[str, Any]:
-  """Canonical model tree -> the train state's stacked tree (numpy or jax arrays)."""
-  layers = params["layers"]
+  """Canonical model tree -> the train state's stacked tree (numpy or jax arrays). A tree
+  that holds only some layers (buffers: MoE layers only) stacks the slots it has; the others
+  are {}."""
+  layers = params.get("layers", {})
   index = fmt.layer_index()
   out = {k: v for k, v in params.items() if k != "layers"}
   slots = {}
   for p in range(fmt.period):
     order = index[p].reshape(-1)
+    if int(order[0]) not in layers:
+      slots[p] = {}
+      continue
     blocks = [layers[int(i)] for i in order]
     shape = (fmt.pp, fmt.virtual, fmt.repeats)
     slots[p] = map_dicts(lambda *xs: jnp.stack(xs).reshape(shape + xs[0].shape), *blocks)
@@ -106,7 +111,10 @@ def unstack(params: dict[str, Any], fmt: StageFormat) -> dict[str, Any]:
   out = {k: v for k, v in params.items() if k != STAGES}
   layers: dict[int, Any] = {}
   for p, tree in params[STAGES].items():
+    if not tree:  # a slot this tree has nothing of
+      continue
     for pos in np.ndindex(index.shape[1:]):
       layers[int(index[(int(p), *pos)])] = map_dicts(lambda x, pos=pos: x[pos], tree)
-  out["layers"] = {i: layers[i] for i in sorted(layers)}
+  if layers:
+    out["layers"] = {i: layers[i] for i in sorted(layers)}
   return out

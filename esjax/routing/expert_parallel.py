@@ -62,13 +62,17 @@ def swiglu_batched(buffers: jax.Array, w_gate, w_up, w_down) -> jax.Array:
 
 
 def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: ParallelPlan,
-                   route: Callable[[jax.Array], router.Routing]
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   route: Callable[[jax.Array], router.Routing],
+                   mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B_l, S_l, D] this device's tokens -> (routed output [B_l, S_l, D], router stats of the
   micro-batch). Expert weights are this device's shards: [E/ep, D, F/etp] and [E/ep, F/etp, D].
   `route(logits [T, E]) -> Routing` picks the experts (the XLA reference or the Pallas kernel).
+  `mask` [B_l, S] (1: the token counts; S is the cp rank's sequence, of which this tp rank
+  holds a slice) keeps padding out of the router losses and the expert load.
   """
   bl, sl, d = x.shape
+  if mask is not None and mask.shape[1] != sl:  # this tp rank's slice of the sequence
+    mask = lax.dynamic_slice_in_dim(mask, col.axis_index(plan.tp) * sl, sl, axis=1)
   tokens = x.reshape(bl * sl, d)
   logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router_w.astype(jnp.float32))
   r = route(logits)
@@ -87,36 +91,47 @@ def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: P
   else:
     y = dispatch.grouped_moe(tokens, r.indices, r.weights, cfg.n_experts,
                              grouped_fn(cfg, plan, *w), keep)
-  return y.reshape(bl, sl, d), router_stats(cfg, plan, logits, r, keep, bl, sl)
+  token_mask = None if mask is None else mask.reshape(bl * sl)
+  return y.reshape(bl, sl, d), router_stats(cfg, plan, logits, r, keep, bl, sl, token_mask)
 
 
-def router_stats(cfg, plan: ParallelPlan, logits, r: router.Routing, keep, bl: int, sl: int
-                 ) -> dict[str, jax.Array]:
-  """Balance, sequence-balance and z losses, expert load and drop fraction of the micro-batch
-  (or of each data-parallel rank's share with `cfg.balance_scope='rank'`), from this device's
-  tokens and psums over the stage."""
+def router_stats(cfg, plan: ParallelPlan, logits, r: router.Routing, keep, bl: int, sl: int,
+                 mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Balance, sequence-balance and z losses (Megatron's formulas, `router.switch_loss`),
+  expert load and drop fraction of the micro-batch's tokens that count (`mask` [T_l]), or of
+  each data-parallel rank's share with `cfg.balance_scope='rank'`, from this device's tokens
+  and psums over the stage.
+
+  With an expert bias or a group limit the balance losses count the plain top-k of the
+  scores (Megatron's compute_routing_scores_for_aux_loss, DeepSeek-V3's eq. 18), while
+  `expert_load` counts the experts chosen (what the bias update balances).
+  """
   e, k = cfg.n_experts, cfg.top_k
-  stage, seq = plan.stage_axes, plan.seq_axes
-  counts = col.psum(router.expert_counts(r.indices, e), stage)
-  n_tokens = bl * sl * plan.size(stage)
-  load = counts.astype(jnp.float32) / (n_tokens * k)
+  stage, seq, dp = plan.stage_axes, plan.seq_axes, plan.dp
+  plain = r.indices
+  if cfg.expert_bias or cfg.n_expert_groups > 1:
+    plain = router.topk_indices(r.probs, k)
+  w = jnp.ones((bl * sl,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+  n_tokens = col.psum(jnp.sum(w), stage)
+  load = col.psum(router.expert_counts(r.indices, e, mask), stage).astype(jnp.float32)
+  load = load / jnp.maximum(n_tokens * k, 1.0)
+  probs_sum = jnp.sum(r.probs * w[:, None], axis=0)
+  counts = router.expert_counts(plain, e, mask)
   if cfg.balance_scope == "rank":  # per data-parallel rank (its sequences), then the mean
-    f = col.psum(router.expert_counts(r.indices, e), seq).astype(jnp.float32)
-    n_rank = bl * sl * plan.size(seq)
-    p = col.psum(jnp.sum(r.probs, axis=0), seq) / n_rank
-    aux = col.pmean(e * jnp.sum(lax.stop_gradient(f / (n_rank * k)) * p), plan.dp)
+    aux = col.pmean(router.switch_loss(col.psum(probs_sum, seq), col.psum(counts, seq),
+                                       col.psum(jnp.sum(w), seq), k), dp)
   else:
-    p = col.psum(jnp.sum(r.probs, axis=0), stage) / n_tokens
-    aux = e * jnp.sum(lax.stop_gradient(load) * p)
-  # Per sequence: this device holds slices of length S_l of B_l sequences.
-  onehot = jax.nn.one_hot(r.indices.reshape(bl, sl * k), e, dtype=jnp.float32)
-  seq_counts = col.psum(jnp.sum(onehot, axis=1), seq)  # [B_l, E]
-  seq_probs = col.psum(jnp.sum(r.probs.reshape(bl, sl, e), axis=1), seq)
-  seq_len = sl * plan.size(seq)
-  seq_loss = e * jnp.sum(lax.stop_gradient(seq_counts / (seq_len * k)) * seq_probs / seq_len,
-                         axis=-1)
-  seq_aux = col.pmean(jnp.mean(seq_loss), plan.dp)
-  z = col.pmean(router.z_loss(logits), stage)
+    aux = router.switch_loss(col.psum(probs_sum, stage), col.psum(counts, stage), n_tokens, k)
+  # Per sequence: this device holds slices of length S_l of B_l sequences; T per sequence is
+  # the mean number of tokens that count per sequence (Megatron's _apply_seq_aux_loss).
+  ws = w.reshape(bl, sl)
+  seq_probs = col.psum(jnp.sum(r.probs.reshape(bl, sl, e) * ws[..., None], axis=1), seq)
+  onehot = jax.nn.one_hot(plain.reshape(bl, sl, k), e, dtype=jnp.float32)
+  seq_counts = col.psum(jnp.sum(onehot * ws[..., None, None], axis=(1, 2)), seq)
+  per_seq = n_tokens / (bl * plan.size(dp))
+  seq_aux = col.pmean(jnp.mean(router.switch_loss(seq_probs, seq_counts, per_seq, k)), dp)
+  z_sq = jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
+  z = col.psum(jnp.sum(z_sq * w), stage) / jnp.maximum(n_tokens, 1.0)
   if keep is None:
     drop = jnp.zeros((), jnp.float32)
   else:

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.parallel import stages
 from esjax.train import state as state_lib
@@ -39,7 +40,8 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options,
-        item_names=("params", "opt_state", "data", "model_config", "stage_format"))
+        item_names=("params", "opt_state", "data", "model_config", "stage_format",
+                    "buffers"))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -51,12 +53,14 @@ class Checkpointer:
            fmt: stages.StageFormat) -> int:
     """Saves `state` as step `state.step` (async when configured); returns the step."""
     step = int(jax.device_get(state.step))
-    self._mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        data=ocp.args.JsonSave(data_state),
-        model_config=ocp.args.JsonSave(model_cfg.to_dict()),
-        stage_format=ocp.args.JsonSave(fmt.to_dict())), force=True)
+    items = dict(params=ocp.args.StandardSave(state.params),
+                 opt_state=ocp.args.StandardSave(state.opt_state),
+                 data=ocp.args.JsonSave(data_state),
+                 model_config=ocp.args.JsonSave(model_cfg.to_dict()),
+                 stage_format=ocp.args.JsonSave(fmt.to_dict()))
+    if jax.tree.leaves(state.buffers):
+      items["buffers"] = ocp.args.StandardSave(state.buffers)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
     return step
 
   def save_params(self, step: int, params: Any, model_cfg: ModelConfig) -> int:
@@ -85,12 +89,15 @@ class Checkpointer:
           f"virtual_stages={fmt.virtual}: resume with the same parallel.pp and "
           f"parallel.virtual_stages, or start a new run from its weights with "
           f"checkpoint.init_from={self.directory}/{step}")
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target.params),
-        opt_state=ocp.args.StandardRestore(target.opt_state),
-        data=ocp.args.JsonRestore()))
+    items = dict(params=ocp.args.StandardRestore(target.params),
+                 opt_state=ocp.args.StandardRestore(target.opt_state),
+                 data=ocp.args.JsonRestore())
+    if jax.tree.leaves(target.buffers):
+      items["buffers"] = ocp.args.StandardRestore(target.buffers)
+    out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=out.params,
-                       opt_state=out.opt_state)
+                       opt_state=out.opt_state,
+                       buffers=out.buffers if "buffers" in items else target.buffers)
     if target.step.sharding is not None:
       state = state.replace(step=jax.device_put(state.step, target.step.sharding))
     return state, dict(out.data)
@@ -104,6 +111,11 @@ class Checkpointer:
     out = self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(target)))
     return out.params
+
+  def restore_buffers(self, step: int, target: Any) -> Any:
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        buffers=ocp.args.StandardRestore(target)))
+    return out.buffers
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -179,3 +191,21 @@ def _stacked_target(model_cfg: ModelConfig, fmt: stages.StageFormat, shardings: 
                        for p in range(fmt.period)}
   return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
                       shapes, sh)
+
+
+def restore_buffers(path: str) -> Any:
+  """The model's buffers (its own tree, on the default device) of the latest checkpoint at
+  `path`: the expert biases a DeepSeek-V3-style model routes with; {} for most models."""
+  directory, step = _locate(path)
+  ckpt = Checkpointer(directory, keep=0, async_save=False, read_only=True)
+  try:
+    model_cfg, fmt = ckpt.model_config(step), ckpt.stage_format(step)
+    shapes = params_lib.buffer_shapes(model_cfg)
+    if not jax.tree.leaves(shapes):
+      return {}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          jax.eval_shape(lambda b: stages.stack(b, fmt), shapes))
+    return stages.unstack(ckpt.restore_buffers(step, target), fmt)
+  finally:
+    ckpt.close()

@@ -40,11 +40,13 @@ def convert(src_cfg: ModelConfig, params: Any, dst_cfg: ModelConfig, config: Any
             shardings: Any = None) -> Any:
   """Load-time conversion hook (see module docstring). `shardings`: pure dict of the target
   parameters' shardings (None on one device). `esjax.transforms.online.convert`: identity when
-  the shapes match, else growth (recipe `checkpoint.grow`) and/or upcycling, built by one jit
-  with the target shardings; `check_fit` verifies the result."""
+  the shapes match, else growth (recipe `checkpoint.grow`) and/or upcycling (its output
+  scale placed by `checkpoint.upcycle_scale`), built by one jit with the target shardings;
+  `check_fit` verifies the result."""
   grow = config.checkpoint.get("grow", "aki_pro")
+  scale = config.checkpoint.get("upcycle_scale", "down")
   return online.convert(src_cfg, params, dst_cfg, grow=grow, seed=config.train.seed,
-                        shardings=shardings)
+                        shardings=shardings, scale_placement=scale)
 
 
 def source_shardings(src_cfg: ModelConfig, plan: ParallelPlan) -> Any:

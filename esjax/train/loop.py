@@ -113,8 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.close()
 
 
-def _evaluate(eval_step, params, val_batches) -> float:
-  losses = [eval_step(params, b)["ce_loss"] for b in val_batches]
+def _evaluate(eval_step, state, val_batches) -> float:
+  losses = [eval_step(state.params, b, state.buffers)["ce_loss"] for b in val_batches]
   return float(np.mean(jax.device_get(losses)))
 
 
@@ -177,11 +177,13 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
       finish(*pending)  # ... then wait for the previous one.
     val_loss = None
     if tc.eval_every and val_batches and (step % tc.eval_every == 0 or step == tc.steps):
-      val_loss = _evaluate(steps.evaluate, state.params, val_batches)
+      val_loss = _evaluate(steps.evaluate, state, val_batches)
     task_metrics = {}
     if tasks is not None and (tasks.due(step) or step == tc.steps):
       params = state_lib.params_from_state(state.params, steps.engine)
-      task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params), force=True)
+      buffers = state_lib.buffers_from_state(state.buffers, steps.engine)
+      task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params, buffers),
+                           force=True)
     pending = (step, metrics, val_loss, task_metrics)
     if step == tc.steps or (cc.every and step % cc.every == 0):
       finish(*pending)  # A checkpoint only after its step's loss passed the guard.

@@ -33,20 +33,23 @@ def make_train_step(engine: Engine, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     compute = engine.compute_params(state.params)
-    metrics, grads = engine.loss_and_grads(compute, batch, master_specs)
+    metrics, grads = engine.loss_and_grads(compute, batch, master_specs, state.buffers)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    buffers = engine.update_buffers(state.buffers, metrics)  # expert biases: no gradient
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     if with_grads:
       metrics["grads"] = grads
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         buffers=buffers), metrics
 
   return train_step
 
 
-def make_eval_step(engine: Engine) -> Callable[[Any, dict[str, jax.Array]], dict]:
-  """`eval_step(params, batch) -> metrics` (no update)."""
-  return lambda params, batch: engine.evaluate(engine.compute_params(params), batch)
+def make_eval_step(engine: Engine) -> Callable[[Any, dict[str, jax.Array], Any], dict]:
+  """`eval_step(params, batch, buffers) -> metrics` (no update)."""
+  return lambda params, batch, buffers: engine.evaluate(engine.compute_params(params), batch,
+                                                        buffers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Steps:
   abstract_state: TrainState  # ShapeDtypeStructs with shardings
   batch_sharding: jax.sharding.NamedSharding
   train: Callable  # (state, batch) -> (state, metrics); donates the state
-  evaluate: Callable  # (params, batch) -> metrics
+  evaluate: Callable  # (params, batch, buffers) -> metrics
 
 
 def build(engine: Engine, tx: optax.GradientTransformation, schedule: optax.Schedule
@@ -69,7 +72,8 @@ def build(engine: Engine, tx: optax.GradientTransformation, schedule: optax.Sche
   train = jax.jit(make_train_step(engine, tx, schedule, abstract),
                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                   donate_argnums=0)
-  evaluate = jax.jit(make_eval_step(engine), in_shardings=(shardings.params, batch_sh))
+  evaluate = jax.jit(make_eval_step(engine),
+                     in_shardings=(shardings.params, batch_sh, shardings.buffers))
   return Steps(engine, abstract, batch_sh, train, evaluate)
 
 

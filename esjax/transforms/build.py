@@ -59,7 +59,5 @@ def transform_params(cfg: ModelConfig, fn: Callable[..., Any], *args: Any,
 def build_model(cfg: ModelConfig, fn: Callable[..., Any], *args: Any, mesh: Mesh | None = None,
                 rules: Any = None) -> Transformer:
   """The `Transformer(cfg)` whose parameters are `fn(*args)` (see `transform_params`)."""
-  graphdef, state = params_lib.abstract_model(cfg)
   params = transform_params(cfg, fn, *args, mesh=mesh, rules=rules)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  return params_lib.model_from_params(cfg, params)

@@ -42,11 +42,16 @@ def plan(src: ModelConfig, dst: ModelConfig) -> tuple[str, ...]:
 
 
 def convert(src: ModelConfig, params: Params, dst: ModelConfig, *, grow: str = "aki_pro",
-            seed: int = 0, shardings: Any = None, zero_new_layers: bool = False) -> Params:
+            seed: int = 0, shardings: Any = None, zero_new_layers: bool = False,
+            scale_placement: str = "down") -> Params:
   """`dst` parameters from a `src` checkpoint's `params` (see module docstring).
 
   `shardings`: pure dict of the target parameters' shardings (None: default device).
+  `scale_placement`: where upcycling puts the output scale, `upcycle.SCALE_PLACEMENTS`.
   """
+  if scale_placement not in upcycle.SCALE_PLACEMENTS:
+    raise ValueError(f"upcycle scale_placement={scale_placement!r}, expected one of "
+                     f"{upcycle.SCALE_PLACEMENTS}")
   steps = plan(src, dst)
   if not steps:
     return params
@@ -63,7 +68,7 @@ def convert(src: ModelConfig, params: Params, dst: ModelConfig, *, grow: str = "
                              zero_new_layers=zero_new_layers)
       cfg = dense_dst
     if "upcycle" in steps:
-      p = upcycle.upcycle_params(cfg, p, dst, k)
+      p = upcycle.upcycle_params(cfg, p, dst, k, scale_placement=scale_placement)
     return p
 
   return build.jit_transform(dst, fn, shardings)(params, key)

@@ -73,7 +73,7 @@ def granularity(dense: ModelConfig, moe: ModelConfig) -> int:
 
 def output_scale(moe: ModelConfig, g: int) -> float:
   """s = G / (total combine weight of the top-k at a uniform router), methods.md 5.3."""
-  if moe.routing_order == "topk_softmax" or moe.renormalize:
+  if moe.routing_order == "topk_softmax" or moe.renormalize_:
     weight = moe.routed_scaling
   else:
     p0 = 1.0 / moe.n_experts if moe.score_fn == "softmax" else 0.5

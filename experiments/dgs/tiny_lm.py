@@ -42,9 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.dgs = ml_collections.ConfigDict()
   c.dgs.mode = arg.mode
-  c.dgs.ratio = 0.01  # uplink: entries sent per tensor (oneway, dgs)
+  c.dgs.ratio = 0.01  # uplink: entries sent per tensor at the peak lr (oneway, dgs)
+  c.dgs.ratio_follows_lr = True  # uplink density ratio * lr / optim.lr (the authors' worker)
   c.dgs.down_ratio = 0.01  # downlink: entries of the model difference sent per tensor (dgs)
   c.dgs.resync_every = 150  # dgs: dense resync every this many server updates (0: never)
+  c.dgs.resync = "snapshot"  # the snapshot, accumulator zeroed (authors); "current": fresher
 
   c.train = ml_collections.ConfigDict()
   c.train.num_workers = 4

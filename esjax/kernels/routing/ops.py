@@ -65,7 +65,7 @@ def _raise_on_nan(n_bad_rows):
 
 
 def route_with_counts(logits: jax.Array, top_k: int, *, score_fn: str = "softmax",
-                      order: str = "topk_softmax", renormalize: bool = False,
+                      order: str = "topk_softmax", renormalize: bool | None = None,
                       scaling: float = 1.0, interpret: bool | None = None,
                       checked: bool = False, block_tokens: int | None = None
                       ) -> tuple[router.Routing, jax.Array]:
@@ -82,7 +82,8 @@ def route_with_counts(logits: jax.Array, top_k: int, *, score_fn: str = "softmax
       jax.debug.callback(_raise_on_nan, n_bad_rows)
     else:
       _raise_on_nan(n_bad_rows)
-  opts = (("score_fn", score_fn), ("order", order), ("renormalize", bool(renormalize)),
+  renormalize = router.resolve_renormalize(renormalize, score_fn, top_k)
+  opts = (("score_fn", score_fn), ("order", order), ("renormalize", renormalize),
           ("scaling", float(scaling)))  # hashable: static under custom_vjp
   weights, indices, counts = _route_topk(logits, top_k, opts, interpret, block_tokens)
   probs = router.routing_from_indices(logits, indices, **dict(opts)).probs  # weights: DCE
@@ -90,7 +91,7 @@ def route_with_counts(logits: jax.Array, top_k: int, *, score_fn: str = "softmax
 
 
 def route(logits: jax.Array, top_k: int, *, score_fn: str = "softmax",
-          order: str = "topk_softmax", renormalize: bool = False, scaling: float = 1.0,
+          order: str = "topk_softmax", renormalize: bool | None = None, scaling: float = 1.0,
           interpret: bool | None = None, checked: bool = False) -> router.Routing:
   """Top-k routing of `logits` [T, E] on the Pallas kernel; same result as `router.route`.
 
