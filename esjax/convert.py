@@ -68,7 +68,7 @@ def convert(src: str, dst: str, dtype: str | None = None, max_shard_gb: float = 
       ckpt.close()
     return [os.path.join(out, "0")]
   cfg, params = checkpoint.restore_params(
-      src, lambda c: spread(interop.abstract_params(c), mesh))
+      src, lambda c: jax.tree.map(lambda a: a.sharding, spread(interop.abstract_params(c), mesh)))
   return interop.save_pretrained_params(cfg, params, dst, dtype=dtype,
                                         max_shard_bytes=int(max_shard_gb * 2**30))
 

@@ -13,8 +13,9 @@ import jax
 import pytest
 
 from esjax.configs import common
+from esjax.models import params as params_lib
 from esjax.models.config import count_params
-from esjax.train import loop, state as state_lib
+from esjax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +59,7 @@ def test_config_builds_its_model(path, arg):
   config.lock()
   config.to_json_best_effort()
   model_cfg = common.model_config(config)
-  _, abstract = state_lib.abstract_model(model_cfg)
+  _, abstract, _ = params_lib.abstract_model(model_cfg)
   n_params = sum(x.size for x in jax.tree.leaves(abstract))
   assert n_params == count_params(model_cfg)["total"]
   if {"train", "optim", "checkpoint", "parallel"} <= set(config.keys()):

@@ -353,12 +353,11 @@ def test_eval_hook_runs_every_n_steps(model):
 
 def _make_run(workdir, model):
   """An esjax run directory: one checkpoint of `model` and the run's config.json."""
-  import optax
-  from esjax.train import checkpoint, state as state_lib
+  from esjax.train import checkpoint
 
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  ckpt.save(state_lib.new_state(params, optax.sgd(0.1)), {"position": 0}, model.cfg)
+  ckpt.save_params(0, params, model.cfg)
   ckpt.close()
   corpus = os.path.join(workdir, "corpus.txt")
   with open(corpus, "w") as f:

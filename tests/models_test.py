@@ -1,5 +1,7 @@
 """Model smoke and shape tests; parameter counts checked against the built modules."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,10 +61,12 @@ def test_qk_norm_params_are_counted(qk_norm):
   assert n == count_params(cfg)["total"] > count_params(cfg.replace(qk_norm="none"))["total"]
 
 
-def test_sliding_window_attend_equals_numpy_loop():
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_sliding_window_attend_equals_numpy_loop(impl):
   """attend with sliding_window: key j is seen by query i iff 0 <= q_pos - k_pos < window,
   against a float64 loop over (batch, query, head); padded slots (k_valid) never seen."""
-  from esjax.models.attention import attend  # pylint: disable=g-import-not-at-top
+  from esjax.kernels.attention import ops  # pylint: disable=g-import-not-at-top
+  attend = functools.partial(ops.attend, impl=impl, platform="cpu")
   rng = np.random.RandomState(0)
   b, sq, sk, h, kv, hd, window = 2, 5, 9, 4, 2, 8, 3
   q, k, v = (rng.randn(b, s, n, hd).astype(np.float32)

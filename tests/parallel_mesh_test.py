@@ -96,7 +96,7 @@ def test_rules_per_layer_type():
 ])
 def test_bad_layouts_fail_at_start(kw, match):
   with pytest.raises(LayoutError, match=match):
-    make_plan(Layout(**kw))
+    make_plan(Layout(**kw), jax.devices())
 
 
 def test_layouts_that_do_not_nest_name_their_sizes():

@@ -70,6 +70,6 @@ def test_grow_then_upcycle_sharded(mesh):
 
 def test_transform_with_wrong_shapes_names_the_parameter():
   small = random_model(SRC)
-  with pytest.raises(ValueError, match=r"\['embed'\] has shape \(64, 32\), the target config "
-                                       r"needs \(64, 48\)"):
+  with pytest.raises(ValueError, match=r"parameter 'embed' has shape \(64, 32\) but the model "
+                                       r"expects \(64, 48\)"):
     build.build_model(SRC.replace(d_model=48, head_dim=8), lambda p: p, build.params_of(small))

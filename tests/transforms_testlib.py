@@ -6,6 +6,7 @@ import numpy as np
 from flax import nnx
 
 from esjax.models import ModelConfig, Transformer
+from esjax.models import params as params_lib
 from esjax.transforms import build
 
 SRC = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48,
@@ -15,7 +16,7 @@ SRC = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2
 def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
   """Transformer(cfg) with generic weights, norm scales and biases (numpy, fast to build)."""
   rng = np.random.default_rng(seed)
-  _, state = build.abstract_model(cfg)
+  _, state, _ = params_lib.abstract_model(cfg)
 
   def draw(path, x):
     name = jax.tree_util.keystr(path)
@@ -28,9 +29,7 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 
 def model_from(cfg: ModelConfig, params) -> Transformer:
-  graphdef, state = build.abstract_model(cfg)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  return nnx.merge(graphdef, state)
+  return params_lib.model_from_params(cfg, jax.tree.map(jnp.asarray, params))
 
 
 def with_params(model: Transformer, params) -> Transformer:
@@ -43,9 +42,9 @@ def tokens(cfg: ModelConfig, batch: int = 2, seq: int = 12, seed: int = 7) -> ja
 
 def forward(model: Transformer, toks: jax.Array):
   """Jitted `model(toks)` on one device (gathering sharded parameters): (logits, aux)."""
-  graphdef, _ = build.abstract_model(model.cfg)
+  cfg = model.cfg
   params = jax.device_get(build.params_of(model))
-  return jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, toks)
+  return jax.jit(lambda p, t: params_lib.model_from_params(cfg, p)(t))(params, toks)
 
 
 def logits(model: Transformer, toks: jax.Array) -> np.ndarray:

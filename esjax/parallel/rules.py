@@ -52,8 +52,11 @@ def logical_rules(plan: ParallelPlan, cfg: ModelConfig) -> Rules:
 
 def specs(cfg: ModelConfig, table: Rules | dict[str, Any]) -> dict[str, Any]:
   """PartitionSpecs of the model's own parameter tree under a rules table, by flax's
-  `nnx.get_partition_spec` (a pure dict like the parameters)."""
-  table = tuple(table.items()) if isinstance(table, dict) else table
+  `nnx.get_partition_spec` (a pure dict like the parameters). A logical name the table
+  does not list is replicated."""
+  table = dict(table)
+  names = jax.tree.leaves(_logical_names(cfg), is_leaf=lambda x: isinstance(x, tuple))
+  table = tuple({**{n: None for leaf in names for n in leaf if n}, **table}.items())
   _, state, _ = params_lib.abstract_model(cfg)
   with nnx.logical_axis_rules(table):
     out = nnx.get_partition_spec(state)
