@@ -14,10 +14,16 @@ SMALL = ["--config.data.max_bytes=150000", "--config.train.seq_len=32",
          "--config.checkpoint.every=2", "--config.optim.warmup_steps=1"]
 
 
-def run_main(*args, config="esjax/configs/tiny.py:steps=3", workdir="/nonexistent", cache=""):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def main_env(cache=""):
+  """One CPU device (not conftest's 8 fake ones: the run is the README's single-device one)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   if cache:  # The resumed run reuses the first run's compiled steps.
     env["JAX_COMPILATION_CACHE_DIR"] = cache
+  return env
+
+
+def run_main(*args, config="esjax/configs/tiny.py:steps=3", workdir="/nonexistent", cache=""):
+  env = main_env(cache)
   return subprocess.run([sys.executable, "-m", "esjax.main", f"--config={config}",
                          f"--workdir={workdir}", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
@@ -90,7 +96,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path):
                   cache=cache).returncode == 0
   killed = str(tmp_path / "killed")
   for kill_after in (3, 7):  # Killed twice, at different points.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache}
+    env = main_env(cache)
     proc = subprocess.Popen(
         [sys.executable, "-m", "esjax.main", "--config=esjax/configs/tiny.py:steps=12",
          f"--workdir={killed}", *args], cwd=ROOT, env=env,
