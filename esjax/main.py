@@ -4,11 +4,16 @@ This file is intentionally short: flags in, `esjax.train.loop.train_and_evaluate
 Override any config field with `--config.section.field=value`; the config is locked, so an
 unknown field or a value of the wrong type is an error. Re-running with the same --workdir
 resumes from its last checkpoint. Multi-process runs start from `launch/` (local.sh, slurm/).
+
+SIGTERM or Ctrl-C (SIGINT) while training finishes the step, saves a checkpoint and exits
+with status 75 (EX_TEMPFAIL: preempted, rerun to resume); a second one stops at once.
+Errors are one line on stderr (`--verbosity=1` logs the traceback).
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import sys
 
 import jax
@@ -53,19 +58,62 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"esjax: error: --config: {e}")
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved
+
+
+class StopSignals:
+  """Records the first SIGTERM / SIGINT (the loop asks after every step); a second one of
+  the same kind gets the default action (stop at once)."""
+
+  def __init__(self):
+    self.received: str | None = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.received = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)
+
+  def __call__(self) -> str | None:
+    return self.received
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip()
+  if "RESOURCE_EXHAUSTED" in text:
+    size = re.search(r"allocate (\d+) bytes", text)
+    what = f" ({int(size.group(1)) / 2**30:.1f} GiB in one buffer)" if size else ""
+    return (f"out of device memory{what}: lower train.batch_size or train.seq_len, raise "
+            "parallel.microbatches, set model.remat=full, or split over parallel.tp / cp; "
+            "`python -m esjax.plan` shows what fits")
+  first = text.splitlines()[0] if text else ""
+  return f"{type(e).__name__}: {first}"
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.config_with_absl()
   if not flags.FLAGS["verbosity"].present:  # Keep orbax's per-save INFO lines out of the log.
     logging.set_verbosity(logging.WARNING)
+  stop = StopSignals()
   try:
     multihost.initialize_from_env()  # a no-op unless a launcher (launch/) set ESJAX_*
     config = _CONFIG.value
-    summary = loop.train_and_evaluate(config, _WORKDIR.value, hook.for_config(config.eval))
+    summary = loop.train_and_evaluate(config, _WORKDIR.value, hook.for_config(config.eval),
+                                      stop=stop)
   except (ValueError, FileNotFoundError, guard.TrainingCollapsed) as e:
     logging.info("full traceback:", exc_info=True)
     sys.exit(f"esjax: error: {e}")
+  except (OSError, jax.errors.JaxRuntimeError) as e:  # full disk, lost device, OOM
+    logging.info("full traceback:", exc_info=True)
+    sys.exit(f"esjax: error: {_one_line(e)}")
+  if summary["stopped"]:
+    print(f"esjax: stopped by {summary['stopped']} after step {summary['step']}; checkpoint "
+          f"saved in {_WORKDIR.value}/checkpoints: rerun the same command to resume",
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
   print(f"done: {summary}")
 
 

@@ -129,6 +129,52 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# (field, test, what it must be): the ranges of the base sections' fields, checked before a
+# run writes anything. A NaN fails every test (comparisons with NaN are false).
+_RANGES = (
+    ("optim.lr", lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.eps", lambda v: 0 < v < float("inf"), "a finite number > 0"),
+    ("optim.weight_decay", lambda v: 0 <= v < float("inf"), "a finite number >= 0"),
+    ("optim.grad_clip", lambda v: 0 <= v < float("inf"), "a finite number >= 0 (0: off)"),
+    ("data.max_bytes", lambda v: v >= 0, ">= 0 (0: no cap)"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.steps", lambda v: v > 0, "> 0"),
+    ("train.batch_size", lambda v: v > 0, "> 0"),
+    ("train.seq_len", lambda v: v > 0, "> 0"),
+    ("train.log_every", lambda v: v > 0, "> 0"),
+    ("train.eval_every", lambda v: v >= 0, ">= 0 (0: no validation)"),
+    ("train.eval_batches", lambda v: v >= 0, ">= 0"),
+    ("train.spike_factor", lambda v: v == 0 or 1 < v < float("inf"), "0 (off) or > 1"),
+    ("train.spike_window", lambda v: v > 0, "> 0"),
+    ("checkpoint.every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("checkpoint.keep", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("parallel.microbatches", lambda v: v >= 1, ">= 1"),
+    ("parallel.virtual_stages", lambda v: v >= 1, ">= 1"),
+    ("eval.every", lambda v: v > 0, "> 0"),
+    ("eval.limit", lambda v: v >= 0, ">= 0 (0: every item)"),
+    ("eval.batch_size", lambda v: v > 0, "> 0"),
+)
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the first base-section field out of its range
+  (a section or field an experiment config dropped is not checked)."""
+  for name, ok, expected in _RANGES:
+    section, field = name.split(".")
+    if section not in config or field not in config[section]:
+      continue
+    value = config[section][field]
+    if not ok(value):
+      raise ValueError(f"{name}={value!r}, expected {expected}")
+  for axis in ("dp", "tp", "cp", "pp", "ep", "etp"):
+    if "parallel" in config and axis in config.parallel and config.parallel[axis] < 0:
+      raise ValueError(f"parallel.{axis}={config.parallel[axis]}, expected >= 0")
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """`"moe"` or `"variant=moe,steps=50"` -> ConfigDict over `defaults` (big_vision style).
 

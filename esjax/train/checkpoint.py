@@ -10,20 +10,28 @@ Each checkpoint is a Composite of five items:
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed at any moment leaves either a whole checkpoint or one that is never listed (leftover
 temporary directories are removed the next time the manager opens). The last `keep` are kept.
+
+Each completed step also gets a checksum manifest (`esjax.train.integrity`), written by
+process 0 once orbax has finished it. `latest_good_step` verifies steps newest first: a step
+that does not match its manifest is moved aside to `<checkpoints>.corrupt/` (never deleted)
+with a one-line warning, and the run resumes from the newest step that matches;
+`restore_params` (init_from, esjax.eval, esjax.generate) refuses a step that does not.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.parallel import stages
-from esjax.train import state as state_lib
+from esjax.train import integrity, state as state_lib
 from esjax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -35,6 +43,8 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self._read_only = read_only
+    self._unsealed: list[int] = []  # saved by this process, manifest not yet written
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
@@ -45,6 +55,51 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def latest_good_step(self) -> int | None:
+    """The newest step that matches its checksum manifest (or has none: older runs). Newer
+    steps that do not match are moved aside to `<directory>.corrupt/` by process 0, each
+    with a one-line warning on stderr; if every step fails, a ValueError says so."""
+    steps = sorted(self.all_steps(), reverse=True)
+    bad = []
+    for step in steps:
+      why = integrity.problem(self.step_dir(step))
+      if why is None:
+        break
+      bad.append((step, why))
+    good = steps[len(bad)] if len(bad) < len(steps) else None
+    if not bad:
+      return good
+    if jax.process_count() > 1:  # every process has read the manifests before any move
+      multihost_utils.sync_global_devices("esjax_checkpoint_verify")
+    aside = self.directory + ".corrupt"
+    for step, why in bad:
+      dest = os.path.join(aside, str(step))
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        n = 1
+        while os.path.exists(dest):
+          dest, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        os.replace(self.step_dir(step), dest)
+      print(f"esjax: warning: checkpoint {self.step_dir(step)} is corrupt ({why}); moved to "
+            f"{dest}" + (f", resuming from step {good}" if good is not None else ""),
+            file=sys.stderr, flush=True)
+    self._mngr.reload()
+    if good is None:
+      raise ValueError(f"every checkpoint in {self.directory} failed verification (moved to "
+                       f"{aside}); restore one by hand or start a new --workdir")
+    return good
+
+  def _seal(self) -> None:
+    """Writes the manifests of the finished saves of this process (process 0 only)."""
+    if jax.process_index() == 0 and not self._read_only:
+      for step in self._unsealed:
+        if os.path.isdir(self.step_dir(step)):  # max_to_keep may have removed it already
+          integrity.write(self.step_dir(step))
+    self._unsealed = []
 
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
@@ -60,17 +115,21 @@ class Checkpointer:
                  stage_format=ocp.args.JsonSave(fmt.to_dict()))
     if jax.tree.leaves(state.buffers):
       items["buffers"] = ocp.args.StandardSave(state.buffers)
+    self.wait()
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    self._unsealed.append(step)
     return step
 
   def save_params(self, step: int, params: Any, model_cfg: ModelConfig) -> int:
     """Saves only parameters (the model's own tree) and model config: a checkpoint to start
     runs from (`checkpoint.init_from`) or to evaluate, not to resume (no optimizer state)."""
     fmt = stages.StageFormat.of(model_cfg)
+    self.wait()
     self._mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(stages.stack(params, fmt)),
         model_config=ocp.args.JsonSave(model_cfg.to_dict()),
         stage_format=ocp.args.JsonSave(fmt.to_dict())), force=True)
+    self._unsealed.append(step)
     return step
 
   def stage_format(self, step: int) -> stages.StageFormat:
@@ -94,7 +153,12 @@ class Checkpointer:
                  data=ocp.args.JsonRestore())
     if jax.tree.leaves(target.buffers):
       items["buffers"] = ocp.args.StandardRestore(target.buffers)
-    out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+      raise ValueError(f"checkpoint {self.step_dir(step)} could not be read "
+                       f"({type(e).__name__}: {first})") from e
     state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=out.params,
                        opt_state=out.opt_state,
                        buffers=out.buffers if "buffers" in items else target.buffers)
@@ -119,8 +183,10 @@ class Checkpointer:
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
+    self._seal()
 
   def close(self) -> None:
+    self.wait()
     self._mngr.close()
 
 
@@ -129,7 +195,7 @@ def _locate(path: str) -> tuple[str, int]:
   step directory inside it."""
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint.init_from={path!r}: no such directory")
+    raise FileNotFoundError(f"checkpoint {path!r}: no such directory")
   if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
     path = os.path.join(path, CHECKPOINT_DIR)
   name = os.path.basename(path)
@@ -138,7 +204,7 @@ def _locate(path: str) -> tuple[str, int]:
   steps = sorted(int(d) for d in os.listdir(path)
                  if d.isdigit() and os.path.isdir(os.path.join(path, d, "params")))
   if not steps:
-    raise FileNotFoundError(f"checkpoint.init_from={path!r}: no complete checkpoint there "
+    raise FileNotFoundError(f"checkpoint {path!r}: no complete checkpoint there "
                             "(expected a run's workdir, its checkpoints/ or checkpoints/<step>)")
   return path, steps[-1]
 
@@ -152,6 +218,9 @@ def restore_params(path: str, shardings: Any = None) -> tuple[ModelConfig, Any]:
   layers, and the unstacking runs under jit with those output shardings. By default they are
   built on the default device."""
   directory, step = _locate(path)
+  why = integrity.problem(os.path.join(directory, str(step)))
+  if why is not None:
+    raise ValueError(f"checkpoint {directory}/{step} is corrupt ({why})")
   ckpt = Checkpointer(directory, keep=0, async_save=False, read_only=True)
   try:
     model_cfg = ckpt.model_config(step)

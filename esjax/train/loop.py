@@ -10,6 +10,7 @@ never holds the result of a NaN/Inf step.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Callable
@@ -23,15 +24,13 @@ from esjax.configs import common
 from esjax.data import dataset, hosts
 from esjax.models import params as params_lib
 from esjax.train import (checkpoint, guard as guard_lib, init_from, metrics as metrics_lib,
-                         state as state_lib, step as step_lib)
+                         state as state_lib, step as step_lib, workdir as workdir_lib)
 
 
 def check_config(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
   """Cross-section checks that no single section can make."""
+  common.check_ranges(config)
   t = config.train
-  for name in ("steps", "batch_size", "seq_len", "log_every"):
-    if t[name] <= 0:
-      raise ValueError(f"train.{name}={t[name]} must be > 0")
   if t.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len="
                      f"{model_cfg.max_seq_len}")
@@ -45,12 +44,19 @@ def _write_configs(workdir: str, config: ml_collections.ConfigDict, model_cfg: A
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       task_hook: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+                       task_hook: Callable[[Any], Any] | None = None,
+                       stop: Callable[[], str | None] | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint). Returns a summary:
-  `first_loss` (of this invocation), `last_loss`, `val_loss`, `step`, `wall_s`.
+  `first_loss` (of this invocation), `last_loss`, `val_loss`, `step`, `wall_s`, and
+  `stopped` (what `stop` returned, or None).
 
   `task_hook`: `tokenizer -> hook` with `hook.due(step)` and `hook(step, model, force=)`, the
-  benchmark tasks of the `eval` section (`esjax.eval.hook.for_config(config.eval)`)."""
+  benchmark tasks of the `eval` section (`esjax.eval.hook.for_config(config.eval)`).
+  `stop`: asked after every step; a non-empty answer (e.g. 'SIGTERM') saves a checkpoint of
+  that step and returns (esjax.main sets it from SIGTERM and SIGINT: preemption).
+
+  Nothing in `workdir` is written before the config, the workdir lock and the resume checks
+  pass (config.json records the run that trains)."""
   if config.eval.tasks and task_hook is None:
     raise ValueError(f"eval.tasks={config.eval.tasks!r} needs a task evaluator: run through "
                      "`python -m esjax.main`, or pass task_hook=esjax.eval.hook.for_config("
@@ -60,38 +66,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model_cfg = common.model_config(config)
   check_config(config, model_cfg)
   tc = config.train
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    _write_configs(workdir, config, model_cfg)
-
-  # Data.
-  data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed, tc.eval_batches,
-                       cache_dir=os.path.join(workdir, "data_cache"))  # raw text prepared once
-  if data.tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has {data.tokenizer.vocab_size} "
-                     f"ids but model.vocab_size={model_cfg.vocab_size}")
-  tasks = None if task_hook is None else task_hook(data.tokenizer)
-
-  # Model, layout, optimizer, steps (the planner compiles the same ones).
-  run = step_lib.for_config(config)
-  steps, engine = run.steps, run.steps.engine
-  batch_sh = steps.batch_sharding
-  rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # the rows read here
-
-  def put(local):  # this process's rows -> global device arrays
-    return hosts.global_batch(local, rows, batch_sh, tc.batch_size)
-
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR),
-                                 keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-  writer = None
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, expected a directory")
   try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.Lock(workdir) if is_main else None
+  except PermissionError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror})") from None
+  ckpt = writer = None
+  try:
+    # Data.
+    data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed, tc.eval_batches,
+                         cache_dir=os.path.join(workdir, "data_cache"))  # prepared once
+    if data.tokenizer.vocab_size > model_cfg.vocab_size:
+      raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has "
+                       f"{data.tokenizer.vocab_size} ids but model.vocab_size="
+                       f"{model_cfg.vocab_size}")
+    tasks = None if task_hook is None else task_hook(data.tokenizer)
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR),
+                                   keep=config.checkpoint.keep,
+                                   async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_good_step()
+    if latest is not None:
+      workdir_lib.check_resume(ckpt.model_config(latest).to_dict(), model_cfg.to_dict(),
+                               ckpt.step_dir(latest))
+
+    # Model, layout, optimizer, steps (the planner compiles the same ones).
+    run = step_lib.for_config(config)
+    steps, engine = run.steps, run.steps.engine
+    batch_sh = steps.batch_sharding
+    entry = batch_sh.spec[0] if batch_sh.spec else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    shards = math.prod(batch_sh.mesh.shape[a] for a in axes)
+    if tc.batch_size % shards:
+      raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the "
+                       f"{shards} data-parallel shards of the batch (parallel.dp x ep folding)")
+    rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # the rows read here
+
+    def put(local):  # this process's rows -> global device arrays
+      return hosts.global_batch(local, rows, batch_sh, tc.batch_size)
+
     # Restore (same workdir), or init_from another run's weights, or fresh.
-    latest = ckpt.latest_step()
     if latest is not None:
       state, data_state = ckpt.restore(latest, steps.abstract_state, engine.fmt)
       data.train.restore(data_state)
-      tqdm.tqdm.write(f"resumed from {ckpt.directory}/{latest}")
+      tqdm.tqdm.write(f"resumed from {ckpt.step_dir(latest)}")
     else:
       params = None
       if config.checkpoint.init_from:
@@ -100,17 +120,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start = int(jax.device_get(state.step))
     if data.train.position != start:
       raise ValueError(f"checkpoint step {start} but data position {data.train.position}")
+    if start >= tc.steps:
+      tqdm.tqdm.write(f"checkpoint step {start} already reaches train.steps={tc.steps}: "
+                      "nothing to train (raise train.steps to continue)")
     if is_main:  # Steps after the checkpoint are run again: drop their old records.
+      _write_configs(workdir, config, model_cfg)
       metrics_lib.truncate(workdir, start)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     val_batches = [put({k: v[rows] for k, v in b.items()}) for b in data.val]
     return _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer,
-                model_cfg, start, t0, is_main)
+                model_cfg, start, t0, is_main, stop)
   finally:
-    ckpt.wait()
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.close()
     if writer is not None:
       writer.close()
+    if lock is not None:
+      lock.release()
 
 
 def _evaluate(eval_step, state, val_batches) -> float:
@@ -119,12 +145,12 @@ def _evaluate(eval_step, state, val_batches) -> float:
 
 
 def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer, model_cfg,
-         start, t0, is_main) -> dict[str, Any]:
+         start, t0, is_main, stop) -> dict[str, Any]:
   tc, cc = config.train, config.checkpoint
   guard = guard_lib.CollapseGuard(tc.spike_factor, tc.spike_window)
   tokens_per_step = tc.batch_size * tc.seq_len
   summary: dict[str, Any] = {"step": start, "first_loss": None, "last_loss": None,
-                             "val_loss": None}
+                             "val_loss": None, "stopped": None}
   clock = {"step": start, "time": time.perf_counter()}
   bar = tqdm.tqdm(total=tc.steps, initial=start, desc="train", unit="step",
                   mininterval=1.0, dynamic_ncols=True, disable=not is_main)
@@ -185,10 +211,14 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
       task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params, buffers),
                            force=True)
     pending = (step, metrics, val_loss, task_metrics)
-    if step == tc.steps or (cc.every and step % cc.every == 0):
+    stopped = stop() if stop is not None else None
+    if step == tc.steps or (cc.every and step % cc.every == 0) or stopped:
       finish(*pending)  # A checkpoint only after its step's loss passed the guard.
       pending = None
       ckpt.save(state, data.train.state(), model_cfg, steps.engine.fmt)
+    if stopped:
+      summary["stopped"] = stopped
+      break
   bar.close()
   summary["wall_s"] = time.perf_counter() - t0
   return summary

@@ -1,0 +1,197 @@
+"""What a clumsy or hostile user does to a run: corrupt checkpoints, a second run on a live
+workdir, a changed model on resume, values out of range, SIGTERM. Each case provokes the
+failure and checks the one-line message and that nothing was lost."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checkpoint_test import CFG, engine_for, make_state
+from esjax.configs import common
+from esjax.train import checkpoint, integrity, state as state_lib, workdir
+from main_test import ROOT, SMALL, main_env, run_main
+
+
+def _saved(tmp_path, steps=(1, 2)):
+  state, tx = make_state()
+  engine = engine_for(CFG)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=0, async_save=True)
+  states = {}
+  for step in steps:
+    state = state.replace(step=jnp.asarray(step, jnp.int32),
+                          params=jax.tree.map(lambda p: p + 1.0, state.params))
+    ckpt.save(state, {"position": step}, CFG, engine.fmt)
+    states[step] = state
+  ckpt.close()
+  return states, engine, tx
+
+
+def _biggest_file(step_dir):
+  files = [f for f in glob.glob(os.path.join(step_dir, "params", "**"), recursive=True)
+           if os.path.isfile(f)]
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path, n=55):
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    for i in range(n):
+      data[(len(data) // 2 + 7 * i) % len(data)] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "empty_step"])
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(
+    tmp_path, damage, capfd):
+  states, engine, tx = _saved(tmp_path)
+  step_dir = os.path.join(str(tmp_path), "2")
+  assert integrity.problem(step_dir) is None  # the manifest matches what was saved
+  victim = _biggest_file(step_dir)
+  if damage == "flip":
+    _flip(victim)
+  elif damage == "truncate":
+    os.truncate(victim, os.path.getsize(victim) // 2)
+  elif damage == "delete":
+    os.remove(victim)
+  else:
+    for f in os.listdir(step_dir):
+      if f != integrity.MANIFEST:
+        os.system(f"rm -r '{os.path.join(step_dir, f)}'")
+  assert integrity.problem(step_dir) is not None
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=0)
+  assert ckpt.latest_good_step() == 1
+  err = [l for l in capfd.readouterr().err.splitlines() if l.startswith("esjax")]
+  assert len(err) == 1 and "checkpoint" in err[0] and "is corrupt" in err[0], err
+  assert "resuming from step 1" in err[0]
+  assert ckpt.all_steps() == [1]
+  assert os.path.isdir(os.path.join(str(tmp_path) + ".corrupt", "2"))  # kept, not deleted
+  restored, data = ckpt.restore(1, state_lib.abstract_train_state(engine, tx), engine.fmt)
+  ckpt.close()
+  assert data == {"position": 1}
+  jax.tree.map(np.testing.assert_array_equal, restored.params, states[1].params)
+
+
+def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
+  _saved(tmp_path, steps=(1,))
+  _flip(_biggest_file(os.path.join(str(tmp_path), "1")))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=0)
+  with pytest.raises(ValueError, match="every checkpoint in .* failed verification"):
+    ckpt.latest_good_step()
+  ckpt.close()
+
+
+def test_restore_params_refuses_a_corrupt_checkpoint(tmp_path):
+  _saved(tmp_path, steps=(1,))
+  _flip(_biggest_file(os.path.join(str(tmp_path), "1")))
+  with pytest.raises(ValueError, match=r"checkpoint .*/1 is corrupt \(params/.* differs"):
+    checkpoint.restore_params(str(tmp_path))
+
+
+def test_checkpoint_without_manifest_still_restores(tmp_path):
+  """Checkpoints of older esjax (no manifest) resume unverified rather than being refused."""
+  states, engine, tx = _saved(tmp_path, steps=(1,))
+  os.remove(os.path.join(str(tmp_path), "1", integrity.MANIFEST))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=0)
+  assert ckpt.latest_good_step() == 1
+  restored, _ = ckpt.restore(1, state_lib.abstract_train_state(engine, tx), engine.fmt)
+  ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, restored.params, states[1].params)
+
+
+def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path, capfd):
+  lock = workdir.Lock(str(tmp_path))
+  holder = subprocess.run(  # another process (flock is per open file, not per thread)
+      [sys.executable, "-c", "import sys; from esjax.train import workdir; "
+       "workdir.Lock(sys.argv[1])", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+  assert holder.returncode != 0
+  assert f"is in use by pid {os.getpid()} on" in holder.stderr.strip().splitlines()[-1]
+  lock.release()
+  # A holder killed without releasing leaves its name in the file, but not the lock.
+  dead = subprocess.run(
+      [sys.executable, "-c", "import os, sys; from esjax.train import workdir; "
+       "workdir.Lock(sys.argv[1]); os._exit(0)", str(tmp_path)], cwd=ROOT)
+  assert dead.returncode == 0
+  capfd.readouterr()
+  taken = workdir.Lock(str(tmp_path))
+  assert "taking over the lock of pid" in capfd.readouterr().err
+  taken.release()
+
+
+def test_resume_with_another_model_names_every_differing_field():
+  saved = CFG.to_dict()
+  with pytest.raises(ValueError, match=r"cannot resume .* \(d_ff 64 -> 96; n_layers 1 -> 2\)"):
+    workdir.check_resume(saved, CFG.replace(n_layers=2, d_ff=96).to_dict(), "ckpt/3")
+  workdir.check_resume(saved, CFG.replace(remat="full").to_dict(), "ckpt/3")  # same model
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optim.lr", -1.0, "optim.lr=-1.0, expected a finite number >= 0"),
+    ("optim.lr", float("nan"), "optim.lr=nan"),
+    ("optim.b1", 2.0, "optim.b1=2.0, expected in [0, 1)"),
+    ("optim.warmup_steps", -5, "optim.warmup_steps=-5"),
+    ("optim.grad_clip", float("nan"), "optim.grad_clip=nan"),
+    ("checkpoint.every", -1, "checkpoint.every=-1"),
+    ("checkpoint.keep", -1, "checkpoint.keep=-1"),
+    ("data.max_bytes", -5, "data.max_bytes=-5"),
+    ("train.eval_every", -3, "train.eval_every=-3"),
+])
+def test_out_of_range_values_are_refused_naming_the_field(field, value, message):
+  config = common.base_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError) as e:
+    common.check_ranges(config)
+  assert str(e.value).startswith(message) and "\n" not in str(e.value)
+  common.check_ranges(common.base_config())  # the defaults pass
+
+
+def test_refused_resume_leaves_the_run_record_alone(tmp_path):
+  run = str(tmp_path / "run")
+  assert run_main(*SMALL, workdir=run).returncode == 0
+  before = open(os.path.join(run, "config.json")).read()
+  out = run_main(*SMALL, "--config.model.capacity_factor=1.25", workdir=run)
+  lines = [l for l in out.stderr.strip().splitlines() if l.startswith("esjax")]
+  assert out.returncode != 0 and lines[-1].startswith("esjax: error: cannot resume")
+  assert "capacity_factor 0.0 -> 1.25" in lines[-1]
+  assert open(os.path.join(run, "config.json")).read() == before
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75_then_resume_continues(tmp_path):
+  run = str(tmp_path / "run")
+  cache = str(tmp_path / "jax_cache")
+  env = main_env(cache)
+  args = [*SMALL, "--config.checkpoint.every=0"]  # only the signal's checkpoint
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "esjax.main", "--config=esjax/configs/tiny.py:steps=500",
+       f"--workdir={run}", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(run, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 75, err[-2000:]
+  line = [l for l in err.splitlines() if l.startswith("esjax:")][-1]
+  assert line.startswith("esjax: stopped by SIGTERM after step") and "rerun" in line
+  stopped_at = int(line.split("after step ")[1].split(";")[0])
+  assert os.listdir(os.path.join(run, "checkpoints")) == [str(stopped_at)]
+  steps = [json.loads(l)["step"] for l in open(metrics)]
+  assert steps[-1] == stopped_at and 2 <= stopped_at < 500
+  again = run_main(*args, config=f"esjax/configs/tiny.py:steps={stopped_at + 2}",
+                   workdir=run, cache=cache)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert f"/checkpoints/{stopped_at}" in again.stdout
