@@ -195,3 +195,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_then_resume_continues(tmp_path)
                    workdir=run, cache=cache)
   assert again.returncode == 0, again.stderr[-2000:]
   assert f"/checkpoints/{stopped_at}" in again.stdout
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+  from esjax.train import loop  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "file"
+  path.write_text("x")
+  with pytest.raises(ValueError, match=r"--workdir=.*/file is a file, expected a directory"):
+    loop.train_and_evaluate(common.base_config(), str(path))
+
+
+def test_out_of_device_memory_is_one_line_with_what_to_change():
+  code = ("import jax; from esjax.main import _one_line; print(_one_line(jax.errors."
+          "JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+          "30281166392 bytes.\\nmore lines')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=main_env())
+  assert out.returncode == 0, out.stderr[-2000:]
+  line = out.stdout.strip()
+  assert line.startswith("out of device memory (28.2 GiB in one buffer): lower train.batch_size")
+  assert "python -m esjax.plan" in line and "\n" not in line
