@@ -27,9 +27,7 @@
 import os
 import tempfile
 
-import matplotlib.pyplot as plt
-from matplotlib import ticker
-
+from experiments import study
 from experiments.efficientscale import recipe
 
 ROOT = os.environ.get("ESJAX_NOTEBOOK_ROOT") or tempfile.mkdtemp(prefix="routing_")
@@ -38,7 +36,7 @@ print("workdirs under", ROOT)
 
 # %%
 for stage in ("dense", "scaleup"):
-  summary = recipe.train(recipe.stage_config(stage, root=ROOT), os.path.join(ROOT, stage))
+  summary = study.train(recipe.stage_config(stage, root=ROOT), os.path.join(ROOT, stage))
   print(stage, "val loss", round(summary["val_loss"], 4))
 d_ff = recipe.stage_config("scaleup").model.d_ff
 
@@ -56,7 +54,7 @@ for name, (n, g, k, order) in VARIANTS.items():
   c.model.d_ff_expert = d_ff // g
   configs[name] = c
 
-init_loss = {name: recipe.val_loss_at_init(c) for name, c in configs.items()}
+init_loss = {name: study.val_loss_at_init(c) for name, c in configs.items()}
 print("val loss right after upcycling:", {k: round(v, 4) for k, v in init_loss.items()})
 for name in ("E8G2T4", "E16G2T4"):  # virtual groups with top-k then softmax: exact
   assert abs(init_loss[name] - init_loss["E8G1T2 topk-softmax"]) < 1e-4
@@ -65,22 +63,16 @@ for name in ("E8G2T4", "E16G2T4"):  # virtual groups with top-k then softmax: ex
 final = {}
 for name, config in configs.items():
   workdir = os.path.join(ROOT, name.replace(" ", "_"))
-  final[name] = recipe.train(config, workdir)["val_loss"]
+  final[name] = study.train(config, workdir)["val_loss"]
 
 # %%
-fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4))
-for name, config in configs.items():
-  tokens, val = recipe.val_curve(os.path.join(ROOT, name.replace(" ", "_")), config)
-  ax.plot([0] + tokens, [init_loss[name]] + val, marker="o", ms=3, label=name)
-  zoom.plot(tokens[-3:], val[-3:], marker="o", ms=3, label=name)
-for a in (ax, zoom):
-  a.xaxis.set_major_formatter(ticker.EngFormatter())
-  a.set_xlabel("tokens after upcycling")
-  a.set_ylabel("validation loss")
-  a.legend()
-ax.set_title("Upcycled M(4, 64): routing order and granularity")
-zoom.set_title("last three evaluations")
-fig.savefig(os.path.join(ROOT, "routing.png"), dpi=120, bbox_inches="tight")
+curves = {name: study.val_curve(os.path.join(ROOT, name.replace(" ", "_")), config)
+          for name, config in configs.items()}
+study.plot_runs(curves, init_loss, os.path.join(ROOT, "routing.png"),
+                "Upcycled M(4, 64): routing order and granularity",
+                "last three evaluations",
+                "tokens after upcycling",
+                zoomed=lambda name, t, v: (t[-3:], v[-3:]))
 
 # %%
 print(f"{'variant':22s} {'val@init':>9s} {'val@end':>8s}")

@@ -28,9 +28,7 @@
 import os
 import tempfile
 
-import matplotlib.pyplot as plt
-from matplotlib import ticker
-
+from experiments import study
 from experiments.efficientscale import recipe
 
 ROOT = os.environ.get("ESJAX_NOTEBOOK_ROOT") or tempfile.mkdtemp(prefix="scaleout_")
@@ -42,7 +40,7 @@ print("workdirs under", ROOT)
 
 # %%
 for stage in ("dense", "scaleup"):
-  summary = recipe.train(recipe.stage_config(stage, root=ROOT), os.path.join(ROOT, stage))
+  summary = study.train(recipe.stage_config(stage, root=ROOT), os.path.join(ROOT, stage))
   print(stage, "val loss", round(summary["val_loss"], 4))
 
 # %% [markdown]
@@ -58,30 +56,23 @@ scratch = recipe.stage_config("scratch", root=ROOT, steps=STEPS)
 scratch.train.seed = upcycled.train.seed
 configs = {"upcycled": upcycled, "dense": dense, "moe_scratch": scratch}
 
-init_loss = {name: recipe.val_loss_at_init(c) for name, c in configs.items()}
+init_loss = {name: study.val_loss_at_init(c) for name, c in configs.items()}
 print("val loss right after init:", {k: round(v, 4) for k, v in init_loss.items()})
 assert abs(init_loss["upcycled"] - init_loss["dense"]) < 1e-4  # function preserving
 
 # %%
 final = {}
 for name, config in configs.items():
-  final[name] = recipe.train(config, os.path.join(ROOT, f"cont_{name}"))["val_loss"]
+  final[name] = study.train(config, os.path.join(ROOT, f"cont_{name}"))["val_loss"]
 
 # %%
-fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4))
-for name, config in configs.items():
-  tokens, val = recipe.val_curve(os.path.join(ROOT, f"cont_{name}"), config)
-  ax.plot([0] + tokens, [init_loss[name]] + val, marker="o", ms=3, label=name)
-  if name != "moe_scratch":
-    zoom.plot(tokens, val, marker="o", ms=3, label=name)
-for a in (ax, zoom):
-  a.xaxis.set_major_formatter(ticker.EngFormatter())
-  a.set_xlabel("new tokens")
-  a.set_ylabel("validation loss")
-  a.legend()
-ax.set_title("Scale-Out: M(4, 64) dense -> 8 experts, top-2")
-zoom.set_title("without the from-scratch run, after init")
-fig.savefig(os.path.join(ROOT, "scaleout.png"), dpi=120, bbox_inches="tight")
+curves = {name: study.val_curve(os.path.join(ROOT, f"cont_{name}"), config)
+          for name, config in configs.items()}
+study.plot_runs(curves, init_loss, os.path.join(ROOT, "scaleout.png"),
+                "Scale-Out: M(4, 64) dense -> 8 experts, top-2",
+                "without the from-scratch run, after init",
+                "new tokens",
+                zoomed=lambda name, t, v: (t, v) if name != "moe_scratch" else None)
 
 # %%
 print(f"{'run':12s} {'val@init':>9s} {'val@end':>8s}")

@@ -25,9 +25,7 @@
 import os
 import tempfile
 
-import matplotlib.pyplot as plt
-from matplotlib import ticker
-
+from experiments import study
 from experiments.efficientscale import recipe
 
 ROOT = os.environ.get("ESJAX_NOTEBOOK_ROOT") or tempfile.mkdtemp(prefix="scaleup_")
@@ -40,7 +38,7 @@ print("workdirs under", ROOT)
 
 # %%
 dense = recipe.stage_config("dense", root=ROOT)
-dense_summary = recipe.train(dense, os.path.join(ROOT, "dense"))
+dense_summary = study.train(dense, os.path.join(ROOT, "dense"))
 print("small dense: val loss", round(dense_summary["val_loss"], 4))
 
 # %% [markdown]
@@ -55,30 +53,23 @@ scratch.checkpoint.init_from = ""
 scratch.optim.lr, scratch.optim.warmup_steps = dense.optim.lr, dense.optim.warmup_steps
 configs["scratch"] = scratch
 
-init_loss = {name: recipe.val_loss_at_init(c) for name, c in configs.items()}
+init_loss = {name: study.val_loss_at_init(c) for name, c in configs.items()}
 print("val loss right after init:", {k: round(v, 4) for k, v in init_loss.items()})
 
 # %%
 final = {}
 for name, config in configs.items():
-  final[name] = recipe.train(config, os.path.join(ROOT, f"scaleup_{name}"))["val_loss"]
+  final[name] = study.train(config, os.path.join(ROOT, f"scaleup_{name}"))["val_loss"]
 
 # %%
-fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4))
-for name, config in configs.items():
-  tokens, val = recipe.val_curve(os.path.join(ROOT, f"scaleup_{name}"), config)
-  ax.plot([0] + tokens, [init_loss[name]] + val, marker="o", ms=3, label=name)
-  if name != "scratch":
-    zoom.plot(tokens, val, marker="o", ms=3, label=name)
-ax.axhline(dense_summary["val_loss"], color="gray", ls=":", label="small dense (source)")
-for a in (ax, zoom):
-  a.xaxis.set_major_formatter(ticker.EngFormatter())
-  a.set_xlabel("tokens of continued training")
-  a.set_ylabel("validation loss")
-  a.legend()
-ax.set_title("Scale-Up M(2, 32) -> M(4, 64)")
-zoom.set_title("without the from-scratch run, after init")
-fig.savefig(os.path.join(ROOT, "scaleup.png"), dpi=120, bbox_inches="tight")
+curves = {name: study.val_curve(os.path.join(ROOT, f"scaleup_{name}"), config)
+          for name, config in configs.items()}
+study.plot_runs(curves, init_loss, os.path.join(ROOT, "scaleup.png"),
+                "Scale-Up M(2, 32) -> M(4, 64)",
+                "without the from-scratch run, after init",
+                "tokens of continued training",
+                zoomed=lambda name, t, v: (t, v) if name != "scratch" else None,
+                baseline=(dense_summary["val_loss"], "small dense (source)"))
 
 # %%
 print(f"{'recipe':12s} {'val@init':>9s} {'val@end':>8s}")

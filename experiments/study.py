@@ -1,0 +1,75 @@
+"""What the ablation notebooks share: train a config in this process, read its validation
+curve, the validation loss of a model right after its init, and the two-panel figure.
+
+The notebooks (experiments/{scaleup,scaleout,routing}/*.py, jupytext) only import esjax and
+this module; configs come from `experiments.efficientscale.recipe`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from esjax.configs import common
+from esjax.data import dataset
+from esjax.models import loss, params as params_lib
+from esjax.train import checkpoint, loop, metrics, state as state_lib
+from esjax.transforms import online
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir` in this process (a finished run resumes as a no-op)."""
+  return loop.train_and_evaluate(config, workdir)
+
+
+def val_curve(workdir: str, config: ml_collections.ConfigDict
+              ) -> tuple[list[int], list[float]]:
+  """(tokens seen in this run, validation loss) at every evaluation of the run."""
+  per_step = config.train.batch_size * config.train.seq_len
+  rows = [r for r in metrics.read_metrics(workdir) if "val_loss" in r]
+  return [r["step"] * per_step for r in rows], [r["val_loss"] for r in rows]
+
+
+def val_loss_at_init(config: ml_collections.ConfigDict, source: str = "") -> float:
+  """Validation loss of `config`'s model right after its init: converted from the checkpoint
+  at `source` (default: config.checkpoint.init_from) as init_from converts it, or random."""
+  cfg, tc = common.model_config(config), config.train
+  source = source or config.checkpoint.init_from
+  if source:
+    src_cfg, params = checkpoint.restore_params(source)
+    params = online.convert(src_cfg, params, cfg, grow=config.checkpoint.grow, seed=tc.seed)
+  else:
+    params = state_lib.init_params(cfg, jax.random.key(tc.seed))
+  data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed, tc.eval_batches)
+  ce = jax.jit(lambda p, b: loss.lm_loss(params_lib.model_from_params(cfg, p), b)[1]["ce_loss"])
+  return float(np.mean([ce(params, jax.device_put(b)) for b in data.val]))
+
+
+def plot_runs(curves: dict[str, tuple[list[int], list[float]]], init_loss: dict[str, float],
+              path: str, title: str, zoom_title: str, xlabel: str,
+              zoomed: Callable[[str, list, list], tuple[list, list] | None],
+              baseline: tuple[float, str] | None = None) -> None:
+  """Validation loss against tokens for each run (starting at its loss after init), beside a
+  zoomed panel of what `zoomed(name, tokens, val)` keeps (None: left out); saved at `path`."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (optional, heavy)
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
+  fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4))
+  for name, (tokens, val) in curves.items():
+    ax.plot([0] + tokens, [init_loss[name]] + val, marker="o", ms=3, label=name)
+    kept = zoomed(name, tokens, val)
+    if kept is not None:
+      zoom.plot(*kept, marker="o", ms=3, label=name)
+  if baseline is not None:
+    ax.axhline(baseline[0], color="gray", ls=":", label=baseline[1])
+  for a in (ax, zoom):
+    a.xaxis.set_major_formatter(ticker.EngFormatter())
+    a.set_xlabel(xlabel)
+    a.set_ylabel("validation loss")
+    a.legend()
+  ax.set_title(title)
+  zoom.set_title(zoom_title)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
