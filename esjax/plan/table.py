@@ -17,15 +17,17 @@ def format_result(r: Result, target: Target) -> str:
   for k in ("arguments", "outputs", "aliased", "temporaries", "peak"):
     lines.append(f"  {k:<14}{m[k] / GiB:>10.2f}")
   lines.append(f"  {'usable':<14}{usable:>10}   fits: {'yes' if r.fits else 'NO'}")
-  lines += ["", f"collectives per step and device{'':<8}{'link':<8}{'count':>8}{'GiB':>10}"]
+  width = max([len(",".join(c["axes"])) for c in r.collectives] + [4]) + 2
+  lines += ["", f"{'collectives per step and device':<{20 + width}}{'link':<8}{'count':>8}"
+                f"{'GiB':>10}"]
   for c in r.collectives:
     axes = ",".join(c["axes"]) or "-"
     note = " (routed share)" if c["data_dependent"] else ""
-    lines.append(f"  {c['op']:<18}{axes:<20}{c['link']:<8}{c['count']:>8.0f}"
+    lines.append(f"  {c['op']:<18}{axes:<{width}}{c['link']:<8}{c['count']:>8.0f}"
                  f"{c['bytes'] / GiB:>10.3f}{note}")
   total = sum(c["bytes"] for c in r.collectives)
   minimum = sum(r.analytic_bytes.values())
-  lines.append(f"  {'total':<54}{total / GiB:>10.3f}")
+  lines.append(f"  {'total':<{34 + width}}{total / GiB:>10.3f}")
   lines += ["", "analytic minimum per step and device (GiB)"]
   for k, v in r.analytic_bytes.items():
     lines.append(f"  {k:<30}{v / GiB:>10.3f}")
