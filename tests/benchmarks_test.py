@@ -43,6 +43,7 @@ def test_routing_rows_compare_kernel_and_reference(capsys):
   assert summary["all_same_as_reference"]
 
 
+@pytest.mark.slow
 def test_folding_pair_reports_bytes_time_and_the_same_loss(capsys):
   from benchmarks import folding  # pylint: disable=g-import-not-at-top
   folding.main(["--layouts", "tp2-etp2-ep4,tp2-etp1-ep8", "--steps", "1"])

@@ -66,6 +66,7 @@ def test_dgs_trains_and_reports_the_configured_compression(tmp_path):
   assert pushes[-1]["bytes_up_total"] == summary["bytes_up"]
 
 
+@pytest.mark.slow
 def test_killed_worker_does_not_stop_the_others_or_lose_the_model(tmp_path):
   config = _config("oneway", **{"train.num_workers": 3, "train.steps_per_worker": 40})
   training = runtime.AsyncTraining(config, str(tmp_path))

@@ -369,6 +369,7 @@ def _make_run(workdir, model):
     json.dump(config, f)
 
 
+@pytest.mark.slow
 def test_eval_and_generate_commands(tmp_path, model):
   _make_run(str(tmp_path), model)
   out = tmp_path / "report.json"

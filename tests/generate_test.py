@@ -14,7 +14,9 @@ from esjax.models import Transformer
 from esjax.models.cache import init_cache
 from esjax.models.presets import get_preset
 
-PRESETS = ["tiny-llama", "tiny-mixtral", "tiny-qwen2-moe"]
+# MoE generation in the default run: the interop tests' greedy generation against transformers.
+PRESETS = ["tiny-llama", pytest.param("tiny-mixtral", marks=pytest.mark.slow),
+           pytest.param("tiny-qwen2-moe", marks=pytest.mark.slow)]
 PROMPTS = [[5, 9, 100, 3, 77, 12, 40], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
            [200, 201]]
 
@@ -116,6 +118,7 @@ def test_eos_and_stop_strings():
   assert text == full_text[:full_text.index(stop)]
 
 
+@pytest.mark.slow
 def test_generate_text_batches_keep_order():
   model = Transformer(get_preset("tiny-mixtral"), nnx.Rngs(3))
   tok = ByteTokenizer()

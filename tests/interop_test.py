@@ -153,7 +153,11 @@ def _check_feature_matters(model, out):
   assert np.abs(_logits(changed) - out).max() > 100 * TOL
 
 
-@pytest.mark.parametrize("case", sorted(HF_CASES))
+SLOW_CASES = {"olmoe", "mixtral_window"}  # the longest; qwen3_moe covers MoE in the default run
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES
+                                  else c for c in sorted(HF_CASES)])
 def test_hf_to_esjax_and_back(case, tmp_path):
   _, transformers = _hf()
   hf_model = _hf_model(*HF_CASES[case])

@@ -244,8 +244,9 @@ def test_bad_input_names_the_value():
 
 @pytest.mark.parametrize("name,overrides", [
     ("tiny-mixtral", dict(n_layers=1)),
-    ("tiny-qwen2-moe", dict(score_fn="sigmoid", renormalize=True, routed_scaling=2.5,
-                            z_loss_coef=1e-3)),
+    pytest.param("tiny-qwen2-moe", dict(score_fn="sigmoid", renormalize=True,
+                                        routed_scaling=2.5, z_loss_coef=1e-3),
+                 marks=pytest.mark.slow),
 ])
 def test_moe_train_step_pallas_equals_xla(name, overrides):
   cfg = presets.get_preset(name, **{"n_layers": 2, **overrides})

@@ -95,6 +95,7 @@ def test_key_value_overrides_become_config_flags():
   assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
 
 
+@pytest.mark.slow
 def test_local_two_processes_equal_one_process(tmp_path, single_process_losses):
   workdir = tmp_path / "two"
   proc = subprocess.run(["launch/local.sh", "2", CONFIG, str(workdir), *OVERRIDES], cwd=ROOT,
@@ -114,6 +115,7 @@ def _stand_in(directory, name, body):
   path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
+@pytest.mark.slow
 def test_slurm_sbatch_runs_one_process_per_gpu(tmp_path, single_process_losses):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()

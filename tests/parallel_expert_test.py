@@ -66,10 +66,12 @@ def _grads(layout_kw, cfg):
 
 
 @pytest.mark.parametrize("layout,overrides", [
-    (dict(dp=8, ep=8), {}),
-    (dict(dp=2, tp=2, cp=2, ep=4, etp=1), dict(capacity_factor=1.0)),
-    (dict(pp=2, dp=4, ep=4, etp=1, microbatches=2), {}),
-], ids=["ep8-dropless", "ep4-over-tp-cp-drop", "pp2-ep4"])
+    pytest.param(dict(dp=8, ep=8), {}, id="ep8-dropless"),
+    pytest.param(dict(dp=2, tp=2, cp=2, ep=4, etp=1), dict(capacity_factor=1.0),
+                 id="ep4-over-tp-cp-drop", marks=pytest.mark.slow),
+    pytest.param(dict(pp=2, dp=4, ep=4, etp=1, microbatches=2), {}, id="pp2-ep4",
+                 marks=pytest.mark.slow),
+])
 def test_ragged_exchange_equals_padded(monkeypatch, layout, overrides):
   """parallel.ep_dispatch='ragged' (what GPUs get) gives the padded exchange's loss and
   gradients; on CPU the collective itself is the emulation above."""

@@ -148,6 +148,7 @@ def test_collapse_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_weights_only(tmp_path):
   c = small_config(steps=3, variant="dense")
   loop.train_and_evaluate(c, str(tmp_path / "a"))
@@ -175,6 +176,7 @@ def test_init_from_starts_a_new_run_from_weights_only(tmp_path):
     init_from.load(c3, common.model_config(c3), step_lib.for_config(c3).plan)
 
 
+@pytest.mark.slow
 def test_init_from_onto_a_parallel_layout(tmp_path):
   """A single-device run's weights start a pp x tp x dp run (read sharded onto its mesh):
   with lr 0 its first loss is the loss of those weights."""

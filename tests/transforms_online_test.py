@@ -42,8 +42,9 @@ def test_grow_then_upcycle_preserves_logits_sharded():
   assert rel_err(logits(with_params(moe, aki), toks), logits(model, toks)) > 1e-3
 
 
-@pytest.mark.parametrize("parallel", [dict(dp=1), dict(dp=4, tp=2, ep=8, etp=1, fsdp=True)],
-                         ids=["one-device", "dp4-tp2-ep8-fsdp"])
+@pytest.mark.parametrize("parallel", [
+    pytest.param(dict(dp=1), id="one-device", marks=pytest.mark.slow),
+    pytest.param(dict(dp=4, tp=2, ep=8, etp=1, fsdp=True), id="dp4-tp2-ep8-fsdp")])
 def test_online_upcycling_end_to_end(tmp_path, parallel):
   """Tiny dense run -> MoE run with init_from: the MoE's first loss is the dense model's loss
   on the same batch (top-k then softmax upcycling is exact; no aux losses in the CE). On a

@@ -25,9 +25,10 @@ def moe_cfg(n, g, k, **kw):
 @pytest.mark.parametrize("n, g, k, extra", [
     (8, 1, 2, {}),  # E8G1T2: AquilaMoE / Mixtral sparse upcycling
     (8, 1, 2, dict(moe_every=2, first_k_dense=1)),  # Sparse Upcycling: odd layers only
-    (8, 1, 2, dict(capacity_factor=4.0)),  # capacity T*k/E*4 >= T*k / 2: nothing dropped
+    pytest.param(8, 1, 2, dict(capacity_factor=4.0),  # capacity T*k/E*4 >= T*k/2: no drops
+                 marks=pytest.mark.slow),
     (8, 2, 2, {}),  # E4G2T2 virtual groups
-    (8, 4, 8, {}),  # E2G4T8 (every expert chosen)
+    pytest.param(8, 4, 8, {}, marks=pytest.mark.slow),  # E2G4T8 (every expert chosen)
     (16, 4, 8, {}),  # E4G4T8: half of the 16 experts per token, groups of 4
 ])
 def test_topk_softmax_is_exact_for_any_router(dense, n, g, k, extra):
@@ -39,7 +40,8 @@ def test_topk_softmax_is_exact_for_any_router(dense, n, g, k, extra):
   assert (loads > 0).sum() > k  # the router really spreads tokens over several groups
 
 
-@pytest.mark.parametrize("n, g, k", [(8, 1, 2), (8, 2, 2), (8, 2, 4)])
+@pytest.mark.parametrize("n, g, k", [(8, 1, 2), pytest.param(8, 2, 2, marks=pytest.mark.slow),
+                                     (8, 2, 4)])
 def test_softmax_topk_exact_when_router_logits_are_equal(dense, n, g, k):
   model, toks, ref = dense
   cfg = moe_cfg(n, g, k, routing_order="softmax_topk")
