@@ -10,7 +10,16 @@ import pytest
 from esjax.configs import common, tiny
 from esjax.plan import dryrun, search, table, targets
 
-GPU = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
+def _has_cuda_plugin() -> bool:
+  try:  # find_spec of a submodule raises when its namespace package is absent too
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:
+    return False
+
+
+GPU = _has_cuda_plugin()
 needs_plugin = pytest.mark.skipif(
     not GPU, reason="jax-cuda12-plugin is not installed (pip install -r requirements-plan.txt)")
 
