@@ -29,6 +29,17 @@ _MAX_LEN = flags.DEFINE_integer("max_len", None, "Context length (default: the m
 flags.mark_flags_as_required(["checkpoint", "prompt"])
 
 
+def _check_flags() -> None:
+  for name, value, ok, expected in (
+      ("max_new_tokens", _MAX_NEW.value, _MAX_NEW.value > 0, "> 0"),
+      ("temperature", _TEMPERATURE.value, 0 <= _TEMPERATURE.value < float("inf"), ">= 0"),
+      ("top_p", _TOP_P.value, 0 < _TOP_P.value <= 1, "in (0, 1]"),
+      ("top_k", _TOP_K.value, _TOP_K.value >= 0, ">= 0 (0: all)"),
+      ("max_len", _MAX_LEN.value, _MAX_LEN.value is None or _MAX_LEN.value > 0, "> 0")):
+    if not ok:
+      raise ValueError(f"--{name}={value}, expected {expected}")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -38,7 +49,11 @@ def main(argv: list[str]) -> None:
 
   jax.config.config_with_absl()
   try:
+    _check_flags()
     model, tokenizer, _ = loading.load(_CHECKPOINT.value, _CONFIG.value)
+    if _MAX_LEN.value and _MAX_LEN.value > model.cfg.max_seq_len:
+      raise ValueError(f"--max_len={_MAX_LEN.value} exceeds the model's max_seq_len="
+                       f"{model.cfg.max_seq_len}")
     how = sampling.Sampling(_TEMPERATURE.value, _TOP_P.value, _TOP_K.value)
     texts = generation.generate_text(
         model, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value, sampling=how,

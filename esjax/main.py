@@ -41,6 +41,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   except OSError:
     path = flags.FLAGS["config"].config_filename
     sys.exit(f"esjax: error: --config: cannot load config file {path!r}")
+  except SyntaxError as e:  # the config file's own: where, not the import machinery's trace
+    sys.exit(f"esjax: error: --config: {e.filename}:{e.lineno}: {e.msg}")
   except flags.Error as e:  # A config file that raised comes with its traceback: keep the end.
     lines = str(e).strip().splitlines()
     text = lines[0] if len(lines) == 1 else f"{lines[0].split(': Error')[0]}: {lines[-1]}"

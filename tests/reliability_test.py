@@ -4,6 +4,7 @@ failure and checks the one-line message and that nothing was lost."""
 
 import glob
 import json
+import math
 import os
 import signal
 import subprocess
@@ -222,3 +223,45 @@ def test_out_of_device_memory_is_one_line_with_what_to_change():
   line = out.stdout.strip()
   assert line.startswith("out of device memory (28.2 GiB in one buffer): lower train.batch_size")
   assert "python -m esjax.plan" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("cli, args, message", [
+    ("esjax.eval", ["--tasks=val", "--limit=-1"], "--limit=-1, expected >= 0"),
+    ("esjax.eval", ["--tasks=val", "--batch_size=0"], "--batch_size=0, expected > 0"),
+    ("esjax.eval", ["--tasks=val", "--output=/no/such/dir/r.json"], "no directory /no/such/dir"),
+    ("esjax.generate", ["--prompt=hi", "--top_p=0"], "--top_p=0.0, expected in (0, 1]"),
+    ("esjax.generate", ["--prompt=hi", "--max_new_tokens=0"], "--max_new_tokens=0"),
+])
+def test_eval_and_generate_refuse_bad_flags_before_loading(cli, args, message):
+  out = subprocess.run([sys.executable, "-m", cli, "--checkpoint=/no/such/run", *args],
+                       cwd=ROOT, capture_output=True, text=True, env=main_env())
+  lines = [l for l in out.stderr.splitlines() if l.startswith("esjax")]
+  assert out.returncode != 0 and len(lines) == 1, out.stderr[-2000:]
+  assert lines[0].startswith(f"{cli}: error: ") and message in lines[0]
+  assert "/no/such/run" not in lines[0]  # refused before the checkpoint is looked at
+
+
+def test_perplexity_of_an_overflowing_word_is_inf_not_an_error():
+  from esjax.eval import perplexity  # pylint: disable=g-import-not-at-top
+  assert perplexity._exp(700.0) == math.exp(700.0)  # pylint: disable=protected-access
+  assert perplexity._exp(5000.0) == float("inf")  # math.exp raises OverflowError here
+  with pytest.raises(OverflowError):
+    math.exp(5000.0)
+
+
+@pytest.mark.parametrize("name, text", [("tok.json", '{"not json'), ("sp.model", "garbage")])
+def test_garbage_tokenizer_file_is_one_line(tmp_path, name, text):
+  from esjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  path = tmp_path / name
+  path.write_text(text)
+  with pytest.raises(ValueError, match=rf"data.tokenizer='{path}': not a readable \w+ file"):
+    tokenizer.load_tokenizer(str(path))
+
+
+def test_config_file_with_a_syntax_error_is_one_line(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(:\n  pass\n")
+  out = run_main(config=str(bad), workdir=str(tmp_path / "run"))
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode != 0 and lines[-1] == f"esjax: error: --config: {bad}:1: invalid syntax"
+  assert "Traceback" not in out.stderr

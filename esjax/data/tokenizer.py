@@ -159,11 +159,17 @@ def load_tokenizer(spec: str) -> Tokenizer:
   if not os.path.isfile(spec):
     raise FileNotFoundError(f"data.tokenizer={spec!r}: expected 'byte' or an existing "
                             "SentencePiece .model / tokenizers .json file")
-  if spec.endswith(".model"):
-    return SentencePieceTokenizer(spec)
-  if spec.endswith(".json"):
-    return HFTokenizer(spec)
-  raise ValueError(f"data.tokenizer={spec!r}: expected 'byte', a .model or a .json file")
+  if not spec.endswith((".model", ".json")):
+    raise ValueError(f"data.tokenizer={spec!r}: expected 'byte', a .model or a .json file")
+  kind = SentencePieceTokenizer if spec.endswith(".model") else HFTokenizer
+  try:
+    return kind(spec)
+  except (ImportError, ValueError):
+    raise
+  except Exception as e:  # the libraries raise bare Exception / RuntimeError on bad files
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"data.tokenizer={spec!r}: not a readable {kind.__name__} file "
+                     f"({first})") from e
 
 
 def fingerprint(spec: str) -> str:

@@ -12,7 +12,9 @@ validation windows (the data section of `--config`, or of the run's own config.j
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -44,6 +46,38 @@ def val_perplexity(model, config) -> dict:
   return {"kind": "perplexity", **window_perplexity(model, data.val, data.tokenizer)}
 
 
+def _check_flags() -> None:
+  if _LIMIT.value < 0:
+    raise ValueError(f"--limit={_LIMIT.value}, expected >= 0 (0: every item)")
+  if _BATCH.value <= 0:
+    raise ValueError(f"--batch_size={_BATCH.value}, expected > 0")
+  if _MAX_LEN.value is not None and _MAX_LEN.value <= 0:
+    raise ValueError(f"--max_len={_MAX_LEN.value}, expected > 0")
+  if _NUM_FEWSHOT.value is not None and _NUM_FEWSHOT.value < 0:
+    raise ValueError(f"--num_fewshot={_NUM_FEWSHOT.value}, expected >= 0")
+  folder = os.path.dirname(os.path.abspath(_OUTPUT.value))
+  if not os.path.isdir(folder):
+    raise ValueError(f"--output={_OUTPUT.value}: no directory {folder}")
+
+
+def _write_report(report: dict, path: str) -> str:
+  """Writes the report atomically at `path`; if that fails (after minutes of scoring), in the
+  temporary directory instead, saying so. Returns where it went."""
+  try:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    os.replace(tmp, path)
+    return path
+  except OSError as e:
+    fd, fallback = tempfile.mkstemp(prefix="esjax_eval_report_", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    print(f"esjax.eval: warning: cannot write --output={path} ({e.strerror}); the report is "
+          f"in {fallback}", file=sys.stderr)
+    return fallback
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -54,7 +88,11 @@ def main(argv: list[str]) -> None:
   jax.config.config_with_absl()
   t0 = time.perf_counter()
   try:
+    _check_flags()
     model, tokenizer, config = loading.load(_CHECKPOINT.value, _CONFIG.value)
+    if _MAX_LEN.value and _MAX_LEN.value > model.cfg.max_seq_len:
+      raise ValueError(f"--max_len={_MAX_LEN.value} exceeds the model's max_seq_len="
+                       f"{model.cfg.max_seq_len}")
     names = [t.strip() for t in _TASKS.value.split(",") if t.strip()]
     task_list = tasks.load_tasks(",".join(n for n in names if n != "val"))
     report = harness.evaluate(model, tokenizer, task_list, num_fewshot=_NUM_FEWSHOT.value,
@@ -70,12 +108,11 @@ def main(argv: list[str]) -> None:
             "settings": {"num_fewshot": _NUM_FEWSHOT.value, "limit": _LIMIT.value,
                          "batch_size": _BATCH.value, "max_len": _MAX_LEN.value},
             **report, "wall_s": round(time.perf_counter() - t0, 2)}
-  with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  output = _write_report(report, _OUTPUT.value)
   for name, metrics in {**report["results"], **report["groups"]}.items():
     shown = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
     print(name, json.dumps(shown))
-  print(f"report written to {_OUTPUT.value}")
+  print(f"report written to {output}")
 
 
 if __name__ == "__main__":

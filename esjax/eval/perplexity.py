@@ -30,6 +30,12 @@ from esjax.eval.scoring import rolling_loglikelihoods, score_rows
 from esjax.models.transformer import Transformer
 
 
+
+def _exp(nll: float) -> float:
+  """exp(nll), inf where a float overflows (one long word of a bad model: the other metrics
+  of the report stay finite and the evaluation goes on)."""
+  return math.exp(nll) if nll < 709.0 else float("inf")
+
 def prefix_id(tokenizer) -> int:
   bos = getattr(tokenizer, "bos_id", None)
   return int(bos) if bos is not None else int(tokenizer.eos_id)
@@ -54,10 +60,10 @@ def text_perplexity(model: Transformer, tokenizer, texts: Sequence[str], *,
   n_words = sum(count_words(t) for t in texts)
   n_tokens = sum(len(d) for d in docs)
   return {
-      "word_perplexity": math.exp(-ll / n_words),
-      "byte_perplexity": math.exp(-ll / n_bytes),
+      "word_perplexity": _exp(-ll / n_words),
+      "byte_perplexity": _exp(-ll / n_bytes),
       "bits_per_byte": -ll / (n_bytes * math.log(2)),
-      "token_perplexity": math.exp(-ll / n_tokens),
+      "token_perplexity": _exp(-ll / n_tokens),
       "loglikelihood": ll,
       "n_docs": len(texts), "n_tokens": n_tokens, "n_bytes": n_bytes, "n_words": n_words,
   }
@@ -84,7 +90,7 @@ def window_perplexity(model: Transformer, batches: Iterable[dict[str, np.ndarray
       n_bytes += target_bytes(tokenizer, targets, mask)
   if not n_tokens:
     raise ValueError("window_perplexity: the batches hold no target tokens")
-  out = {"loss": nll / n_tokens, "token_perplexity": math.exp(nll / n_tokens),
+  out = {"loss": nll / n_tokens, "token_perplexity": _exp(nll / n_tokens),
          "n_tokens": int(n_tokens)}
   if tokenizer is not None and n_bytes:
     out.update(bits_per_byte=nll / (n_bytes * math.log(2)), n_bytes=int(n_bytes))
