@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,3 +266,21 @@ def test_config_file_with_a_syntax_error_is_one_line(tmp_path):
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert out.returncode != 0 and lines[-1] == f"esjax: error: --config: {bad}:1: invalid syntax"
   assert "Traceback" not in out.stderr
+
+
+TEXT = "caf\u00e9 ok ".encode("utf-8") * 10
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"ab" + bytes(range(256)) * 64, "is not text (NUL byte at offset 2)"),
+    (TEXT + b"\xff\xfe" + b"x" * 100, f"is not UTF-8 text (invalid byte at offset {len(TEXT)})"),
+])
+def test_binary_input_is_refused_naming_the_file(tmp_path, data, message):
+  from esjax.data import sources  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "blob.txt"
+  path.write_bytes(data)
+  with pytest.raises(ValueError, match=rf"data.source: {path} {re.escape(message)}"):
+    sources.resolve_files(str(path))
+  good = tmp_path / "good.txt"
+  good.write_bytes("caf\u00e9 ".encode("utf-8") * 20000)  # multibyte chars across the probe
+  assert sources.resolve_files(str(good)) == [str(good)]

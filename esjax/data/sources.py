@@ -83,7 +83,27 @@ def resolve_files(source: str) -> list[str]:
       if f not in seen:
         seen.add(f)
         files.append(f)
+  for f in files:
+    if os.path.isfile(f) and kind(f) == "text" and not f.endswith(".gz"):
+      check_text(f)
   return files
+
+
+def check_text(path: str, probe: int = 1 << 16) -> None:
+  """Raises a one-line ValueError when a plain-text input is not UTF-8 text (NUL bytes or
+  invalid UTF-8 in its first `probe` bytes: a binary file listed by mistake would otherwise
+  train as replacement characters)."""
+  with open(path, "rb") as f:
+    head = f.read(probe)
+  if b"\x00" in head:
+    raise ValueError(f"data.source: {path} is not text (NUL byte at offset "
+                     f"{head.index(bytes(1))}); list only UTF-8 text files")
+  try:
+    head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if e.start < len(head) - 3:  # not just a character cut at the end of the probe
+      raise ValueError(f"data.source: {path} is not UTF-8 text (invalid byte at offset "
+                       f"{e.start}); list only UTF-8 text files") from None
 
 
 def _hf_arrow_files(path: str) -> list[str]:

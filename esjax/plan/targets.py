@@ -54,7 +54,8 @@ TARGETS = {
     "h200": Target(
         "h200", "gpu", memory_bytes=141e9, memory_fraction=_FRACTION, peak_flops=989.4e12,
         matmul_flops=788e12, hbm_bytes_per_s=4.8e12, intra_node_bytes_per_s=450e9,
-        inter_node_bytes_per_s=50e9, devices_per_node=8, spec_file=os.path.join(SPECS, "h200_sxm.txtpb"),
+        inter_node_bytes_per_s=50e9, devices_per_node=8,
+        spec_file=os.path.join(SPECS, "h200_sxm.txtpb"),
         sources=_HOPPER_SOURCES + ("141 GB HBM3e at 4.8 TB/s: NVIDIA H200 datasheet",)),
     # Fake CPU devices (the same program, upcast bf16 and CPU code paths): memory only.
     "cpu": Target("cpu", "cpu", memory_bytes=float("inf"), memory_fraction=1.0,
