@@ -17,7 +17,7 @@ config_flags() {
 # ESJAX_* variables that esjax/parallel/multihost.py reads and its log in
 # LOG_DIR/<host>-rank<id>.log. Process i drives local GPU i, or, with ESJAX_CPU_DEVICES=N,
 # N CPU devices. Waits for all; the first one that fails stops the others, and its exit
-# status is returned.
+# status is returned. SIGTERM / SIGINT are forwarded once to all of them (see below).
 spawn_training() {
   local count=$1 first=$2 total=$3 coordinator=$4 log_dir=$5 config=$6 workdir=$7
   shift 7
@@ -45,16 +45,26 @@ spawn_training() {
   done
   echo "launch: ${count} processes (ids ${first}..$((first + count - 1)) of ${total}," \
        "coordinator ${coordinator}); logs in ${log_dir}" >&2
-  for ((i = 0; i < count; i++)); do
-    status=0
+  # SIGTERM / SIGINT (preemption, Ctrl-C) go to every process once: each saves a checkpoint
+  # and exits 75 (esjax.main); the launcher waits for them and returns that status.
+  local stopping=0 final=0
+  trap 'stopping=1; kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
+  for ((i = 0; i < count; )); do
+    status=0 done_pid=""
     wait -n -p done_pid || status=$?
-    if [[ ${status} -ne 0 ]]; then
+    [[ -n "${done_pid:-}" ]] || continue  # woken by the trap, not by a process: wait on
+    i=$((i + 1))
+    if [[ ${status} -ne 0 && ${stopping} -eq 0 ]]; then
       echo "launch: process pid ${done_pid} failed (exit ${status}); stopping the others" >&2
       kill "${pids[@]}" 2>/dev/null || true
       wait 2>/dev/null || true
+      trap - TERM INT
       return "${status}"
     fi
+    [[ ${status} -eq 0 ]] || final=${status}
   done
+  trap - TERM INT
+  return "${final}"
 }
 
 # The Python to run: $ESJAX_PYTHON, else the project's .venv, else python3.

@@ -158,3 +158,29 @@ def test_bad_multihost_environment_is_named(env, message):
 def test_no_coordinator_means_one_process():
   from esjax.parallel import multihost  # pylint: disable=g-import-not-at-top
   assert multihost.initialize_from_env({}) is False
+
+
+def test_sigterm_reaches_every_process_once_and_the_launcher_returns_their_status(tmp_path):
+  """Preemption: the launcher forwards one SIGTERM to each process (a second one would stop
+  esjax.main before its checkpoint) and waits for them; here each stand-in records the
+  signals it got and exits 75 as esjax.main does after saving."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  python = tmp_path / "python"
+  _stand_in(tmp_path, "python", f"""
+trap 'echo TERM >> {tmp_path}/got.$ESJAX_PROCESS_ID; sleep 0.5; exit 75' TERM
+touch {tmp_path}/up.$ESJAX_PROCESS_ID
+while true; do sleep 0.05; done
+""")
+  env = {**os.environ, "ESJAX_PYTHON": str(python), "ESJAX_CPU_DEVICES": "1",
+         "ESJAX_PORT": _free_port()}
+  proc = subprocess.Popen(["launch/local.sh", "2", CONFIG, str(tmp_path / "run")], cwd=ROOT,
+                          env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 30
+  while not all((tmp_path / f"up.{i}").exists() for i in (0, 1)) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 75, err
+  assert [(tmp_path / f"got.{i}").read_text() for i in (0, 1)] == ["TERM\n", "TERM\n"]
+  assert "failed" not in err
