@@ -152,8 +152,6 @@ _RANGES = (
     ("train.spike_window", lambda v: v > 0, "> 0"),
     ("checkpoint.every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("checkpoint.keep", lambda v: v >= 0, ">= 0 (0: keep all)"),
-    ("parallel.microbatches", lambda v: v >= 1, ">= 1"),
-    ("parallel.virtual_stages", lambda v: v >= 1, ">= 1"),
     ("eval.every", lambda v: v > 0, "> 0"),
     ("eval.limit", lambda v: v >= 0, ">= 0 (0: every item)"),
     ("eval.batch_size", lambda v: v > 0, "> 0"),
@@ -162,7 +160,8 @@ _RANGES = (
 
 def check_ranges(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError naming the first base-section field out of its range
-  (a section or field an experiment config dropped is not checked)."""
+  (a section or field an experiment config dropped is not checked). The `parallel` section
+  is checked where it is read, by `esjax.sharding.layout.Layout.resolve`."""
   for name, ok, expected in _RANGES:
     section, field = name.split(".")
     if section not in config or field not in config[section]:
@@ -170,9 +169,6 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     value = config[section][field]
     if not ok(value):
       raise ValueError(f"{name}={value!r}, expected {expected}")
-  for axis in ("dp", "tp", "cp", "pp", "ep", "etp"):
-    if "parallel" in config and axis in config.parallel and config.parallel[axis] < 0:
-      raise ValueError(f"parallel.{axis}={config.parallel[axis]}, expected >= 0")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

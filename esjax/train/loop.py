@@ -10,7 +10,6 @@ never holds the result of a NaN/Inf step.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -84,6 +83,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        f"{model_cfg.vocab_size}")
     tasks = None if task_hook is None else task_hook(data.tokenizer)
 
+    # Model, layout, optimizer, steps (the planner compiles the same ones).
+    run = step_lib.for_config(config)
+    steps, engine = run.steps, run.steps.engine
+    batch_sh = steps.batch_sharding
+    rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # the rows read here
+
+    def put(local):  # this process's rows -> global device arrays
+      return hosts.global_batch(local, rows, batch_sh, tc.batch_size)
+
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR),
                                    keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
@@ -91,21 +99,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if latest is not None:
       workdir_lib.check_resume(ckpt.model_config(latest).to_dict(), model_cfg.to_dict(),
                                ckpt.step_dir(latest))
-
-    # Model, layout, optimizer, steps (the planner compiles the same ones).
-    run = step_lib.for_config(config)
-    steps, engine = run.steps, run.steps.engine
-    batch_sh = steps.batch_sharding
-    entry = batch_sh.spec[0] if batch_sh.spec else None
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    shards = math.prod(batch_sh.mesh.shape[a] for a in axes)
-    if tc.batch_size % shards:
-      raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the "
-                       f"{shards} data-parallel shards of the batch (parallel.dp x ep folding)")
-    rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # the rows read here
-
-    def put(local):  # this process's rows -> global device arrays
-      return hosts.global_batch(local, rows, batch_sh, tc.batch_size)
 
     # Restore (same workdir), or init_from another run's weights, or fresh.
     if latest is not None:
