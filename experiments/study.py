@@ -33,6 +33,13 @@ def val_curve(workdir: str, config: ml_collections.ConfigDict
   return [r["step"] * per_step for r in rows], [r["val_loss"] for r in rows]
 
 
+def train_runs(configs: dict[str, ml_collections.ConfigDict], workdir: Callable[[str], str]
+               ) -> tuple[dict[str, float], dict[str, tuple[list[int], list[float]]]]:
+  """Trains every config in `workdir(name)`: (final validation loss, `val_curve`) by name."""
+  final = {name: train(c, workdir(name))["val_loss"] for name, c in configs.items()}
+  return final, {name: val_curve(workdir(name), c) for name, c in configs.items()}
+
+
 def val_loss_at_init(config: ml_collections.ConfigDict, source: str = "") -> float:
   """Validation loss of `config`'s model right after its init: converted from the checkpoint
   at `source` (default: config.checkpoint.init_from) as init_from converts it, or random."""

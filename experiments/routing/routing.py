@@ -60,14 +60,10 @@ for name in ("E8G2T4", "E16G2T4"):  # virtual groups with top-k then softmax: ex
   assert abs(init_loss[name] - init_loss["E8G1T2 topk-softmax"]) < 1e-4
 
 # %%
-final = {}
-for name, config in configs.items():
-  workdir = os.path.join(ROOT, name.replace(" ", "_"))
-  final[name] = study.train(config, workdir)["val_loss"]
+final, curves = study.train_runs(configs,
+                                lambda name: os.path.join(ROOT, name.replace(" ", "_")))
 
 # %%
-curves = {name: study.val_curve(os.path.join(ROOT, name.replace(" ", "_")), config)
-          for name, config in configs.items()}
 study.plot_runs(curves, init_loss, os.path.join(ROOT, "routing.png"),
                 "Upcycled M(4, 64): routing order and granularity",
                 "last three evaluations",

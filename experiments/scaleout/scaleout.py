@@ -61,13 +61,9 @@ print("val loss right after init:", {k: round(v, 4) for k, v in init_loss.items(
 assert abs(init_loss["upcycled"] - init_loss["dense"]) < 1e-4  # function preserving
 
 # %%
-final = {}
-for name, config in configs.items():
-  final[name] = study.train(config, os.path.join(ROOT, f"cont_{name}"))["val_loss"]
+final, curves = study.train_runs(configs, lambda name: os.path.join(ROOT, f"cont_{name}"))
 
 # %%
-curves = {name: study.val_curve(os.path.join(ROOT, f"cont_{name}"), config)
-          for name, config in configs.items()}
 study.plot_runs(curves, init_loss, os.path.join(ROOT, "scaleout.png"),
                 "Scale-Out: M(4, 64) dense -> 8 experts, top-2",
                 "without the from-scratch run, after init",

@@ -57,13 +57,9 @@ init_loss = {name: study.val_loss_at_init(c) for name, c in configs.items()}
 print("val loss right after init:", {k: round(v, 4) for k, v in init_loss.items()})
 
 # %%
-final = {}
-for name, config in configs.items():
-  final[name] = study.train(config, os.path.join(ROOT, f"scaleup_{name}"))["val_loss"]
+final, curves = study.train_runs(configs, lambda name: os.path.join(ROOT, f"scaleup_{name}"))
 
 # %%
-curves = {name: study.val_curve(os.path.join(ROOT, f"scaleup_{name}"), config)
-          for name, config in configs.items()}
 study.plot_runs(curves, init_loss, os.path.join(ROOT, "scaleup.png"),
                 "Scale-Up M(2, 32) -> M(4, 64)",
                 "without the from-scratch run, after init",
