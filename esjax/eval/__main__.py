@@ -20,6 +20,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from esjax.data import shards
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (optional: the run's config.json is used).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "esjax run or Hugging Face folder.")
@@ -64,10 +66,7 @@ def _write_report(report: dict, path: str) -> str:
   """Writes the report atomically at `path`; if that fails (after minutes of scoring), in the
   temporary directory instead, saying so. Returns where it went."""
   try:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    shards.write_json(path, report)
     return path
   except OSError as e:
     fd, fallback = tempfile.mkstemp(prefix="esjax_eval_report_", suffix=".json")

@@ -18,6 +18,8 @@ import json
 import os
 import zlib
 
+from esjax.data import shards
+
 MANIFEST = "esjax_manifest.json"
 _CHUNK = 1 << 24
 
@@ -45,15 +47,10 @@ def has_manifest(step_dir: str) -> bool:
 
 
 def write(step_dir: str) -> None:
-  """Writes the manifest of a complete step directory (atomically: a temporary file renamed)."""
+  """Writes the manifest of a complete step directory (atomically)."""
   files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc(os.path.join(step_dir, rel))]
            for rel in _files(step_dir)}
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"format": 1, "files": files}, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+  shards.write_json(os.path.join(step_dir, MANIFEST), {"format": 1, "files": files})
 
 
 def problem(step_dir: str, unverified: bool = False) -> str | None:
