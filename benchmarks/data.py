@@ -18,10 +18,13 @@ after its measurement.
 
 Prepare throughput runs the real CLI (`python -m esjax.data.prepare`, wall clock, process
 start included) on JSONL made of the standard library's sources, with a byte-level BPE
-tokenizer of 32k ids trained on part of it. Its CPU time (workers included) and the
-machine's load average are reported with it: on a shared machine the workers compete with
-everything else running, and tokens per CPU second is the figure that shows the scaling.
-One JSON line per measurement, then a summary line.
+tokenizer of 32k ids trained on part of it, once per `--encoders` entry (`tokenizers`: the
+Rust library's batch mode; `auto`: tiktoken, which reproduces this file) and worker count.
+Its CPU time (workers included) and the machine's load average are reported with it: on a
+shared machine the workers compete with everything else running, and tokens per CPU second
+is the figure that shows the scaling. The ceiling beside it, `encode_only`, is each
+library's own rate on the same text in this process on one core (the texts in memory, one
+call), measured in the same run. One JSON line per measurement, then a summary line.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import time
 import ml_collections
 import numpy as np
 
-from esjax.data import dataset, shards
+from esjax.data import dataset, shards, tiktoken_bpe
 from esjax.data.tokenizer import fingerprint, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,20 +150,49 @@ def stdlib_jsonl(path: str, max_bytes: int) -> int:
   return total
 
 
-def measure_prepare(jsonl: str, tokenizer: str, out: str, workers: int, shard_bytes: int
-                    ) -> dict:
+def measure_encode_only(jsonl: str, tokenizer: str, max_mb: float = 16) -> dict:
+  """Tokens per second of each library alone on (the first `max_mb` of) the text, one
+  core, one call."""
+  texts, size = [], 0
+  with open(jsonl, encoding="utf-8") as f:
+    for line in f:
+      texts.append(json.loads(line)["text"])
+      size += len(texts[-1])
+      if size >= max_mb * 2**20:
+        break
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"
+  out = {}
+  twin, why_not = tiktoken_bpe.twin(tokenizer)
+  encoders = {"tokenizers": load_tokenizer(tokenizer, "tokenizers").encode_batch,
+              "tiktoken": twin and (lambda ts: [twin(t) for t in ts])}
+  for encoder, encode in encoders.items():
+    if encode is None:
+      out[encoder] = why_not
+      continue
+    t0 = time.process_time()
+    n = sum(len(x) for x in encode(texts))
+    out[encoder] = round(n / (time.process_time() - t0))
+  return out
+
+
+def measure_prepare(jsonl: str, tokenizer: str, out: str, workers: int, shard_bytes: int,
+                    encoder: str) -> dict:
   load = os.getloadavg()[0]
   cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.perf_counter()
   subprocess.run([sys.executable, "-m", "esjax.data.prepare", f"--source={jsonl}",
                   f"--tokenizer={tokenizer}", f"--out={out}", f"--workers={workers}",
-                  f"--shard_bytes={shard_bytes}"], cwd=ROOT, check=True, capture_output=True)
+                  f"--shard_bytes={shard_bytes}", f"--encoder={encoder}"], cwd=ROOT,
+                 check=True, capture_output=True)
   wall = time.perf_counter() - t0
   cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # workers included
-  tokens = shards.read_json(os.path.join(out, shards.MANIFEST))["tokens"]
+  manifest = shards.read_json(os.path.join(out, shards.MANIFEST))
+  tokens = manifest["tokens"]
+  used = sorted({r["encoder"] for r in manifest["shards"]})
   shutil.rmtree(out)
-  return {"workers": workers, "tokens": tokens, "wall_s": round(wall, 2),
+  return {"encoder": encoder, "encoded_by": ",".join(used), "workers": workers,
+          "tokens": tokens, "wall_s": round(wall, 2),
           "tokens_per_s": round(tokens / wall), "cpu_s": round(cpu, 2),
           "tokens_per_cpu_s": round(tokens / cpu), "load_avg_1min_before": round(load, 2)}
 
@@ -174,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--doc_tokens", type=int, default=1000, help="mean document length")
   p.add_argument("--prepare_mb", type=float, default=64, help="text for the prepare runs")
   p.add_argument("--workers", default="1,2")
+  p.add_argument("--encoders", default="tokenizers,auto", help="prepare's --encoder values")
   p.add_argument("--vocab", type=int, default=32_000, help="BPE vocabulary size")
   p.add_argument("--dir", default="", help="scratch directory (default: a temporary one)")
   p.add_argument("--val_fraction", type=float, default=0.02, help="as data.val_fraction "
@@ -198,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(tok_path)
     identity = {"spec": tok_path, "fingerprint": fingerprint(tok_path),
                 "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
-    summary: dict = {"summary": "data", "read": {}, "prepare": {}}
+    summary: dict = {"summary": "data", "read": {}, "prepare": {},
+                     "encode_only_tokens_per_s": measure_encode_only(jsonl, tok_path)}
+    print(json.dumps({"encode_only_tokens_per_s": summary["encode_only_tokens_per_s"]}),
+          flush=True)
     for size in a.sizes.split(","):
       n_tokens = _count(size)
       corpus = os.path.join(scratch, f"corpus_{size}")
@@ -215,12 +251,13 @@ def main(argv: list[str] | None = None) -> None:
       print(json.dumps(row), flush=True)
       summary["read"][size] = row
     shard_bytes = max(1 << 16, int(text_bytes / 16))  # 16 shards: work for every worker
-    for w in [int(x) for x in a.workers.split(",")]:
-      row = {"text_mib": round(text_bytes / 2**20, 1), "shard_bytes": shard_bytes,
-             **measure_prepare(jsonl, tok_path, os.path.join(scratch, f"prep{w}"), w,
-                               shard_bytes)}
-      print(json.dumps(row), flush=True)
-      summary["prepare"][w] = row
+    for encoder in a.encoders.split(","):
+      for w in [int(x) for x in a.workers.split(",")]:
+        row = {"text_mib": round(text_bytes / 2**20, 1), "shard_bytes": shard_bytes,
+               **measure_prepare(jsonl, tok_path, os.path.join(scratch, f"prep{w}"), w,
+                                 shard_bytes, encoder)}
+        print(json.dumps(row), flush=True)
+        summary["prepare"][f"{encoder}/{w}"] = row
     print(json.dumps(summary))
   finally:
     if not a.dir:

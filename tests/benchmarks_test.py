@@ -69,8 +69,11 @@ def test_data_benchmark_reports_start_memory_and_throughput(capsys, tmp_path):
   for r in summary["read"].values():
     assert r["start_s"] > 0 and r["read_tokens_per_s"] > 0 and r["rss_anon_mib"] >= 0
     assert r["windows"] <= r["corpus_tokens"] // 65 and r["disk_mib"] > 0
-  (prep,) = summary["prepare"].values()
-  assert prep["tokens"] > 0 and prep["tokens_per_cpu_s"] > 0
+  assert list(summary["prepare"]) == ["tokenizers/1", "auto/1"]
+  slow, fast = summary["prepare"].values()
+  assert (slow["encoded_by"], fast["encoded_by"]) == ("tokenizers", "tiktoken")
+  assert slow["tokens"] == fast["tokens"] > 0 and fast["tokens_per_cpu_s"] > 0
+  assert set(summary["encode_only_tokens_per_s"]) == {"tokenizers", "tiktoken"}
   assert sorted(os.listdir(tmp_path)) == ["bpe.json", "stdlib.jsonl"]  # corpora deleted
 
 

@@ -221,7 +221,7 @@ def test_cli_prepares_and_reports_bad_input_in_one_line(tmp_path):
                                   env=env, capture_output=True, text=True, timeout=120)
   ok = run(f"--source={tmp_path}/a.txt", f"--out={tmp_path}/out", "--workers=1")
   assert ok.returncode == 0, ok.stderr
-  assert f"prepared {tmp_path}/out: 13 tokens, 1 documents, 1 shards (<u2)" in ok.stdout
+  assert f"prepared {tmp_path}/out: 13 tokens, 1 documents, 1 shards (<u2, encoded by byte)" in ok.stdout
   bad = run(f"--source={tmp_path}/nope", f"--out={tmp_path}/o2")
   assert bad.returncode != 0
   assert bad.stderr.strip() == ("esjax.data.prepare: error: data.source: "

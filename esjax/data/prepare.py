@@ -5,7 +5,10 @@
 
 `--source` takes what `data.source` takes for raw text (files, directories, globs, `stdlib`;
 text, JSONL, Parquet, saved Hugging Face datasets: esjax/data/sources.py), `--text_field`
-names the JSONL / Parquet / dataset text field. The inputs are cut into shards of about
+names the JSONL / Parquet / dataset text field. `--encoder=auto` (the default) runs a
+`tokenizer.json` on tiktoken where it reproduces the file (esjax/data/tokenizer.py says how
+that is checked), `--encoder=tokenizers` always on the `tokenizers` library; each shard
+records which. The inputs are cut into shards of about
 `--shard_bytes` of input, in order; each worker process tokenizes whole shards (one core
 each: the `tokenizers` library's own threads are off) and a progress bar counts input bytes.
 Train on the result with `--config.data.source=/data/web_prepared`.
@@ -40,14 +43,14 @@ _BATCH_BYTES = 4 << 20  # text handed to the tokenizer per call
 
 
 def plan(source: str, tokenizer_spec: str, text_field: str = "text", max_bytes: int = 0,
-         shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
-  """What preparing `source` means: the tokenizer's identity and the inputs cut into shards
-  (lists of `sources.Piece`), all plain JSON."""
+         shard_bytes: int = SHARD_BYTES, encoder: str = "auto") -> dict[str, Any]:
+  """What preparing `source` means: the tokenizer's identity, the library that encodes with
+  it and the inputs cut into shards (lists of `sources.Piece`), all plain JSON."""
   if shard_bytes <= 0:
     raise ValueError(f"shard_bytes={shard_bytes} must be > 0")
   files = sources.cap_files([os.path.abspath(f) for f in sources.resolve_files(source)],
                             max_bytes)
-  tok = load_tokenizer(tokenizer_spec)
+  tok = load_tokenizer(tokenizer_spec, encoder)
   groups, current, size = [], [], 0
   for piece in sources.pieces(files, shard_bytes):
     current.append(list(piece))
@@ -60,14 +63,15 @@ def plan(source: str, tokenizer_spec: str, text_field: str = "text", max_bytes: 
   return {"format": shards_lib.FORMAT,
           "tokenizer": {"spec": tokenizer_spec, "fingerprint": fingerprint(tokenizer_spec),
                         "vocab_size": int(tok.vocab_size), "eos_id": int(tok.eos_id)},
+          "encoder": tok.encoder,
           "dtype": shards_lib.token_dtype(tok.vocab_size).str, "text_field": text_field,
           "sources": [{"path": f, "bytes": sources.input_bytes(f)} for f in files],
           "shards": groups}
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(spec: str) -> Tokenizer:
-  return load_tokenizer(spec)
+def _tokenizer(spec: str, encoder: str) -> Tokenizer:
+  return load_tokenizer(spec, encoder)
 
 
 def _flush(writer: shards_lib.ShardWriter, tok: Tokenizer, texts: list[str]) -> None:
@@ -79,9 +83,10 @@ def _flush(writer: shards_lib.ShardWriter, tok: Tokenizer, texts: list[str]) -> 
 
 
 def tokenize_shard(out: str, index: int, pieces: Sequence[Sequence[Any]], tokenizer_spec: str,
-                   text_field: str, dtype: str) -> dict[str, Any]:
-  """Tokenizes one shard's pieces into `out` and returns its record."""
-  tok = _tokenizer(tokenizer_spec)
+                   text_field: str, dtype: str, encoder: str = "tokenizers") -> dict[str, Any]:
+  """Tokenizes one shard's pieces into `out` with `encoder` (a library, as
+  `Tokenizer.encoder`) and returns its record."""
+  tok = _tokenizer(tokenizer_spec, encoder if encoder == "tiktoken" else "tokenizers")
   writer = shards_lib.ShardWriter(out, index, np.dtype(dtype))
   texts, size = [], 0
   for piece in pieces:
@@ -92,15 +97,15 @@ def tokenize_shard(out: str, index: int, pieces: Sequence[Sequence[Any]], tokeni
         _flush(writer, tok, texts)
         texts, size = [], 0
   _flush(writer, tok, texts)
-  return writer.finish(inputs=inputs_digest(pieces, fingerprint(tokenizer_spec), text_field,
-                                            dtype))
+  return writer.finish(encoder=tok.encoder, inputs=inputs_digest(
+      pieces, fingerprint(tokenizer_spec), text_field, dtype, tok.encoder))
 
 
 def inputs_digest(pieces: Sequence[Sequence[Any]], tokenizer_fingerprint: str,
-                  text_field: str, dtype: str) -> str:
+                  text_field: str, dtype: str, encoder: str) -> str:
   """What a shard is made from, as recorded with it (a finished shard is reused only for
   the same)."""
-  what = [list(map(list, pieces)), tokenizer_fingerprint, text_field, dtype]
+  what = [list(map(list, pieces)), tokenizer_fingerprint, text_field, dtype, encoder]
   return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
@@ -119,13 +124,14 @@ def _comparable(plan_: dict[str, Any], key: str) -> Any:
 
 
 def prepare(source: str, tokenizer: str, out: str, workers: int = 1, text_field: str = "text",
-            max_bytes: int = 0, shard_bytes: int = SHARD_BYTES, progress: bool = True
-            ) -> dict[str, Any]:
+            max_bytes: int = 0, shard_bytes: int = SHARD_BYTES, progress: bool = True,
+            encoder: str = "auto") -> dict[str, Any]:
   """Prepares `source` into `out` (resuming a partial run there) and returns the manifest.
-  `workers` > 1 tokenizes in that many processes, one core each."""
+  `workers` > 1 tokenizes in that many processes, one core each; `encoder` as
+  `load_tokenizer`'s."""
   if workers < 1:
     raise ValueError(f"workers={workers} must be >= 1")
-  want = plan(source, tokenizer, text_field, max_bytes, shard_bytes)
+  want = plan(source, tokenizer, text_field, max_bytes, shard_bytes, encoder)
   os.makedirs(out, exist_ok=True)
   plan_path = os.path.join(out, "plan.json")
   if os.path.exists(plan_path):
@@ -143,10 +149,10 @@ def prepare(source: str, tokenizer: str, out: str, workers: int = 1, text_field:
   groups = want["shards"]
   tok_fp = want["tokenizer"]["fingerprint"]
   records = {i: shards_lib.shard_is_done(out, shards_lib.shard_name(i), inputs_digest(
-      g, tok_fp, text_field, want["dtype"])) for i, g in enumerate(groups)}
+      g, tok_fp, text_field, want["dtype"], want["encoder"])) for i, g in enumerate(groups)}
   done = {i: r for i, r in records.items() if r is not None}
-  tasks = [(out, i, g, tokenizer, text_field, want["dtype"]) for i, g in enumerate(groups)
-           if i not in done]
+  tasks = [(out, i, g, tokenizer, text_field, want["dtype"], want["encoder"])
+           for i, g in enumerate(groups) if i not in done]
   group_bytes = [sum(p[4] for p in g) for g in groups]
   bar = tqdm.tqdm(total=sum(group_bytes), initial=sum(group_bytes[i] for i in done),
                   unit="B", unit_scale=True, desc="prepare", disable=not progress,
@@ -185,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--workers", type=int, default=1, help="tokenizer processes, one core "
                       "each")
   parser.add_argument("--text_field", default="text", help="JSONL / Parquet / dataset field")
+  parser.add_argument("--encoder", default="auto", choices=["auto", "tokenizers"],
+                      help="what runs a tokenizer.json: tiktoken where it reproduces the file "
+                      "(auto), or always the tokenizers library")
   parser.add_argument("--max_bytes", type=int, default=0, help="read at most this much "
                       "input, whole files (0: all)")
   parser.add_argument("--shard_bytes", type=int, default=SHARD_BYTES,
@@ -193,11 +202,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   _single_threaded_worker()  # One worker is one core, also in this process.
   try:
     m = prepare(args.source, args.tokenizer, args.out, args.workers, args.text_field,
-                args.max_bytes, args.shard_bytes)
+                args.max_bytes, args.shard_bytes, encoder=args.encoder)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"esjax.data.prepare: error: {e}")
+  encoders = sorted({r.get("encoder", "?") for r in m["shards"]})
   print(f"prepared {args.out}: {m['tokens']:,} tokens, {m['documents']:,} documents, "
-        f"{len(m['shards'])} shards ({m['dtype']})")
+        f"{len(m['shards'])} shards ({m['dtype']}, encoded by {', '.join(encoders)})")
 
 
 if __name__ == "__main__":
