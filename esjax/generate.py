@@ -48,6 +48,8 @@ def main(argv: list[str]) -> None:
   from esjax.eval import generation, loading, sampling  # pylint: disable=g-import-not-at-top
 
   jax.config.config_with_absl()
+  if not flags.FLAGS["verbosity"].present:  # orbax's lines on opening a checkpoint to read
+    logging.set_verbosity(logging.ERROR)     # it are noise here (--verbosity=-1 shows them)
   try:
     _check_flags()
     model, tokenizer, _ = loading.load(_CHECKPOINT.value, _CONFIG.value)

@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+
+from esjax.train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.max_bytes=150000", "--config.train.seq_len=32",
@@ -50,9 +54,22 @@ def test_train_writes_metrics_then_resumes(tmp_path):
   assert json.load(open(os.path.join(workdir, "model_config.json")))["n_experts"] == 8
 
   assert "step      3 | loss" in first.stdout  # The log line of each logged step.
+  # Each checkpoint records its step's loss and gradient norm (as logged) and largest
+  # |parameter| (as restored).
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  healths = {s: ckpt.health(s) for s in (2, 3)}
+  ckpt.close()
+  for s, h in healths.items():
+    assert h["loss"] == pytest.approx(records[s - 1]["loss"], rel=1e-6)
+    assert h["grad_norm"] == pytest.approx(records[s - 1]["grad_norm"], rel=1e-6)
+  _, params = checkpoint.restore_params(workdir)
+  biggest = max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(params))
+  assert healths[3]["max_abs_param"] == pytest.approx(biggest, rel=1e-6)
   second = run_main(*SMALL, "--config.train.steps=5", workdir=workdir, cache=cache)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from" in second.stdout and "/checkpoints/3" in second.stdout
+  assert f"/checkpoints/3 (loss {healths[3]['loss']:.4g}, gradient norm" in second.stdout
+  assert "close to a collapse" not in second.stderr
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5]
 

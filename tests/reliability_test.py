@@ -284,3 +284,88 @@ def test_binary_input_is_refused_naming_the_file(tmp_path, data, message):
   good = tmp_path / "good.txt"
   good.write_bytes("caf\u00e9 ".encode("utf-8") * 20000)  # multibyte chars across the probe
   assert sources.resolve_files(str(good)) == [str(good)]
+
+
+@pytest.fixture()
+def hf_folder(tmp_path):
+  """The tiny config's model exported as a Hugging Face folder (esjax's own writer)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from esjax.configs import tiny  # pylint: disable=g-import-not-at-top
+  from esjax.interop import hf  # pylint: disable=g-import-not-at-top
+  from esjax.models import Transformer  # pylint: disable=g-import-not-at-top
+  cfg = common.model_config(tiny.get_config())
+  folder = tmp_path / "hf"
+  hf.save_pretrained(Transformer(cfg, nnx.Rngs(0)), folder, max_shard_bytes=40_000)
+  return folder
+
+
+def _one_line_of_main(out):
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  return lines[-1]
+
+
+def test_truncated_safetensors_in_init_from_is_one_line(hf_folder, tmp_path):
+  shard = sorted(hf_folder.glob("*.safetensors"))[-1]
+  with open(shard, "r+b") as f:
+    f.truncate(shard.stat().st_size - 100)
+  out = run_main(*SMALL, f"--config.checkpoint.init_from={hf_folder}",
+                 workdir=str(tmp_path / "run"))
+  line = _one_line_of_main(out)
+  assert line.startswith("esjax: error: ") and f"{shard}: tensor" in line
+  assert "(truncated?)" in line
+
+
+@pytest.mark.parametrize("header, message", [
+    (b'{"w": "\xff"}', "header does not parse: UnicodeDecodeError"),
+    (b"\x00garbage", "header does not parse: JSONDecodeError"),
+    (b'{"w": {"dtype": "F32", "shape": [2]}}', "header does not parse: KeyError"),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}',
+     "tensor 'w' spans bytes 0..8, but its shape [4] of F32 takes 16"),
+    (b'{"w": {"dtype": "F32", "shape": "x", "data_offsets": [0, 8]}}',
+     "header does not parse: ValueError"),
+])
+def test_damaged_safetensors_header_is_one_line_naming_the_file(tmp_path, header, message):
+  from esjax.interop import safetensors_io  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "model.safetensors"
+  path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+  with pytest.raises(ValueError, match=re.escape(message)) as e:
+    safetensors_io.read_header(path)
+  assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("hidden_size"), "Hugging Face config: no hidden_size"),
+    (lambda c: c.update(hidden_size="64"), "hidden_size='64': expected a positive integer"),
+    (lambda c: c.update(num_hidden_layers=0), "num_hidden_layers=0: expected a positive"),
+    (lambda c: c.update(vocab_size=2.5), "vocab_size=2.5: expected a positive integer"),
+    (None, "config.json: not JSON"),
+])
+def test_damaged_hf_config_is_one_line(hf_folder, edit, message):
+  from esjax.interop import load  # pylint: disable=g-import-not-at-top
+  path = hf_folder / "config.json"
+  if edit is None:
+    path.write_bytes(b'{"hidden_size": 6\xff')
+  else:
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+  assert load.is_hf_folder(hf_folder)  # still taken for a Hugging Face folder, and refused
+  with pytest.raises(ValueError, match=re.escape(message)) as e:
+    load.read_config(hf_folder)
+  assert "\n" not in str(e.value)
+
+
+def test_resume_warning_names_a_huge_parameter_or_a_gradient_jump():
+  from esjax.train import guard  # pylint: disable=g-import-not-at-top
+  calm = [dict(loss=3.0, grad_norm=g, max_abs_param=2.0) for g in (1.0, 2.0, 3.0)]
+  assert guard.resume_warning(9, dict(loss=2.9, grad_norm=2.5, max_abs_param=3.0), calm) is None
+  assert guard.resume_warning(9, None, calm) is None  # saved before health was recorded
+  huge = guard.resume_warning(9, dict(loss=2.9, grad_norm=2.5, max_abs_param=2.2e12), calm)
+  assert huge.startswith("checkpoint step 9 may be close to a collapse: its largest "
+                         "|parameter| is 2.2e+12 (above 1e+04)")
+  jump = guard.resume_warning(9, dict(loss=2.9, grad_norm=41.0, max_abs_param=3.0), calm)
+  assert "gradient norm 41 is 20x the median 2 of the 3 earlier checkpoints" in jump
+  assert "lower optim.lr" in jump and "\n" not in jump
+  # No earlier checkpoint: no jump to measure.
+  assert guard.resume_warning(9, dict(loss=2.9, grad_norm=41.0, max_abs_param=3.0), []) is None

@@ -61,6 +61,16 @@ def _fail(msg: str):
   raise ValueError(f"Hugging Face config: {msg}")
 
 
+def _count(hf: dict[str, Any], key: str) -> int:
+  """A required field that counts something: a positive integer."""
+  if key not in hf:
+    _fail(f"no {key}")
+  value = hf[key]
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    _fail(f"{key}={value!r}: expected a positive integer")
+  return value
+
+
 def architecture(hf: dict[str, Any]) -> str:
   """The supported architecture name of an HF config dict, or a ValueError."""
   archs = hf.get("architectures") or []
@@ -164,21 +174,22 @@ def moe_layer_pattern(moe_layers: set[int], n_layers: int) -> tuple[int, int]:
 def _moe_fields(hf: dict[str, Any], model_type: str, n_layers: int) -> dict[str, Any]:
   n_experts = hf.get("num_experts", hf.get("num_local_experts", 0))
   if model_type == "mixtral":
-    top_k = hf["num_experts_per_tok"]  # top-1: weight 1, which softmax_topk renormalised is
+    # top-1: weight 1, which softmax_topk renormalised is
+    top_k = _count(hf, "num_experts_per_tok")
     if top_k == 1:
       return dict(n_experts=n_experts, top_k=1, routing_order="softmax_topk", renormalize=True)
     return dict(n_experts=n_experts, top_k=top_k, routing_order="topk_softmax")
   kw: dict[str, Any] = dict(routing_order="softmax_topk",
                             renormalize=bool(hf.get("norm_topk_prob")))
   if model_type == "olmoe":
-    return dict(kw, n_experts=n_experts, top_k=hf["num_experts_per_tok"])
+    return dict(kw, n_experts=n_experts, top_k=_count(hf, "num_experts_per_tok"))
   if not n_experts:
     return {}
   step, dense_only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
   moe = {i for i in range(n_layers) if i not in dense_only and (i + 1) % step == 0}
   first_k_dense, moe_every = moe_layer_pattern(moe, n_layers)
-  kw.update(n_experts=n_experts, top_k=hf["num_experts_per_tok"],
-            d_ff_expert=hf["moe_intermediate_size"], first_k_dense=first_k_dense,
+  kw.update(n_experts=n_experts, top_k=_count(hf, "num_experts_per_tok"),
+            d_ff_expert=_count(hf, "moe_intermediate_size"), first_k_dense=first_k_dense,
             moe_every=moe_every)
   shared = hf.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
   if shared:
@@ -198,7 +209,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
           "esjax has no output-projection or MLP biases")
   if hf.get("clip_qkv") is not None:
     _fail(f"clip_qkv={hf['clip_qkv']} is not supported (esjax does not clamp q/k/v)")
-  d, n_heads, n_layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+  d, n_heads, n_layers = (_count(hf, k) for k in ("hidden_size", "num_attention_heads",
+                                                   "num_hidden_layers"))
   head_dim = hf.get("head_dim") or d // n_heads
   if model_type == "olmoe" and head_dim * n_heads != d:
     _fail(f"OLMoE with head_dim={head_dim} * num_attention_heads={n_heads} != hidden_size={d}: "
@@ -207,9 +219,9 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
   dtype = dtype if dtype in DTYPES else "float32"
   kw: dict[str, Any] = dict(
-      vocab_size=hf["vocab_size"], d_model=d, n_layers=n_layers, n_heads=n_heads,
+      vocab_size=_count(hf, "vocab_size"), d_model=d, n_layers=n_layers, n_heads=n_heads,
       n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-      head_dim=0 if head_dim * n_heads == d else head_dim, d_ff=hf["intermediate_size"],
+      head_dim=0 if head_dim * n_heads == d else head_dim, d_ff=_count(hf, "intermediate_size"),
       norm_eps=hf.get("rms_norm_eps", _DEFAULT_EPS.get(model_type, 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), max_seq_len=max_pos,
       init_std=hf.get("initializer_range", 0.02), dtype=dtype, param_dtype=dtype,

@@ -34,7 +34,10 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
   if not path.is_dir() or not config.is_file():
     return False
   has_weights = any(p.suffix == ".safetensors" for p in path.iterdir())
-  return has_weights and "architectures" in json.loads(config.read_text())
+  try:
+    return has_weights and "architectures" in json.loads(config.read_text(encoding="utf-8"))
+  except ValueError:  # a damaged config.json beside weights: read_config says so
+    return has_weights
 
 
 def read_config(folder: str | os.PathLike, **overrides: Any) -> ModelConfig:
@@ -42,7 +45,13 @@ def read_config(folder: str | os.PathLike, **overrides: Any) -> ModelConfig:
   path = Path(folder) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"no config.json in {folder}: not a Hugging Face model folder")
-  return hf_config.config_from_hf(json.loads(path.read_text()), **overrides)
+  try:
+    hf = json.loads(path.read_text(encoding="utf-8"))
+  except ValueError as e:  # also UnicodeDecodeError
+    raise ValueError(f"{path}: not JSON ({str(e)[:80]})") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+  return hf_config.config_from_hf(hf, **overrides)
 
 
 def _resolve(target: Target | Callable[[ModelConfig], Any], cfg: ModelConfig) -> Any:

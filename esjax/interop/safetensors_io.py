@@ -51,20 +51,28 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
     if not 0 < n <= size - 8:
       raise ValueError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
-    header = json.loads(f.read(n))
+    try:
+      header = json.loads(f.read(n))
+      entries = [(name, info["dtype"], tuple(int(x) for x in info["shape"]),
+                  *(int(x) for x in info["data_offsets"]))
+                 for name, info in header.items() if name != "__metadata__"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{path}: not a safetensors file (its {n}-byte header does not parse: "
+                       f"{type(e).__name__}: {str(e)[:80]})") from None
   out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, expected one of "
+  for name, dtype, shape, begin, end in entries:
+    if dtype not in _DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, expected one of "
                        f"{sorted(_DTYPES)}")
-    begin, end = info["data_offsets"]
     if 8 + n + end > size:
       raise ValueError(f"{path}: tensor {name!r} ends at byte {8 + n + end} of a {size}-byte "
                        "file (truncated?)")
-    out[name] = TensorInfo(path.name, np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"]),
-                           8 + n + begin, end - begin)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+    if not 0 <= begin <= end or end - begin != nbytes:
+      raise ValueError(f"{path}: tensor {name!r} spans bytes {begin}..{end}, but its shape "
+                       f"{list(shape)} of {dtype} takes {nbytes}")
+    out[name] = TensorInfo(path.name, np.dtype(_DTYPES[dtype]), shape, 8 + n + begin,
+                           end - begin)
   return out
 
 

@@ -6,7 +6,9 @@ Each checkpoint is a Composite of five items:
   `opt_state`     the optax state,
   `data`          the data iterator's position (JSON),
   `model_config`  the `ModelConfig` as JSON, so a checkpoint says what it holds,
-  `stage_format`  how the layers are stacked (JSON; `restore_params` unstacks them).
+  `stage_format`  how the layers are stacked (JSON; `restore_params` unstacks them),
+  `health`        the saved step's loss, gradient norm and largest |parameter| (JSON; a
+                  resume near a collapse says so, `esjax.train.guard.resume_warning`).
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed at any moment leaves either a whole checkpoint or one that is never listed (leftover
 temporary directories are removed the next time the manager opens). The last `keep` are kept.
@@ -51,7 +53,7 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("params", "opt_state", "data", "model_config", "stage_format",
-                    "buffers"))
+                    "buffers", "health"))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -105,8 +107,9 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def save(self, state: TrainState, data_state: dict[str, Any], model_cfg: ModelConfig,
-           fmt: stages.StageFormat) -> int:
-    """Saves `state` as step `state.step` (async when configured); returns the step."""
+           fmt: stages.StageFormat, health: dict[str, float] | None = None) -> int:
+    """Saves `state` as step `state.step` (async when configured), with `health` (numbers
+    about it) when given; returns the step."""
     step = int(jax.device_get(state.step))
     items = dict(params=ocp.args.StandardSave(state.params),
                  opt_state=ocp.args.StandardSave(state.opt_state),
@@ -115,6 +118,8 @@ class Checkpointer:
                  stage_format=ocp.args.JsonSave(fmt.to_dict()))
     if jax.tree.leaves(state.buffers):
       items["buffers"] = ocp.args.StandardSave(state.buffers)
+    if health:
+      items["health"] = ocp.args.JsonSave(health)
     self.wait()
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
     self._unsealed.append(step)
@@ -165,6 +170,13 @@ class Checkpointer:
     if target.step.sharding is not None:
       state = state.replace(step=jax.device_put(state.step, target.step.sharding))
     return state, dict(out.data)
+
+  def health(self, step: int) -> dict[str, float] | None:
+    """What `save` recorded about `step` (None for a checkpoint saved without)."""
+    if not os.path.isdir(os.path.join(self.step_dir(step), "health")):
+      return None
+    out = self._mngr.restore(step, args=ocp.args.Composite(health=ocp.args.JsonRestore()))
+    return dict(out.health)
 
   def model_config(self, step: int | None = None) -> ModelConfig:
     step = self.latest_step() if step is None else step

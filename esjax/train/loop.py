@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -104,7 +106,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if latest is not None:
       state, data_state = ckpt.restore(latest, steps.abstract_state, engine.fmt)
       data.train.restore(data_state)
-      tqdm.tqdm.write(f"resumed from {ckpt.step_dir(latest)}")
+      health = ckpt.health(latest)
+      tqdm.tqdm.write(f"resumed from {ckpt.step_dir(latest)}" + (
+          f" (loss {health['loss']:.4g}, gradient norm {health['grad_norm']:.3g}, largest "
+          f"|parameter| {health['max_abs_param']:.3g})" if health else ""))
+      earlier = [ckpt.health(s) for s in ckpt.all_steps() if s < latest]
+      warning = guard_lib.resume_warning(latest, health, [h for h in earlier if h])
+      if warning and is_main:
+        print(f"esjax: warning: {warning}", file=sys.stderr, flush=True)
     else:
       params = None
       if config.checkpoint.init_from:
@@ -145,6 +154,9 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
   summary: dict[str, Any] = {"step": start, "first_loss": None, "last_loss": None,
                              "val_loss": None, "stopped": None}
   clock = {"step": start, "time": time.perf_counter()}
+  last = {}  # loss and gradient norm of the last step that passed the guard
+  max_abs = jax.jit(lambda p: jnp.max(jnp.stack(
+      [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(p)])))
   bar = tqdm.tqdm(total=tc.steps, initial=start, desc="train", unit="step",
                   mininterval=1.0, dynamic_ncols=True, disable=not is_main)
 
@@ -164,6 +176,7 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
       raise guard_lib.TrainingCollapsed(f"{e}{where()}") from None
     summary["first_loss"] = loss if summary["first_loss"] is None else summary["first_loss"]
     summary.update(step=step, last_loss=loss)
+    last.update(loss=loss, grad_norm=grad_norm)
     bar.update(step - bar.n)
     if step == start + 1:  # Throughput excludes the first step (compilation).
       clock.update(step=step, time=time.perf_counter())
@@ -208,7 +221,8 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
     if step == tc.steps or (cc.every and step % cc.every == 0) or stopped:
       finish(*pending)  # A checkpoint only after its step's loss passed the guard.
       pending = None
-      ckpt.save(state, data.train.state(), model_cfg, steps.engine.fmt)
+      ckpt.save(state, data.train.state(), model_cfg, steps.engine.fmt,
+                health=dict(last, max_abs_param=float(jax.device_get(max_abs(state.params)))))
     if stopped:
       summary["stopped"] = stopped
       break
