@@ -94,3 +94,29 @@ def test_killed_worker_does_not_stop_the_others_or_lose_the_model(tmp_path):
   restored, version = again._initial_params()
   assert version == summary["version"]
   assert again.eval_loss(restored) == pytest.approx(summary["val_loss"], rel=1e-6)
+
+
+def test_dead_server_stops_the_run_in_one_line_and_the_rerun_resumes(tmp_path):
+  config = _config("oneway", **{"train.num_workers": 2, "train.steps_per_worker": 400,
+                                "train.eval_every": 4})
+  training = runtime.AsyncTraining(config, str(tmp_path))
+  training.start()
+  deadline = time.time() + 120
+  while training.saved is None:  # a checkpoint of the server model exists
+    assert time.time() < deadline, "no evaluation/checkpoint came"
+    training.poll(timeout=0.2)
+  training.ckpt.wait_until_finished()
+  saved = training.saved
+  ray.kill(training.server)
+  with pytest.raises(runtime.ServerDied) as e:
+    while not training.done:
+      training.poll(timeout=0.2)
+  message = str(e.value)
+  assert message.startswith("the parameter server died (") and "\n" not in message
+  assert f"resume from its checkpoint at version {saved}" in message
+  assert training.done  # the workers were stopped
+  for actor in training.workers.values():
+    with pytest.raises(ray.exceptions.RayActorError):
+      ray.get(actor.run.remote(1), timeout=60)
+  again = runtime.AsyncTraining(config, str(tmp_path))
+  assert again._initial_params()[1] >= saved  # pylint: disable=protected-access

@@ -27,11 +27,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from esjax.distributed.runtime import AsyncTraining  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from esjax.distributed.runtime import AsyncTraining, ServerDied
 
   try:
     summary = AsyncTraining(_CONFIG.value, _WORKDIR.value).run()
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, ServerDied) as e:
     logging.info("full traceback:", exc_info=True)
     sys.exit(f"esjax.distributed: error: {e}")
   print(json.dumps(summary))

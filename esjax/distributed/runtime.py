@@ -6,7 +6,8 @@ arrival order. The driver (`AsyncTraining`) only watches: it drains the server's
 records into `metrics.jsonl`, evaluates and checkpoints the server's model from time to
 time, and notes workers that die. A dead worker costs its remaining steps, nothing else: the
 server and the other workers go on, and the model lives in the server actor (and in the
-last checkpoint).
+last checkpoint). A dead server ends the run (`ServerDied`: the workers are stopped, and the
+same command resumes from the last checkpoint).
 
 `init_ray(None)` starts Ray on this machine; `init_ray("auto")` or `init_ray("host:6379")`
 joins a running cluster (`ray start --head` on one node, `ray start --address=...` on the
@@ -51,6 +52,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
   # "local": always a fresh instance here, never a cluster `ray start` left running.
   kwargs = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
   ray.init(address=address or "local", runtime_env=runtime_env, log_to_driver=True, **kwargs)
+
+
+class ServerDied(RuntimeError):
+  """The parameter server actor is gone, and with it the model since the last checkpoint."""
 
 
 @ray.remote
@@ -99,6 +104,8 @@ class AsyncTraining:
     self.finished: dict[int, dict[str, Any]] = {}
     self.dead: dict[int, str] = {}
     self.last_eval = -1
+    self.version = 0  # the server's, as last seen
+    self.saved: int | None = None  # the last checkpoint's version
     self.staleness_sum = self.staleness_n = 0
     self.updates_by_worker: dict[int, int] = {}  # server updates logged, per worker
     self.writer = None
@@ -184,22 +191,41 @@ class AsyncTraining:
 
   def run(self) -> dict[str, Any]:
     self.start()
-    while not self.done:
-      self.poll()
+    try:
+      while not self.done:
+        self.poll()
+    except ServerDied:
+      self.writer.close()
+      raise
     return self.finish()
 
   # --- helpers -------------------------------------------------------------------------------
 
+  def _ask_server(self, method: str) -> Any:
+    """`server.method()`; if the server is dead, stops the workers and raises ServerDied."""
+    try:
+      return ray.get(getattr(self.server, method).remote())
+    except ray.exceptions.RayActorError as e:
+      for actor in self.workers.values():
+        ray.kill(actor)
+      self.running.clear()
+      resume = (f"run the same command to resume from its checkpoint at version {self.saved}"
+                if self.saved is not None else "no checkpoint was written")
+      raise ServerDied(f"the parameter server died ({type(e).__name__}) after version "
+                       f"{self.version}; the workers were stopped; {resume}") from None
+
   def server_version(self) -> int:
-    return ray.get(self.server.get_version.remote())
+    self.version = self._ask_server("get_version")
+    return self.version
 
   def server_params(self) -> tuple[Any, dict[str, Any]]:
     """The server's model as an nnx.State, and its counters."""
-    snap = ray.get(self.server.snapshot.remote())
+    snap = self._ask_server("snapshot")
+    self.version = snap["version"]
     return self.treedef.unflatten(snap.pop("params")), snap
 
   def _log_records(self) -> None:
-    for rec in ray.get(self.server.drain_records.remote()):
+    for rec in self._ask_server("drain_records"):
       self.staleness_sum += rec["staleness"]
       self.staleness_n += 1
       self.updates_by_worker[rec["worker"]] = self.updates_by_worker.get(rec["worker"], 0) + 1
@@ -226,6 +252,7 @@ class AsyncTraining:
       # The checkpoint step is the server version.
       self.ckpt.save(snap["version"], args=ocp.args.StandardSave(
           {"params": nnx.to_pure_dict(params)}))
+      self.saved = snap["version"]
     return snap
 
   def _initial_params(self) -> tuple[list[np.ndarray], int]:
@@ -239,6 +266,7 @@ class AsyncTraining:
     restored = self.ckpt.restore(step, args=ocp.args.StandardRestore(target))
     nnx.replace_by_pure_dict(state, restored["params"])
     logging.info("resuming the server model from %s at version %d", self.workdir, step)
+    self.saved = self.version = int(step)
     return [np.asarray(x) for x in jax.tree.leaves(state)], int(step)
 
 
