@@ -398,6 +398,21 @@ def test_eval_and_generate_commands(tmp_path, model):
   assert gen.stdout.startswith("def add(" + want)
 
 
+@pytest.mark.parametrize("cli, args, message", [
+    ("esjax.eval", ["--tasks=nosuchtask"], "--tasks: 'nosuchtask' does not exist"),
+    ("esjax.generate", ["--prompt=hi", "--max_len=100000"], "--max_len=100000 exceeds"),
+])
+def test_errors_after_loading_a_checkpoint_are_the_only_line(tmp_path, model, cli, args,
+                                                              message):
+  _make_run(str(tmp_path), model)
+  out = subprocess.run([sys.executable, "-m", cli, f"--checkpoint={tmp_path}", *args],
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                       text=True)
+  lines = out.stderr.strip().splitlines()  # nothing before it (orbax's lines) or after
+  assert out.returncode != 0 and len(lines) == 1, out.stderr
+  assert lines[0].startswith(f"{cli}: error: ") and message in lines[0]
+
+
 # A tiny Hugging Face Llama (built with transformers on CPU) and a tokenizer trained here --------
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Question: What is two plus two?",

@@ -85,6 +85,8 @@ def main(argv: list[str]) -> None:
   from esjax.eval import harness, loading, tasks  # pylint: disable=g-import-not-at-top
 
   jax.config.config_with_absl()
+  if not flags.FLAGS["verbosity"].present:  # orbax's lines on opening a checkpoint to read
+    logging.set_verbosity(logging.ERROR)     # it are noise here (--verbosity=-1 shows them)
   t0 = time.perf_counter()
   try:
     _check_flags()
