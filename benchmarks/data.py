@@ -13,7 +13,9 @@ reading `--read_batches` batches of `--batch` x `--seq_len` twice (RssAnon: memo
 process owns; RssFile: file pages mapped into it). Read throughput is the iterator's
 (shuffle, blend, checks, read, int32) on a warm page cache: `first_read_tokens_per_s`
 includes checksumming each block the first time it is touched (`blocks_checked`: the
-fraction checked by then), `read_tokens_per_s` is the second pass. Each corpus is deleted
+fraction checked by then), `read_tokens_per_s` is the second pass, and
+`memmap_copy_tokens_per_s` the same number of rows copied straight out of `np.memmap`s in
+the same process, the reference it is compared with (`read_vs_memmap_copy`). Each corpus is deleted
 after its measurement.
 
 Prepare throughput runs the real CLI (`python -m esjax.data.prepare`, wall clock, process
@@ -120,14 +122,39 @@ def measure_reading(directory: str, tokenizer: str, seq_len: int, batch: int, n_
       next(data.train)
     rates.append(round(n_batches * batch * seq_len / (time.perf_counter() - t0)))
   after = _status_mib()
-  checked = data.train.parts[0].corpus._checked  # pylint: disable=protected-access
+  corpus = data.train.parts[0].corpus
+  checked = corpus._checked  # pylint: disable=protected-access
+  reference = memmap_copy_tokens_per_s(corpus, seq_len + 1, batch, n_batches)
   return {"start_s": round(start, 3),
           "rss_anon_mib_at_start": round(at_start["RssAnon"] - before["RssAnon"], 1),
           "rss_anon_mib": round(after["RssAnon"] - before["RssAnon"], 1),
           "rss_file_mib": round(after["RssFile"] - before["RssFile"], 1),
           "first_read_tokens_per_s": rates[0], "read_tokens_per_s": rates[1],
+          "memmap_copy_tokens_per_s": reference,
+          "read_vs_memmap_copy": round(rates[1] / reference, 3),
           "blocks_checked": round(float(np.mean(np.concatenate(checked))), 3),
           "windows": len(data.train.parts[0])}
+
+
+def memmap_copy_tokens_per_s(corpus: shards.Corpus, length: int, batch: int,
+                             n_batches: int, seed: int = 1) -> int:
+  """The floor of reading, as a reference: rows of `length` tokens at random places of the
+  shards, copied out of `np.memmap`s and widened to int32 (no shuffle, blend or checks);
+  the second of two passes over the same rows (a warm page cache, as the reader's)."""
+  maps = [np.memmap(os.path.join(corpus.directory, s["name"] + ".bin"), corpus.dtype, "r")
+          for s in corpus.shards]
+  rng = np.random.default_rng(seed)
+  which = rng.integers(0, len(maps), (n_batches, batch))
+  starts = rng.integers(0, [len(maps[s]) - length for s in which.ravel()]).reshape(which.shape)
+  for _ in range(2):
+    t0 = time.perf_counter()
+    for shard_ids, begin in zip(which.tolist(), starts.tolist()):
+      rows = np.empty((batch, length), corpus.dtype)
+      for i, (s, a) in enumerate(zip(shard_ids, begin)):
+        rows[i] = maps[s][a:a + length]
+      rows.astype(np.int32)
+    rate = n_batches * batch * (length - 1) / (time.perf_counter() - t0)
+  return round(rate)
 
 
 def _child(args: list[str]) -> dict:
