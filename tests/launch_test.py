@@ -107,6 +107,29 @@ def test_local_two_processes_equal_one_process(tmp_path, single_process_losses):
   assert [n.split("-rank")[1] for n in logs] == ["0.log", "1.log"]
   assert os.listdir(workdir / "checkpoints") == [str(STEPS)]
   _check_same_losses(workdir, single_process_losses)
+  # Each process wrote the manifest of its own files; a flipped byte in a file of process 1
+  # is found at resume (by the process it falls to) and refused on both.
+  step = workdir / "checkpoints" / str(STEPS)
+  names = sorted(n for n in os.listdir(step) if n.startswith("esjax_manifest"))
+  assert names == ["esjax_manifest.1.json", "esjax_manifest.json"]
+  listed = [json.load(open(step / n))["files"] for n in names]
+  assert not set(listed[0]) & set(listed[1]) and all(listed)
+  victim = max(listed[0], key=lambda rel: listed[0][rel][0])
+  assert "process_1" in victim
+  with open(step / victim, "r+b") as f:
+    f.seek(os.path.getsize(step / victim) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  again = subprocess.run(["launch/local.sh", "2", CONFIG, str(workdir), *OVERRIDES,
+                          f"train.steps={STEPS + 1}"], cwd=ROOT,
+                         env=_env(ESJAX_CPU_DEVICES="4", ESJAX_PORT=_free_port()),
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode != 0
+  for name in sorted(os.listdir(workdir / "logs")):
+    log = open(workdir / "logs" / name).read()
+    assert f"{victim} differs from what was saved" in log, log[-2000:]
+    assert "every checkpoint in" in log and "failed verification" in log, log[-2000:]
 
 
 def _stand_in(directory, name, body):

@@ -111,6 +111,32 @@ def test_checkpoint_without_manifest_still_restores(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored.params, states[1].params)
 
 
+def test_each_process_checksums_the_files_it_wrote_and_checks_its_share(tmp_path):
+  """A two-process step as orbax lays it out: each process's manifest lists its own files,
+  together every file; a verifying process reads only its share of the manifests."""
+  files = {"_CHECKPOINT_METADATA": 0, "params/_METADATA": 0, "params/d/root": 0,
+           "params/ocdbt.process_0/d/a": 0, "params/array_metadatas/process_0": 0,
+           "params/ocdbt.process_1/d/b": 1, "params/ocdbt.process_1/manifest.ocdbt": 1,
+           "params/array_metadatas/process_1": 1, "opt_state/ocdbt.process_12/d/c": 12}
+  step = tmp_path / "7"
+  for rel in files:
+    (step / rel).parent.mkdir(parents=True, exist_ok=True)
+    (step / rel).write_bytes(rel.encode() * 100)
+  assert {rel: integrity.owner(rel) for rel in files} == files
+  for process in (0, 1, 12):
+    integrity.write(str(step), process)
+  assert integrity.manifests(str(step)) == [
+      "esjax_manifest.json", "esjax_manifest.1.json", "esjax_manifest.12.json"]
+  listed = [set(json.load(open(step / n))["files"]) for n in integrity.manifests(str(step))]
+  assert listed == [{r for r, p in files.items() if p == q} for q in (0, 1, 12)]
+  _flip(str(step / "params/ocdbt.process_1/d/b"))
+  # Two verifying processes: manifests 0 and 12 go to the first, 1 to the second.
+  assert integrity.problem(str(step), 0, 2) is None
+  assert integrity.problem(str(step), 1, 2) == ("params/ocdbt.process_1/d/b differs from "
+                                                "what was saved (CRC-32 mismatch)")
+  assert "process_1/d/b differs" in integrity.problem(str(step))  # one process checks all
+
+
 def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path, capfd):
   lock = workdir.Lock(str(tmp_path))
   holder = subprocess.run(  # another process (flock is per open file, not per thread)

@@ -13,9 +13,10 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 killed at any moment leaves either a whole checkpoint or one that is never listed (leftover
 temporary directories are removed the next time the manager opens). The last `keep` are kept.
 
-Each completed step also gets a checksum manifest (`esjax.train.integrity`), written by
-process 0 once orbax has finished it. `latest_good_step` verifies steps newest first: a step
-that does not match its manifest is moved aside to `<checkpoints>.corrupt/` (never deleted)
+Each completed step also gets checksum manifests (`esjax.train.integrity`): each process
+checksums the files it wrote once orbax has finished the step. `latest_good_step` verifies
+steps newest first, the manifests shared out over the processes and the verdict agreed by
+all: a step that does not match is moved aside to `<checkpoints>.corrupt/` (never deleted)
 with a one-line warning, and the run resumes from the newest step that matches;
 `restore_params` (init_from, esjax.eval, esjax.generate) refuses a step that does not.
 """
@@ -27,6 +28,7 @@ import sys
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -68,7 +70,7 @@ class Checkpointer:
     steps = sorted(self.all_steps(), reverse=True)
     bad = []
     for step in steps:
-      why = integrity.problem(self.step_dir(step))
+      why = verify(self.step_dir(step))
       if why is None:
         break
       bad.append((step, why))
@@ -96,11 +98,14 @@ class Checkpointer:
     return good
 
   def _seal(self) -> None:
-    """Writes the manifests of the finished saves of this process (process 0 only)."""
-    if jax.process_index() == 0 and not self._read_only:
+    """Writes this process's manifests of the finished saves (every process waits for all
+    first: process 0 renames a step into place once every process has written its part)."""
+    if self._unsealed and not self._read_only:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("esjax_checkpoint_seal")
       for step in self._unsealed:
         if os.path.isdir(self.step_dir(step)):  # max_to_keep may have removed it already
-          integrity.write(self.step_dir(step))
+          integrity.write(self.step_dir(step), jax.process_index())
     self._unsealed = []
 
   def all_steps(self) -> list[int]:
@@ -202,6 +207,26 @@ class Checkpointer:
     self._mngr.close()
 
 
+def _agree(reason: str | None) -> str | None:
+  """The first process's reason that is not None, the same on every process."""
+  if jax.process_count() == 1:
+    return reason
+  data = np.zeros(512, np.uint8)
+  text = (reason or "").encode("utf-8")[:512]
+  data[:len(text)] = np.frombuffer(text, np.uint8)
+  for row in multihost_utils.process_allgather(data):
+    found = bytes(row).rstrip(b"\0").decode("utf-8", errors="replace")
+    if found:
+      return found
+  return None
+
+
+def verify(step_dir: str) -> str | None:
+  """What is wrong with a saved step (`integrity.problem`), each process checking its share
+  of the manifests, the verdict the same on every process; None if nothing."""
+  return _agree(integrity.problem(step_dir, jax.process_index(), jax.process_count()))
+
+
 def _locate(path: str) -> tuple[str, int]:
   """(checkpoints directory, step) for a run's workdir, its checkpoints directory, or one
   step directory inside it."""
@@ -230,7 +255,7 @@ def restore_params(path: str, shardings: Any = None) -> tuple[ModelConfig, Any]:
   layers, and the unstacking runs under jit with those output shardings. By default they are
   built on the default device."""
   directory, step = _locate(path)
-  why = integrity.problem(os.path.join(directory, str(step)))
+  why = verify(os.path.join(directory, str(step)))
   if why is not None:
     raise ValueError(f"checkpoint {directory}/{step} is corrupt ({why})")
   ckpt = Checkpointer(directory, keep=0, async_save=False, read_only=True)

@@ -1,12 +1,19 @@
 """Checksum manifests of checkpoint steps: what was saved, so that what is read back is known
 to be the same.
 
-`write(step_dir)` records every file's size and CRC-32 in `<step_dir>/MANIFEST`, computed
-from the files once the save is complete (orbax has renamed the step directory into place);
-`problem(step_dir)` re-reads them and names the first file that is missing, resized or
-changed (None when all match). A step without a manifest (written by an older esjax, or a
-run killed between the save and its manifest) cannot be verified: `problem` says so with
-`unverified=True` rather than failing it.
+Each process checksums the files it wrote: `write(step_dir, process)` records the size and
+CRC-32 of the files `owner` gives to that process (orbax's `ocdbt.process_N/` and
+`array_metadatas/process_N` are process N's; everything else, metadata, is process 0's) in
+`esjax_manifest.json` (process 0) or `esjax_manifest.N.json`, once the step is complete
+(orbax has renamed its directory into place). So the work and the reading are split like the
+save, and a multi-terabyte checkpoint is not read through one process.
+
+`problem(step_dir, process, count)` re-reads the manifests assigned to `process` of `count`
+verifying ones (round-robin over the manifests, whatever the number of processes that wrote
+them) and names the first file that is missing, resized or changed (None when all match);
+the caller agrees the verdict across processes. A file no manifest lists (a step of an older
+esjax, or a run killed between the save and its manifests) is not verified: `problem` says
+so only when asked with `unverified=True`.
 
 CRC-32 reads at disk speed and catches flipped bytes, truncation and deletion; it is not a
 defence against deliberate tampering.
@@ -16,12 +23,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 
 from esjax.data import shards
 
 MANIFEST = "esjax_manifest.json"
+_MANIFEST_OF = re.compile(r"esjax_manifest(?:\.(\d+))?\.json")
+_OWNED = re.compile(r"(?:^|/)(?:ocdbt\.process_|array_metadatas/process_)(\d+)(?:/|$)")
 _CHUNK = 1 << 24
+
+
+def manifest_name(process: int) -> str:
+  return MANIFEST if process == 0 else f"esjax_manifest.{process}.json"
+
+
+def owner(rel: str) -> int:
+  """The process that writes file `rel` of a step (orbax's per-process directories)."""
+  match = _OWNED.search(rel)
+  return int(match.group(1)) if match else 0
 
 
 def _crc(path: str) -> int:
@@ -37,41 +57,51 @@ def _files(step_dir: str) -> list[str]:
   for root, _, names in os.walk(step_dir):
     for name in names:
       rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel != MANIFEST:
+      if not _MANIFEST_OF.fullmatch(rel):
         out.append(rel)
   return sorted(out)
 
 
+def manifests(step_dir: str) -> list[str]:
+  """The manifest files of a step, in process order."""
+  names = [n for n in os.listdir(step_dir) if _MANIFEST_OF.fullmatch(n)]
+  return sorted(names, key=lambda n: int(_MANIFEST_OF.fullmatch(n).group(1) or 0))
+
+
 def has_manifest(step_dir: str) -> bool:
-  return os.path.exists(os.path.join(step_dir, MANIFEST))
+  return os.path.isdir(step_dir) and bool(manifests(step_dir))
 
 
-def write(step_dir: str) -> None:
-  """Writes the manifest of a complete step directory (atomically)."""
+def write(step_dir: str, process: int = 0) -> None:
+  """Writes `process`'s manifest of a complete step directory (atomically)."""
   files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc(os.path.join(step_dir, rel))]
-           for rel in _files(step_dir)}
-  shards.write_json(os.path.join(step_dir, MANIFEST), {"format": 1, "files": files})
+           for rel in _files(step_dir) if owner(rel) == process}
+  shards.write_json(os.path.join(step_dir, manifest_name(process)),
+                    {"format": 1, "process": process, "files": files})
 
 
-def problem(step_dir: str, unverified: bool = False) -> str | None:
-  """What is wrong with a step directory against its manifest, or None if every file matches.
-  Without a manifest: None, or 'no checksum manifest' when `unverified` is asked for."""
+def problem(step_dir: str, process: int = 0, count: int = 1, unverified: bool = False
+            ) -> str | None:
+  """What is wrong with a step directory against the manifests this `process` of `count`
+  checks, or None if every file they list matches. With no manifest at all: None, or 'no
+  checksum manifest' when `unverified` is asked for."""
   if not os.path.isdir(step_dir):
     return "the step directory is missing"
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
+  names = manifests(step_dir)
+  if not names:
     return "no checksum manifest" if unverified else None
-  try:
-    with open(path, encoding="utf-8") as f:
-      files = json.load(f)["files"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return f"its manifest {MANIFEST} is unreadable ({type(e).__name__})"
-  for rel, (size, crc) in sorted(files.items()):
-    full = os.path.join(step_dir, rel)
-    if not os.path.isfile(full):
-      return f"{rel} is missing"
-    if os.path.getsize(full) != size:
-      return f"{rel} has {os.path.getsize(full)} bytes, {size} were saved"
-    if _crc(full) != crc:
-      return f"{rel} differs from what was saved (CRC-32 mismatch)"
+  for name in names[process::count]:
+    try:
+      with open(os.path.join(step_dir, name), encoding="utf-8") as f:
+        files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      return f"its manifest {name} is unreadable ({type(e).__name__})"
+    for rel, (size, crc) in sorted(files.items()):
+      full = os.path.join(step_dir, rel)
+      if not os.path.isfile(full):
+        return f"{rel} is missing"
+      if os.path.getsize(full) != size:
+        return f"{rel} has {os.path.getsize(full)} bytes, {size} were saved"
+      if _crc(full) != crc:
+        return f"{rel} differs from what was saved (CRC-32 mismatch)"
   return None
