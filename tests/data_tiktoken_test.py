@@ -189,6 +189,10 @@ def test_a_sampled_difference_stops_the_prepare_in_one_line(tmp_path, monkeypatc
     tokenizer.load_tokenizer(path, "auto").encode_batch(
         [t for t in texts if "import" in t] * tokenizer.HFTokenizer.VERIFY_EVERY)
   assert "\n" not in str(e.value)
+  # A long document is checked on its first VERIFY_CHARS characters.
+  long = "import x\n" * tokenizer.HFTokenizer.VERIFY_CHARS
+  with pytest.raises(ValueError, match="differently"):
+    tokenizer.load_tokenizer(path, "auto").encode_batch([long])
 
 
 def test_prepare_auto_writes_the_tokenizers_bytes_and_records_the_encoder(tmp_path):
