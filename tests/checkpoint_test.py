@@ -107,6 +107,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
       proc.kill()
   assert not os.path.isdir(tmp_path / "2")
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
+  assert sorted(os.listdir(tmp_path)) == ["1"]  # the partial step 2 is deleted at open
   assert ckpt.all_steps() == [1]
   big_cfg = ckpt.model_config(1)
   tx = optax.adamw(1e-3)

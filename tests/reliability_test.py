@@ -52,7 +52,8 @@ def _flip(path, n=55):
     f.write(data)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "empty_step"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "empty_step",
+                                    "empty_step_and_manifest"])
 def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(
     tmp_path, damage, capfd):
   states, engine, tx = _saved(tmp_path)
@@ -67,7 +68,7 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(
     os.remove(victim)
   else:
     for f in os.listdir(step_dir):
-      if f != integrity.MANIFEST:
+      if f != integrity.MANIFEST or damage == "empty_step_and_manifest":
         os.system(f"rm -r '{os.path.join(step_dir, f)}'")
   assert integrity.problem(step_dir) is not None
 
@@ -182,6 +183,23 @@ def test_out_of_range_values_are_refused_naming_the_field(field, value, message)
     common.check_ranges(config)
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
   common.check_ranges(common.base_config())  # the defaults pass
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("init_std", -1.0, "init_std=-1.0 must be a finite number > 0"),
+    ("init_std", float("nan"), "init_std=nan must be a finite number > 0"),
+    ("router_init_std", -0.1, "router_init_std=-0.1 must be a finite number >= 0"),
+    ("norm_eps", 0.0, "norm_eps=0.0 must be a finite number > 0"),
+    ("aux_loss_coef", float("inf"), "aux_loss_coef=inf must be a finite number >= 0"),
+    ("z_loss_coef", -1e-3, "z_loss_coef=-0.001 must be a finite number >= 0"),
+    ("rope_theta", 0.0, "rope_theta=0.0 must be a finite number > 0"),
+])
+def test_out_of_range_model_values_are_refused_naming_the_field(field, value, message):
+  from esjax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  base = common.model_config(common.base_config()).to_dict()
+  with pytest.raises(ValueError, match=re.escape(f"ModelConfig: {message}")):
+    ModelConfig.from_dict({**base, field: value})
+  assert ModelConfig.from_dict({**base, field: 0.5}) is not None  # a plain value passes
 
 
 def test_refused_resume_leaves_the_run_record_alone(tmp_path):
@@ -395,3 +413,52 @@ def test_resume_warning_names_a_huge_parameter_or_a_gradient_jump():
   assert "lower optim.lr" in jump and "\n" not in jump
   # No earlier checkpoint: no jump to measure.
   assert guard.resume_warning(9, dict(loss=2.9, grad_norm=41.0, max_abs_param=3.0), []) is None
+
+
+def test_a_save_the_disk_has_no_room_for_is_refused_before_writing(tmp_path, monkeypatch):
+  states, engine, tx = _saved(tmp_path, steps=(1,))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=0)
+  free = 1 << 20
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil_usage(free))
+  with pytest.raises(ValueError, match=r"checkpoint step 2 needs about [\d.]+ MiB but .* has "
+                     r"1.0 MiB free; the checkpoints of steps \[1\] are intact: free space"):
+    ckpt.save(states[1].replace(step=jnp.asarray(2, jnp.int32)), {"position": 2}, CFG,
+              engine.fmt)
+  assert ckpt.all_steps() == [1] and sorted(os.listdir(tmp_path)) == ["1"]
+  ckpt.close()
+
+
+def shutil_usage(free):
+  import shutil  # pylint: disable=g-import-not-at-top
+  return shutil._ntuple_diskusage(free * 4, free * 3, free)  # pylint: disable=protected-access
+
+
+def _mount_tmpfs(path, size):
+  path.mkdir()
+  out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+  if out.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()[:80]})")
+
+
+def test_full_disk_stops_in_one_line_and_the_run_resumes_once_there_is_room(tmp_path):
+  """A real full filesystem: an 8 MB tmpfs holds the tiny run's first checkpoint (5 MB), not
+  the second; the run stops in one line naming what is intact, and resumes from it."""
+  mnt = tmp_path / "small"
+  _mount_tmpfs(mnt, "8m")
+  try:
+    out = run_main(*SMALL, "--config.checkpoint.async_save=false",
+                   config="esjax/configs/tiny.py:steps=6", workdir=str(mnt / "run"))
+    lines = [l for l in re.split(r"[\r\n]", out.stderr) if l.strip() and "train:" not in l]
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-3000:]
+    assert re.fullmatch(r"esjax: error: checkpoint step 4 needs about [\d.]+ MiB but .* has "
+                        r"[\d.]+ MiB free; the checkpoints of steps \[2\] are intact: free "
+                        r"space \(or move --workdir\) and rerun to resume", lines[0]), lines
+    assert sorted(os.listdir(mnt / "run" / "checkpoints")) == ["2"]
+    subprocess.run(["mount", "-o", "remount,size=32m", str(mnt)], check=True)  # room made
+    again = run_main(*SMALL, "--config.checkpoint.async_save=false",
+                     config="esjax/configs/tiny.py:steps=6", workdir=str(mnt / "run"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {mnt}/run/checkpoints/2" in again.stdout
+  finally:
+    subprocess.run(["umount", str(mnt)], capture_output=True)

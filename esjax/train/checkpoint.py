@@ -24,6 +24,8 @@ with a one-line warning, and the run resumes from the newest step that matches;
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 from typing import Any
 
@@ -49,9 +51,13 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self._read_only = read_only
     self._unsealed: list[int] = []  # saved by this process, manifest not yet written
+    if not read_only:
+      _remove_partial_saves(self.directory)
+    # orbax's own clean-up of those runs in a thread that close() does not wait for: a run
+    # that stops right after opening would exit under it (a traceback at interpreter exit).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
+        cleanup_tmp_directories=False, enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("params", "opt_state", "data", "model_config", "stage_format",
@@ -126,8 +132,13 @@ class Checkpointer:
     if health:
       items["health"] = ocp.args.JsonSave(health)
     self.wait()
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    self._check_space(step, sum(x.nbytes for x in jax.tree.leaves(
+        (state.params, state.opt_state, state.buffers))))
     self._unsealed.append(step)
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._save_failed(e) from e
     return step
 
   def save_params(self, step: int, params: Any, model_cfg: ModelConfig) -> int:
@@ -135,11 +146,14 @@ class Checkpointer:
     runs from (`checkpoint.init_from`) or to evaluate, not to resume (no optimizer state)."""
     fmt = stages.StageFormat.of(model_cfg)
     self.wait()
-    self._mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(stages.stack(params, fmt)),
-        model_config=ocp.args.JsonSave(model_cfg.to_dict()),
-        stage_format=ocp.args.JsonSave(fmt.to_dict())), force=True)
     self._unsealed.append(step)
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(stages.stack(params, fmt)),
+          model_config=ocp.args.JsonSave(model_cfg.to_dict()),
+          stage_format=ocp.args.JsonSave(fmt.to_dict())), force=True)
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._save_failed(e) from e
     return step
 
   def stage_format(self, step: int) -> stages.StageFormat:
@@ -198,13 +212,61 @@ class Checkpointer:
         buffers=ocp.args.StandardRestore(target)))
     return out.buffers
 
+  def _check_space(self, step: int, need: int) -> None:
+    """Refuses a save of about `need` bytes that the filesystem has no room for, before
+    anything is written (process 0 looks; every process raises)."""
+    why = None
+    if jax.process_index() == 0:
+      free = shutil.disk_usage(self.directory).free
+      if free < need * 1.05 + (1 << 20):
+        intact = self.all_steps()
+        kept = (f"the checkpoints of steps {intact} are intact" if intact
+                else "no earlier checkpoint exists")
+        why = (f"checkpoint step {step} needs about {need / 2**20:,.1f} MiB but "
+               f"{self.directory} has {free / 2**20:,.1f} MiB free; {kept}: free space (or "
+               "move --workdir) and rerun to resume")
+    why = _agree(why)
+    if why:
+      raise ValueError(why)
+
+  def _save_failed(self, e: BaseException) -> ValueError:
+    """One line for a save that failed (a full disk, a lost filesystem): which step, and
+    that the completed checkpoints are intact."""
+    text = str(e).strip()
+    failed = self._unsealed[-1] if self._unsealed else "?"
+    self._unsealed = []
+    intact = [s for s in self.all_steps() if s != failed]
+    kept = (f"the checkpoints of steps {intact} are intact" if intact
+            else "no earlier checkpoint exists")
+    if "No space left on device" in text or "os_error_code='28'" in text:
+      return ValueError(f"no space left on device while saving checkpoint step {failed} in "
+                        f"{self.directory}; {kept}: free space (or move --workdir) and rerun "
+                        "to resume")
+    first = text.splitlines()[0][:300] if text else type(e).__name__
+    return ValueError(f"saving checkpoint step {failed} in {self.directory} failed ({first}); "
+                      f"{kept}")
+
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+      raise self._save_failed(e) from e
     self._seal()
 
   def close(self) -> None:
     self.wait()
     self._mngr.close()
+
+
+def _remove_partial_saves(directory: str) -> None:
+  """Deletes the temporary directories of saves that never completed (a killed run's
+  `<step>.orbax-checkpoint-tmp*`; never listed as steps). Process 0 deletes, all wait."""
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if re.fullmatch(r"\d+\.orbax-checkpoint-tmp.*", name):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("esjax_checkpoint_partial_saves")
 
 
 def _agree(reason: str | None) -> str | None:

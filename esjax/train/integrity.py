@@ -87,6 +87,8 @@ def problem(step_dir: str, process: int = 0, count: int = 1, unverified: bool = 
   checksum manifest' when `unverified` is asked for."""
   if not os.path.isdir(step_dir):
     return "the step directory is missing"
+  if not os.path.isdir(os.path.join(step_dir, "params")):
+    return "it holds no params/ (an emptied or incomplete step)"
   names = manifests(step_dir)
   if not names:
     return "no checksum manifest" if unverified else None

@@ -202,30 +202,32 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
       tqdm.tqdm.write(line)
 
   pending = None  # (step, device metrics, val_loss) of the last dispatched step
-  for step in range(start + 1, tc.steps + 1):
-    batch = put(data.train.next_rows(rows))
-    state, metrics = steps.train(state, batch)  # Dispatch step `step` ...
-    if pending is not None:
-      finish(*pending)  # ... then wait for the previous one.
-    val_loss = None
-    if tc.eval_every and val_batches and (step % tc.eval_every == 0 or step == tc.steps):
-      val_loss = _evaluate(steps.evaluate, state, val_batches)
-    task_metrics = {}
-    if tasks is not None and (tasks.due(step) or step == tc.steps):
-      params = state_lib.params_from_state(state.params, steps.engine)
-      buffers = state_lib.buffers_from_state(state.buffers, steps.engine)
-      task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params, buffers),
-                           force=True)
-    pending = (step, metrics, val_loss, task_metrics)
-    stopped = stop() if stop is not None else None
-    if step == tc.steps or (cc.every and step % cc.every == 0) or stopped:
-      finish(*pending)  # A checkpoint only after its step's loss passed the guard.
-      pending = None
-      ckpt.save(state, data.train.state(), model_cfg, steps.engine.fmt,
-                health=dict(last, max_abs_param=float(jax.device_get(max_abs(state.params)))))
-    if stopped:
-      summary["stopped"] = stopped
-      break
-  bar.close()
+  try:
+    for step in range(start + 1, tc.steps + 1):
+      batch = put(data.train.next_rows(rows))
+      state, metrics = steps.train(state, batch)  # Dispatch step `step` ...
+      if pending is not None:
+        finish(*pending)  # ... then wait for the previous one.
+      val_loss = None
+      if tc.eval_every and val_batches and (step % tc.eval_every == 0 or step == tc.steps):
+        val_loss = _evaluate(steps.evaluate, state, val_batches)
+      task_metrics = {}
+      if tasks is not None and (tasks.due(step) or step == tc.steps):
+        params = state_lib.params_from_state(state.params, steps.engine)
+        buffers = state_lib.buffers_from_state(state.buffers, steps.engine)
+        task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params, buffers),
+                             force=True)
+      pending = (step, metrics, val_loss, task_metrics)
+      stopped = stop() if stop is not None else None
+      if step == tc.steps or (cc.every and step % cc.every == 0) or stopped:
+        finish(*pending)  # A checkpoint only after its step's loss passed the guard.
+        pending = None
+        ckpt.save(state, data.train.state(), model_cfg, steps.engine.fmt,
+                  health=dict(last, max_abs_param=float(jax.device_get(max_abs(state.params)))))
+      if stopped:
+        summary["stopped"] = stopped
+        break
+  finally:
+    bar.close()  # an error's line then starts a line of its own
   summary["wall_s"] = time.perf_counter() - t0
   return summary
