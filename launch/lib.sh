@@ -55,8 +55,10 @@ spawn_training() {
     [[ -n "${done_pid:-}" ]] || continue  # woken by the trap, not by a process: wait on
     i=$((i + 1))
     if [[ ${status} -ne 0 && ${stopping} -eq 0 ]]; then
+      # SIGKILL: with a peer gone the others cannot save (a checkpoint needs every process)
+      # and would sit in a collective until the heartbeat timeout; the last one is intact.
       echo "launch: process pid ${done_pid} failed (exit ${status}); stopping the others" >&2
-      kill "${pids[@]}" 2>/dev/null || true
+      kill -KILL "${pids[@]}" 2>/dev/null || true
       wait 2>/dev/null || true
       trap - TERM INT
       return "${status}"

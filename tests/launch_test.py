@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -207,3 +208,20 @@ while true; do sleep 0.05; done
   assert proc.returncode == 75, err
   assert [(tmp_path / f"got.{i}").read_text() for i in (0, 1)] == ["TERM\n", "TERM\n"]
   assert "failed" not in err
+
+
+def test_a_failed_process_stops_the_others_at_once(tmp_path):
+  """Rank 1 fails; rank 0 ignores SIGTERM and sleeps, as a process blocked in a collective
+  with the dead peer does: the launcher still returns rank 1's status within seconds."""
+  fake = tmp_path / "python"
+  fake.write_text("#!/usr/bin/env bash\n"
+                  "if [[ ${ESJAX_PROCESS_ID} == 1 ]]; then sleep 1; exit 3; fi\n"
+                  "trap '' TERM; sleep 120\n")
+  fake.chmod(0o755)
+  start = time.time()
+  proc = subprocess.run(["launch/local.sh", "2", CONFIG, str(tmp_path / "run")], cwd=ROOT,
+                        env=_env(ESJAX_PYTHON=str(fake), ESJAX_CPU_DEVICES="1"),
+                        capture_output=True, text=True, timeout=100)
+  assert proc.returncode == 3, proc.stderr
+  assert "failed (exit 3); stopping the others" in proc.stderr
+  assert time.time() - start < 30
