@@ -15,8 +15,8 @@ process owns; RssFile: file pages mapped into it). Read throughput is the iterat
 includes checksumming each block the first time it is touched (`blocks_checked`: the
 fraction checked by then), `read_tokens_per_s` is the second pass, and
 `memmap_copy_tokens_per_s` the same number of rows copied straight out of `np.memmap`s in
-the same process, the reference it is compared with (`read_vs_memmap_copy`). Each corpus is deleted
-after its measurement.
+the same process, the reference it is compared with (`read_vs_memmap_copy`). Each corpus
+is deleted after its measurement.
 
 Prepare throughput runs the real CLI (`python -m esjax.data.prepare`, wall clock, process
 start included) on JSONL made of the standard library's sources, with a byte-level BPE

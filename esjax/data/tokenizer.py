@@ -13,9 +13,10 @@ names its content (a prepared corpus records it):
 - a path ending in `.json`: a Hugging Face `tokenizers` file (needs `tokenizers`). With
   `encoder="auto"` (what `esjax.data.prepare` asks for) `encode_batch` runs on tiktoken where
   the file allows it (esjax/data/tiktoken_bpe.py: Llama 3 / GPT-2 style byte-level BPE,
-  ~3.5x faster), checking every 32nd text against `tokenizers`. Its BOS and end-of-text tokens are those of the `tokenizer_config.json` (or `special_tokens_map.json`)
-  beside it, as transformers' `bos_token_id` / `eos_token_id`, else the `bos_token_id` /
-  `eos_token_id` of `generation_config.json` or `config.json` there.
+  ~3.5x faster), checking every 32nd text against `tokenizers`. Its BOS and end-of-text
+  tokens are those of the `tokenizer_config.json` (or `special_tokens_map.json`) beside it,
+  as transformers' `bos_token_id` / `eos_token_id`, else the `bos_token_id` / `eos_token_id`
+  of `generation_config.json` or `config.json` there.
 """
 
 from __future__ import annotations
@@ -133,9 +134,10 @@ class HFTokenizer:
     if self._twin is None:
       return self._reference_batch(texts)
     ids = [self._twin(t) for t in texts]
-    sample = [texts[i][:self.VERIFY_CHARS] for i in range(0, len(texts), self.VERIFY_EVERY)]
-    got = [ids[i * self.VERIFY_EVERY] if len(text) == len(texts[i * self.VERIFY_EVERY])
-           else self._twin(text) for i, text in enumerate(sample)]
+    picked = range(0, len(texts), self.VERIFY_EVERY)
+    sample = [texts[i][:self.VERIFY_CHARS] for i in picked]
+    got = [ids[i] if len(text) == len(texts[i]) else self._twin(text)
+           for i, text in zip(picked, sample)]
     for text, mine, want in zip(sample, got, self._reference_batch(sample)):
       if not np.array_equal(mine, want):
         raise ValueError(f"tokenizer {self._path!r}: tiktoken and tokenizers encode the text "

@@ -131,14 +131,13 @@ class ModelConfig:
                           ("rope_type", ROPE_TYPES), ("qk_norm", QK_NORMS),
                           ("attention_impl", ATTENTION_IMPLS)):
       need(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r}, expected one of {allowed}")
-    for name, low, strict in (("init_std", 0, True), ("router_init_std", 0, False),
-                              ("norm_eps", 0, True), ("rope_theta", 0, True),
-                              ("max_seq_len", 0, True), ("routed_scaling", 0, True),
-                              ("aux_loss_coef", 0, False), ("seq_aux_loss_coef", 0, False),
-                              ("z_loss_coef", 0, False), ("max_z_loss_coef", 0, False)):
+    for name in ("init_std", "norm_eps", "rope_theta", "max_seq_len", "routed_scaling"):
       value = getattr(self, name)
-      need(math.isfinite(value) and (value > low if strict else value >= low),
-           f"{name}={value} must be a finite number {'>' if strict else '>='} {low}")
+      need(math.isfinite(value) and value > 0, f"{name}={value} must be a finite number > 0")
+    for name in ("router_init_std", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef",
+                 "max_z_loss_coef"):
+      value = getattr(self, name)
+      need(math.isfinite(value) and value >= 0, f"{name}={value} must be a finite number >= 0")
     need(self.rope_factor > 0, f"rope_factor={self.rope_factor} must be > 0")
     need(self.rope_original_max_len >= 0,
          f"rope_original_max_len={self.rope_original_max_len} must be >= 0")

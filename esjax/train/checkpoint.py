@@ -134,24 +134,22 @@ class Checkpointer:
     self.wait()
     self._check_space(step, sum(x.nbytes for x in jax.tree.leaves(
         (state.params, state.opt_state, state.buffers))))
-    self._unsealed.append(step)
-    try:
-      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
-    except (OSError, ValueError, RuntimeError) as e:
-      raise self._save_failed(e) from e
-    return step
+    return self._write(step, items)
 
   def save_params(self, step: int, params: Any, model_cfg: ModelConfig) -> int:
     """Saves only parameters (the model's own tree) and model config: a checkpoint to start
     runs from (`checkpoint.init_from`) or to evaluate, not to resume (no optimizer state)."""
     fmt = stages.StageFormat.of(model_cfg)
     self.wait()
+    return self._write(step, dict(params=ocp.args.StandardSave(stages.stack(params, fmt)),
+                                  model_config=ocp.args.JsonSave(model_cfg.to_dict()),
+                                  stage_format=ocp.args.JsonSave(fmt.to_dict())))
+
+  def _write(self, step: int, items: dict[str, Any]) -> int:
+    """Starts the save of `items` as `step` (the previous save finished); returns the step."""
     self._unsealed.append(step)
     try:
-      self._mngr.save(step, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(stages.stack(params, fmt)),
-          model_config=ocp.args.JsonSave(model_cfg.to_dict()),
-          stage_format=ocp.args.JsonSave(fmt.to_dict())), force=True)
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
     except (OSError, ValueError, RuntimeError) as e:
       raise self._save_failed(e) from e
     return step
@@ -219,15 +217,18 @@ class Checkpointer:
     if jax.process_index() == 0:
       free = shutil.disk_usage(self.directory).free
       if free < need * 1.05 + (1 << 20):
-        intact = self.all_steps()
-        kept = (f"the checkpoints of steps {intact} are intact" if intact
-                else "no earlier checkpoint exists")
         why = (f"checkpoint step {step} needs about {need / 2**20:,.1f} MiB but "
-               f"{self.directory} has {free / 2**20:,.1f} MiB free; {kept}: free space (or "
-               "move --workdir) and rerun to resume")
+               f"{self.directory} has {free / 2**20:,.1f} MiB free; {self._intact()}: free "
+               "space (or move --workdir) and rerun to resume")
     why = _agree(why)
     if why:
       raise ValueError(why)
+
+  def _intact(self, but: Any = None) -> str:
+    """The completed checkpoints (all but step `but`), as a save error says them."""
+    intact = [s for s in self.all_steps() if s != but]
+    return (f"the checkpoints of steps {intact} are intact" if intact
+            else "no earlier checkpoint exists")
 
   def _save_failed(self, e: BaseException) -> ValueError:
     """One line for a save that failed (a full disk, a lost filesystem): which step, and
@@ -235,9 +236,7 @@ class Checkpointer:
     text = str(e).strip()
     failed = self._unsealed[-1] if self._unsealed else "?"
     self._unsealed = []
-    intact = [s for s in self.all_steps() if s != failed]
-    kept = (f"the checkpoints of steps {intact} are intact" if intact
-            else "no earlier checkpoint exists")
+    kept = self._intact(but=failed)
     if "No space left on device" in text or "os_error_code='28'" in text:
       return ValueError(f"no space left on device while saving checkpoint step {failed} in "
                         f"{self.directory}; {kept}: free space (or move --workdir) and rerun "
