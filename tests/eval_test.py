@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -363,10 +364,26 @@ def _make_run(workdir, model):
   with open(corpus, "w") as f:
     f.write("def add(a, b):\n  return a + b\n" * 40)
   config = {"data": {"source": corpus, "tokenizer": "byte", "max_bytes": 0,
-                     "val_fraction": 0.25, "eval_batches": 2},
-            "train": {"seq_len": 32, "batch_size": 4, "seed": 0}}
+                     "val_fraction": 0.25},
+            "train": {"seq_len": 32, "batch_size": 4, "seed": 0, "eval_batches": 2}}
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config, f)
+
+
+@pytest.mark.parametrize("eval_batches", [1, 3])
+def test_val_scores_the_runs_eval_batches(tmp_path, model, eval_batches):
+  """`--tasks=val` scores the `train.eval_batches` batches training's val_loss scores (it
+  scored a fixed 8, and disagreed with the run's val_loss)."""
+  (tmp_path / "corpus.txt").write_text("def add(a, b):\n  return a + b\n" * 100)
+  config = ml_collections.ConfigDict({
+      "data": {"source": str(tmp_path / "corpus.txt"), "tokenizer": "byte", "max_bytes": 0,
+               "val_fraction": 0.5},
+      "train": {"seq_len": 16, "batch_size": 2, "seed": 0, "eval_batches": eval_batches}})
+  want = dataset.build(config.data, 16, 2, 0, eval_batches).val
+  assert len(want) == eval_batches
+  got = perplexity.val_perplexity(model, config)
+  assert got["n_tokens"] == eval_batches * 2 * 16
+  assert got["loss"] == pytest.approx(perplexity.window_perplexity(model, want)["loss"])
 
 
 @pytest.mark.slow

@@ -35,19 +35,6 @@ _SAMPLES = flags.DEFINE_bool("log_samples", False, "Include per-item results in 
 flags.mark_flags_as_required(["checkpoint", "tasks"])
 
 
-def val_perplexity(model, config) -> dict:
-  """Perplexity and bits per byte of the run's validation windows."""
-  from esjax.data import dataset  # pylint: disable=g-import-not-at-top
-  from esjax.eval.perplexity import window_perplexity  # pylint: disable=g-import-not-at-top
-
-  if config is None:
-    raise ValueError("--tasks=val needs the run's data config: pass --config or a checkpoint "
-                     "inside a workdir that holds config.json")
-  tc = config.train
-  data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed)
-  return {"kind": "perplexity", **window_perplexity(model, data.val, data.tokenizer)}
-
-
 def _check_flags() -> None:
   if _LIMIT.value < 0:
     raise ValueError(f"--limit={_LIMIT.value}, expected >= 0 (0: every item)")
@@ -82,7 +69,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
 
-  from esjax.eval import harness, loading, tasks  # pylint: disable=g-import-not-at-top
+  from esjax.eval import (  # pylint: disable=g-import-not-at-top
+      harness, loading, perplexity, tasks)
 
   jax.config.config_with_absl()
   if not flags.FLAGS["verbosity"].present:  # orbax's lines on opening a checkpoint to read
@@ -100,7 +88,7 @@ def main(argv: list[str]) -> None:
                               limit=_LIMIT.value, batch_size=_BATCH.value,
                               max_len=_MAX_LEN.value, log_samples=_SAMPLES.value)
     if "val" in names:
-      report["results"]["val"] = val_perplexity(model, config)
+      report["results"]["val"] = perplexity.val_perplexity(model, config)
   except (ValueError, FileNotFoundError) as e:
     logging.debug("full traceback (shown with --verbosity=1):", exc_info=True)
     sys.exit(f"esjax.eval: error: {e}")

@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from esjax.configs import common
+from esjax.data import dataset
 from esjax.data.tokenizer import ByteTokenizer
 from esjax.eval.scoring import rolling_loglikelihoods, score_rows
 from esjax.models.transformer import Transformer
@@ -95,3 +97,15 @@ def window_perplexity(model: Transformer, batches: Iterable[dict[str, np.ndarray
   if tokenizer is not None and n_bytes:
     out.update(bits_per_byte=nll / (n_bytes * math.log(2)), n_bytes=int(n_bytes))
   return out
+
+
+def val_perplexity(model, config) -> dict:
+  """Perplexity and bits per byte of the run's validation windows: the same
+  `train.eval_batches` batches that training's `val_loss` scores."""
+  if config is None:
+    raise ValueError("--tasks=val needs the run's data config: pass --config or a checkpoint "
+                     "inside a workdir that holds config.json")
+  tc = config.train
+  data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed,
+                       tc.get("eval_batches", common.base_config().train.eval_batches))
+  return {"kind": "perplexity", **window_perplexity(model, data.val, data.tokenizer)}
