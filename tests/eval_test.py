@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -438,7 +439,8 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Question: What is two
 
 
 @pytest.fixture(scope="module")
-def hf_llama(tmp_path_factory):
+def hf_llama_folder(tmp_path_factory):
+  """A tiny transformers Llama saved with a tokenizer.json trained here."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   tokenizers = pytest.importorskip("tokenizers")
@@ -457,10 +459,16 @@ def hf_llama(tmp_path_factory):
       max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1,
       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
   torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(cfg).eval()
-  hf.save_pretrained(str(folder))
+  transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def hf_llama(hf_llama_folder):
+  import transformers
   from esjax.eval import loading
-  model, tokenizer, _ = loading.load(str(folder))
+  model, tokenizer, _ = loading.load(str(hf_llama_folder))
+  hf = transformers.LlamaForCausalLM.from_pretrained(str(hf_llama_folder)).eval()
   return hf, model, tokenizer
 
 
@@ -503,6 +511,42 @@ def test_hf_llama_batched_greedy_generation_equals_transformers(hf_llama):
   for row, ours in zip(out[:, width:].tolist(), got):
     want = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
     assert ours == want
+
+
+@pytest.mark.parametrize("where", ["generation_config.json", "config.json"])
+def test_generation_stops_at_every_eos_id_as_transformers(hf_llama_folder, tmp_path, where):
+  """A model whose `eos_token_id` is a list (instruct models list several): transformers stops
+  at any of them, and so does esjax (it stopped only at the tokenizer's one)."""
+  import torch
+  import transformers
+
+  from esjax.eval import generation, loading
+
+  folder = tmp_path / "hf"
+  shutil.copytree(hf_llama_folder, folder)
+  model, tokenizer, _ = loading.load(str(folder))
+  text = "Question: What is two plus two?\nAnswer:"
+  prompt = list(tokenizer.encode(text))
+  free = generation.generate(model, [prompt], max_new_tokens=12)[0]
+  k = next(k for k in range(1, 12) if free[k] not in free[:k])  # a new token after k others
+  assert 2 not in free[:k + 1], free
+  listed = [2, free[k]]
+  if where == "config.json":  # transformers' fallback when there is no generation_config
+    os.remove(folder / "generation_config.json")
+  cfg = json.loads((folder / where).read_text())
+  (folder / where).write_text(json.dumps({**cfg, "eos_token_id": listed}))
+
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+  with torch.no_grad():
+    row = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+  assert row == free[:k + 1]  # transformers stopped at the listed id, and kept it
+  model, tokenizer, _ = loading.load(str(folder))
+  assert tokenizer.eos_ids == (2, free[k])
+  assert generation.generate(model, [prompt], max_new_tokens=12,
+                             eos_id=tokenizer.eos_ids)[0] == free[:k]
+  got = generation.generate_text(model, tokenizer, [text], max_new_tokens=12)
+  assert got == [tokenizer.decode(free[:k])]
 
 
 def test_hf_folder_with_only_a_sentencepiece_tokenizer(tmp_path):

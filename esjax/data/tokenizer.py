@@ -2,9 +2,11 @@
 
 Every tokenizer has `encode(text) -> np.ndarray[int32]` (no special tokens added),
 `encode_batch(texts)` (the same for a list, in one call to the library: `esjax.data.prepare`
-uses it), `decode(ids) -> str`, `vocab_size`, `eos_id` (appended after each document; where
-generation stops) and `bos_id` (None when the tokenizer has none; evaluation's prefix token
-is BOS, else end-of-text, as lm-eval's). `load_tokenizer(spec)` picks one; `fingerprint(spec)`
+uses it), `decode(ids) -> str`, `vocab_size`, `eos_id` (appended after each document),
+`eos_ids` (where generation stops: `eos_id` and, for a model file, every `eos_token_id` that
+the `generation_config.json`, else `config.json`, beside it lists, as transformers stops) and
+`bos_id` (None when the tokenizer has none; evaluation's prefix token is BOS, else
+end-of-text, as lm-eval's). `load_tokenizer(spec)` picks one; `fingerprint(spec)`
 names its content (a prepared corpus records it):
 
 - `"byte"`: ids are the UTF-8 bytes, vocab 256. Byte 0 (NUL), which never occurs in text,
@@ -34,6 +36,7 @@ from esjax.data import tiktoken_bpe
 class Tokenizer(Protocol):
   vocab_size: int
   eos_id: int
+  eos_ids: tuple[int, ...]
   bos_id: int | None
   encoder: str  # the library that encodes: recorded with a prepared shard
 
@@ -49,6 +52,7 @@ class ByteTokenizer:
 
   vocab_size = 256
   eos_id = 0
+  eos_ids = (0,)
   bos_id = None
   encoder = "byte"
 
@@ -77,6 +81,7 @@ class SentencePieceTokenizer:
     if eos < 0:
       raise ValueError(f"tokenizer {path!r} has no end-of-sentence id; train it with eos_id >= 0")
     self.eos_id = eos
+    self.eos_ids = eos_ids(os.path.dirname(os.path.abspath(path)), eos)
     bos = int(self._sp.bos_id())
     self.bos_id = bos if bos >= 0 else None
 
@@ -117,6 +122,7 @@ class HFTokenizer:
                          f"of {list(self.EOS_CANDIDATES)}")
       eos = ids[0]
     self.eos_id = int(eos)
+    self.eos_ids = eos_ids(os.path.dirname(os.path.abspath(path)), self.eos_id)
     self.bos_id = special.get("bos")
     self._twin, why_not = tiktoken_bpe.twin(path) if encoder != "tokenizers" else (None, "")
     if encoder == "tiktoken" and self._twin is None:
@@ -182,6 +188,18 @@ def special_tokens(folder: str, token_to_id) -> dict[str, int | None]:
       if kind not in out and value is not None:
         out[kind] = int(value[0] if isinstance(value, list) else value)
   return out
+
+
+def eos_ids(folder: str, eos_id: int) -> tuple[int, ...]:
+  """`eos_id`, then every id of the `eos_token_id` (an id or a list) of the
+  `generation_config.json`, else `config.json`, in `folder`: the ids transformers' `generate`
+  stops at (instruct models list several)."""
+  for name in ("generation_config.json", "config.json"):
+    value = _read_json(os.path.join(folder, name)).get("eos_token_id")
+    if value is not None:
+      listed = value if isinstance(value, list) else [value]
+      return tuple(dict.fromkeys([eos_id, *map(int, listed)]))
+  return (eos_id,)
 
 
 ENCODERS = ("auto", "tokenizers", "tiktoken")

@@ -56,19 +56,21 @@ def _jitted_step():
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampling: Sampling = Sampling(), eos_id: int | None = None,
+             sampling: Sampling = Sampling(), eos_id: int | Sequence[int] | None = None,
              stop: Sequence[str] = (), tokenizer=None, seed: int = 0,
              max_len: int | None = None, prefill_chunk: int = 256) -> list[list[int]]:
   """New token ids for each prompt (one batch), up to `max_new_tokens` each.
 
-  A row stops at `eos_id` (not included in its output) or once its decoded text contains one
-  of the `stop` strings (the tokens that completed it are included; `generate_text` cuts the
-  text). Prompts longer than `max_len - max_new_tokens` (default `model.cfg.max_seq_len`) keep
-  their last tokens, as lm-evaluation-harness does.
+  A row stops at `eos_id` (an id, or several as transformers' `generation_config` may list;
+  not included in its output) or once its decoded text contains one of the `stop` strings
+  (the tokens that completed it are included; `generate_text` cuts the text). Prompts longer
+  than `max_len - max_new_tokens` (default `model.cfg.max_seq_len`) keep their last tokens,
+  as lm-evaluation-harness does.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   prompts = [[int(t) for t in p] for p in prompts]
+  eos = {int(eos_id)} if isinstance(eos_id, (int, np.integer)) else set(map(int, eos_id or ()))
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate: every prompt needs at least one token "
                      f"(got lengths {[len(p) for p in prompts]})")
@@ -103,7 +105,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
   for t in range(max_new_tokens):
     ids = np.asarray(nxt)
     for i in np.flatnonzero(~done):
-      if eos_id is not None and ids[i] == eos_id:
+      if int(ids[i]) in eos:
         done[i] = True
         continue
       out[i].append(int(ids[i]))
@@ -128,8 +130,9 @@ def generate_text(model: Transformer, tokenizer, prompts: Sequence[str], *,
                   max_len: int | None = None) -> list[str]:
   """Completions of text prompts, cut at the first stop string, in the prompts' order.
 
-  Prompts run longest first in batches of `batch_size` (the last batch is filled up with
-  copies, so every batch has the same shape). An empty prompt starts from the end-of-text id.
+  A row stops at any of the tokenizer's `eos_ids`. Prompts run longest first in batches of
+  `batch_size` (the last batch is filled up with copies, so every batch has the same shape).
+  An empty prompt starts from the end-of-text id.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -141,7 +144,7 @@ def generate_text(model: Transformer, tokenizer, prompts: Sequence[str], *,
     batch = [ids[i] for i in rows]
     batch += [batch[-1]] * (batch_size - len(batch))
     new = generate(model, batch, max_new_tokens=max_new_tokens, sampling=sampling,
-                   eos_id=tokenizer.eos_id, stop=stop, tokenizer=tokenizer,
+                   eos_id=tokenizer.eos_ids, stop=stop, tokenizer=tokenizer,
                    seed=seed + start, max_len=max_len)
     for i, toks in zip(rows, new):
       texts[i] = cut_at_stop(tokenizer.decode(toks), stop)
