@@ -4,6 +4,7 @@ exact resume, init_from and collapse through the loop."""
 import math
 import os
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -225,3 +226,29 @@ def test_eval_tasks_during_training_score_the_model_of_that_step(tmp_path):
   bpb = want["results"]["tiny_ppl"]["bits_per_byte"]
   assert got["eval/tiny_ppl/bits_per_byte"] == pytest.approx(bpb, rel=1e-6)
   assert records[2]["eval/tiny_ppl/bits_per_byte"] != pytest.approx(bpb, rel=1e-6)
+
+
+def test_tokens_per_s_leaves_evaluation_time_out(tmp_path, monkeypatch):
+  """Evaluation steps report training throughput, and the evaluation's seconds as eval_s (a
+  slow evaluation made its step's tokens_per_s several times too low). The loop's clock is
+  replaced by one that ticks 1 s per reading, and each evaluation takes 1000 s of it."""
+  now = [0.0]
+
+  def tick():
+    now[0] += 1.0
+    return now[0]
+
+  monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=tick))
+  evaluate = loop._evaluate
+
+  def slow_evaluate(*args):
+    now[0] += 1000.0
+    return evaluate(*args)
+
+  monkeypatch.setattr(loop, "_evaluate", slow_evaluate)
+  loop.train_and_evaluate(small_config(steps=4, eval_every=2), str(tmp_path))
+  records = {r["step"]: r for r in metrics.read_metrics(str(tmp_path))}
+  assert {s: r.get("eval_s") for s, r in records.items()} == {1: None, 2: 1001.0, 3: None,
+                                                               4: 1001.0}
+  for s in (2, 3, 4):  # 128 tokens a step in a few ticks, not over a 1000 s evaluation
+    assert records[s]["tokens_per_s"] > 128 / 10, records[s]

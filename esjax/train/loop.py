@@ -153,7 +153,8 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
   tokens_per_step = tc.batch_size * tc.seq_len
   summary: dict[str, Any] = {"step": start, "first_loss": None, "last_loss": None,
                              "val_loss": None, "stopped": None}
-  clock = {"step": start, "time": time.perf_counter()}
+  # Throughput counts training time: evaluation seconds since the last record are taken out.
+  clock = {"step": start, "time": time.perf_counter(), "eval_s": 0.0}
   last = {}  # loss and gradient norm of the last step that passed the guard
   max_abs = jax.jit(lambda p: jnp.max(jnp.stack(
       [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(p)])))
@@ -167,7 +168,7 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
             else " No checkpoint was written.")
 
   def finish(step: int, metrics: Any, val_loss: float | None,
-             task_metrics: dict[str, float]) -> None:
+             task_metrics: dict[str, float], eval_s: float | None) -> None:
     """Host side of a dispatched step: guard, log record, progress."""
     loss, grad_norm = map(float, jax.device_get((metrics["loss"], metrics["grad_norm"])))
     try:
@@ -179,20 +180,27 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
     last.update(loss=loss, grad_norm=grad_norm)
     bar.update(step - bar.n)
     if step == start + 1:  # Throughput excludes the first step (compilation).
-      clock.update(step=step, time=time.perf_counter())
+      clock.update(step=step, time=time.perf_counter(), eval_s=0.0)
+    else:
+      clock["eval_s"] += eval_s or 0.0
     if step % tc.log_every and val_loss is None and not task_metrics and step != tc.steps:
       return
     record = metrics_lib.step_record(step, jax.device_get(metrics))
     now = time.perf_counter()
     if step > clock["step"]:
-      record["tokens_per_s"] = (step - clock["step"]) * tokens_per_step / (now - clock["time"])
-      clock.update(step=step, time=now)
+      record["tokens_per_s"] = ((step - clock["step"]) * tokens_per_step
+                                / (now - clock["time"] - clock["eval_s"]))
+      clock.update(step=step, time=now, eval_s=0.0)
+    if eval_s is not None:
+      record["eval_s"] = eval_s
     line = f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e}"
     if val_loss is not None:
       record["val_loss"] = summary["val_loss"] = val_loss
       line += f" | val_loss {val_loss:.4f}"
     if "tokens_per_s" in record:
       line += f" | {record['tokens_per_s']:,.0f} tok/s"
+    if eval_s is not None:
+      line += f" | eval {eval_s:.1f} s"
     record.update(task_metrics)
     shown = ("/acc", "/acc_norm", "/exact_match_flexible", "/bits_per_byte")
     line += "".join(f" | {k[5:]} {v:.4f}" for k, v in task_metrics.items() if k.endswith(shown))
@@ -208,16 +216,21 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
       state, metrics = steps.train(state, batch)  # Dispatch step `step` ...
       if pending is not None:
         finish(*pending)  # ... then wait for the previous one.
-      val_loss = None
-      if tc.eval_every and val_batches and (step % tc.eval_every == 0 or step == tc.steps):
-        val_loss = _evaluate(steps.evaluate, state, val_batches)
-      task_metrics = {}
-      if tasks is not None and (tasks.due(step) or step == tc.steps):
-        params = state_lib.params_from_state(state.params, steps.engine)
-        buffers = state_lib.buffers_from_state(state.buffers, steps.engine)
-        task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params, buffers),
-                             force=True)
-      pending = (step, metrics, val_loss, task_metrics)
+      val_loss, task_metrics, eval_s = None, {}, None
+      val_due = tc.eval_every and val_batches and (step % tc.eval_every == 0 or step == tc.steps)
+      tasks_due = tasks is not None and (tasks.due(step) or step == tc.steps)
+      if val_due or tasks_due:
+        jax.block_until_ready(metrics)  # the step's own time stays training time
+        t_eval = time.perf_counter()
+        if val_due:
+          val_loss = _evaluate(steps.evaluate, state, val_batches)
+        if tasks_due:
+          params = state_lib.params_from_state(state.params, steps.engine)
+          buffers = state_lib.buffers_from_state(state.buffers, steps.engine)
+          task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params, buffers),
+                               force=True)
+        eval_s = time.perf_counter() - t_eval
+      pending = (step, metrics, val_loss, task_metrics, eval_s)
       stopped = stop() if stop is not None else None
       if step == tc.steps or (cc.every and step % cc.every == 0) or stopped:
         finish(*pending)  # A checkpoint only after its step's loss passed the guard.
