@@ -24,7 +24,8 @@ from esjax.models import Transformer
 from esjax.models.presets import get_preset
 
 BYTE = ByteTokenizer()
-TESTDATA = os.path.join(os.path.dirname(__file__), "testdata", "eval")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTDATA = os.path.join(ROOT, "tests", "testdata", "eval")
 WIDTH = 512  # reference forwards are right-padded to one width: one compilation
 
 
@@ -414,6 +415,22 @@ def test_eval_and_generate_commands(tmp_path, model):
   from esjax.eval.generation import generate_text
   want = generate_text(model, BYTE, ["def add("], max_new_tokens=6, batch_size=1)[0]
   assert gen.stdout.startswith("def add(" + want)
+
+
+def test_eval_report_goes_beside_the_checkpoint_by_default(tmp_path, model):
+  """Not into the current directory (the repository root in the README's flow)."""
+  run, elsewhere = tmp_path / "run", tmp_path / "cwd"
+  run.mkdir(), elsewhere.mkdir()
+  _make_run(str(run), model)
+  out = subprocess.run([sys.executable, "-m", "esjax.eval", f"--checkpoint={run}/checkpoints/0",
+                        f"--tasks={os.path.join(TESTDATA, 'tiny_mc')}", "--limit=1"],
+                       cwd=elsewhere, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                           "PYTHONPATH": ROOT},
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert os.listdir(elsewhere) == []
+  assert json.loads((run / "eval_report.json").read_text())["results"]["tiny_mc"]["n"] == 1
+  assert f"report written to {run / 'eval_report.json'}" in out.stdout
 
 
 @pytest.mark.parametrize("cli, args, message", [

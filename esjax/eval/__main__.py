@@ -3,6 +3,9 @@
   python -m esjax.eval --checkpoint=/tmp/esjax_tiny --tasks=val,tasks/arc_easy,tasks/mmlu \
       [--config=esjax/configs/tiny.py] [--num_fewshot=5] [--limit=100] [--output=report.json]
 
+The report goes to `--output`, by default `eval_report.json` beside the checkpoint: in the
+run's workdir (or the Hugging Face folder).
+
 `--checkpoint` is an esjax run (workdir, checkpoints/ or one step) or a Hugging Face folder.
 `--tasks` is a comma-separated list of task directories / .jsonl files (format in
 esjax/eval/README.md) and `val`: perplexity and bits per byte of the run's held-out
@@ -30,7 +33,8 @@ _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Overrides every task's
 _LIMIT = flags.DEFINE_integer("limit", 0, "Score only the first N items of each task (0: all).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Context length (default: the model's).")
-_OUTPUT = flags.DEFINE_string("output", "eval_report.json", "Where to write the JSON report.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON report (default: "
+                              "eval_report.json in the run's workdir or the HF folder).")
 _SAMPLES = flags.DEFINE_bool("log_samples", False, "Include per-item results in the report.")
 flags.mark_flags_as_required(["checkpoint", "tasks"])
 
@@ -44,8 +48,8 @@ def _check_flags() -> None:
     raise ValueError(f"--max_len={_MAX_LEN.value}, expected > 0")
   if _NUM_FEWSHOT.value is not None and _NUM_FEWSHOT.value < 0:
     raise ValueError(f"--num_fewshot={_NUM_FEWSHOT.value}, expected >= 0")
-  folder = os.path.dirname(os.path.abspath(_OUTPUT.value))
-  if not os.path.isdir(folder):
+  folder = os.path.dirname(os.path.abspath(_OUTPUT.value)) if _OUTPUT.value else None
+  if folder and not os.path.isdir(folder):
     raise ValueError(f"--output={_OUTPUT.value}: no directory {folder}")
 
 
@@ -97,7 +101,8 @@ def main(argv: list[str]) -> None:
             "settings": {"num_fewshot": _NUM_FEWSHOT.value, "limit": _LIMIT.value,
                          "batch_size": _BATCH.value, "max_len": _MAX_LEN.value},
             **report, "wall_s": round(time.perf_counter() - t0, 2)}
-  output = _write_report(report, _OUTPUT.value)
+  output = _write_report(report, _OUTPUT.value or os.path.join(
+      loading.run_dir(_CHECKPOINT.value), "eval_report.json"))
   for name, metrics in {**report["results"], **report["groups"]}.items():
     shown = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
     print(name, json.dumps(shown))

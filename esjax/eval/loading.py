@@ -39,16 +39,23 @@ def load_hf(folder: str) -> tuple[Transformer, Tokenizer]:
   raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model next to the weights")
 
 
+def run_dir(checkpoint: str) -> str:
+  """The folder `checkpoint` belongs to: the first of itself and the two folders above it that
+  holds a config.json (a run's workdir, or a Hugging Face folder), else its own folder."""
+  path = os.path.abspath(checkpoint)
+  for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    if os.path.isfile(os.path.join(candidate, "config.json")):
+      return candidate
+  return path if os.path.isdir(path) else os.path.dirname(path)
+
+
 def run_config(checkpoint: str) -> ml_collections.ConfigDict | None:
   """The experiment config a run wrote to its workdir (looked for above `checkpoint`)."""
-  path = os.path.abspath(checkpoint)
-  for _ in range(3):
-    candidate = os.path.join(path, "config.json")
-    if os.path.isfile(candidate):
-      with open(candidate, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-    path = os.path.dirname(path)
-  return None
+  path = os.path.join(run_dir(checkpoint), "config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def load(checkpoint: str, config: ml_collections.ConfigDict | None = None
