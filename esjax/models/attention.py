@@ -26,6 +26,9 @@ from esjax.models.config import ModelConfig
 from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
+# Named scopes of the parts (the planner counts compiled FLOPs per part by them).
+SCOPE_PROJ, SCOPE_CORE = "attn_proj", "core_attn"
+
 
 class Attention(nnx.Module):
   """wq [D, H, hd], wk/wv [D, KV, hd], wo [H, hd, D]; optional q/k/v biases (Qwen2), and
@@ -71,9 +74,10 @@ class Attention(nnx.Module):
     applied to q and k."""
     cfg, dt = self.cfg, x.dtype
     kv = self._kv_params()
-    q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
-    k = jnp.einsum("bsd,dhk->bshk", x, kv[0].astype(dt))
-    v = jnp.einsum("bsd,dhk->bshk", x, kv[1].astype(dt))
+    with jax.named_scope(SCOPE_PROJ):
+      q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
+      k = jnp.einsum("bsd,dhk->bshk", x, kv[0].astype(dt))
+      v = jnp.einsum("bsd,dhk->bshk", x, kv[1].astype(dt))
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + kv[2].astype(dt), v + kv[3].astype(dt)
     if cfg.qk_norm != "none":
@@ -98,7 +102,8 @@ class Attention(nnx.Module):
 
   def output(self, o: jax.Array) -> jax.Array:
     """o [B, S, H_l, hd] -> partial sums [B, S, D] of this rank's heads."""
-    return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(o.dtype))
+    with jax.named_scope(SCOPE_PROJ):
+      return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(o.dtype))
 
   def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
                ) -> jax.Array | tuple[jax.Array, KVCache]:
@@ -115,15 +120,19 @@ class Attention(nnx.Module):
         raise ValueError(f"KV-cache decoding runs on one device, not on {plan}")
       q, k, v = self.project_qkv(x, positions)
       cache = cache.update(k, v, positions)
-      return self.output(attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)), cache
+      with jax.named_scope(SCOPE_CORE):
+        o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)
+      return self.output(o), cache
     x = col.all_gather(x, plan.tp, 1)
     q, k, v = (checkpoint_name(t, "qkv") for t in self.project_qkv(x, positions))
-    if not plan.cp:
-      o = attend(q, k, v, positions, positions)
-    elif plan.layout.cp_impl == "ring":
-      o = context_parallel.ring_attend(q, k, v, positions, positions, plan.cp, plan.layout.cp,
-                                       sliding_window=window, platform=plan.platform)
-    else:
-      o = context_parallel.allgather_attend(attend, q, k, v, positions, positions, plan.cp)
+    with jax.named_scope(SCOPE_CORE):
+      if not plan.cp:
+        o = attend(q, k, v, positions, positions)
+      elif plan.layout.cp_impl == "ring":
+        o = context_parallel.ring_attend(q, k, v, positions, positions, plan.cp,
+                                         plan.layout.cp, sliding_window=window,
+                                         platform=plan.platform)
+      else:
+        o = context_parallel.allgather_attend(attend, q, k, v, positions, positions, plan.cp)
     o = checkpoint_name(o, "attn_out")  # names for the remat policies of transformer.py
     return col.psum_scatter(checkpoint_name(self.output(o), "attn_proj"), plan.tp, 1)

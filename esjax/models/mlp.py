@@ -14,6 +14,8 @@ from esjax.models import layers
 from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
+SCOPE = "mlp"  # named scope of the dense MLP (and shared experts) matmuls, for the planner
+
 
 class MLP(nnx.Module):
   """w_gate, w_up [D, F], w_down [F, D]."""
@@ -33,6 +35,7 @@ class MLP(nnx.Module):
     # 2-D matmuls over flattened tokens: XLA:CPU runs the weight gradient of a [B, S, D]
     # einsum (contracting over B and S) about 2x slower than the same [B*S, D] one.
     x2 = x.reshape(-1, x.shape[-1])
-    h = jax.nn.silu(x2 @ self.w_gate[...].astype(dt)) * (x2 @ self.w_up[...].astype(dt))
-    out = (h @ self.w_down[...].astype(dt)).reshape(*lead, -1)
+    with jax.named_scope(SCOPE):
+      h = jax.nn.silu(x2 @ self.w_gate[...].astype(dt)) * (x2 @ self.w_up[...].astype(dt))
+      out = (h @ self.w_down[...].astype(dt)).reshape(*lead, -1)
     return col.psum_scatter(out, tp, axis=out.ndim - 2)

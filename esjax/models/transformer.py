@@ -22,6 +22,7 @@ from esjax.models.moe import MoE
 from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
+SCOPE_LOGITS = "logits"  # named scope of the LM head matmul, for the planner
 _cp = jax.checkpoint_policies
 # ModelConfig.remat -> jax.checkpoint policy of one decoder layer (None: save nothing).
 REMAT_POLICIES = {
@@ -163,7 +164,8 @@ def head_logits(x: jax.Array, norm_scale: jax.Array, w: jax.Array, eps: float,
   """Final norm of the residual shard x [B, S/tp, D], gathered over tp along the sequence,
   times this rank's head shard w [D, V/tp]: float32 logits [B, S, V/tp]."""
   h = col.all_gather(layers.rms_norm(x, norm_scale, eps), tp, 1)
-  return jnp.einsum("bsd,dv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  with jax.named_scope(SCOPE_LOGITS):
+    return jnp.einsum("bsd,dv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def aggregate_moe_stats(cfg: ModelConfig, stats: list[dict[str, jax.Array]]

@@ -93,17 +93,20 @@ class Engine:
     sched = schedule_lib.make_schedule(name, lay.pp, lay.microbatches, lay.virtual_stages)
     return cls(cfg, plan, fmt, tuple(defs), sched, tuple(moe))
 
-  def branch_weights(self, train: bool = True) -> dict[str, float]:
+  def branch_weights(self, train: bool = True, mean: bool = False) -> dict[str, float]:
     """Share of executions of each loop conditional that take its true branch, on the
     busiest device (what `esjax.plan.report` weighs collectives by): a unit runs at M*v of
     the ticks; the first chunk's embedding (stage 0) and the last chunk's head (stage pp-1)
     in 1/v of a stage's units; the forward unit skips the last chunk on stage pp-1 only, so
-    a device of any other stage runs every forward chunk."""
+    a device of any other stage runs every forward chunk. `mean`: averaged over the stages
+    instead (what the planner's FLOP count multiplies by the number of devices): the
+    embedding, the head and the skip in 1/(v*pp) of the units."""
     s = self.schedule
     busy = s.microbatches * s.virtual / s.ticks
-    skip = 1.0 if s.pp == 1 else 0.0
-    return {SCOPE_F: busy, SCOPE_B: busy if train else 0.0, SCOPE_FIRST: 1 / s.virtual,
-            SCOPE_LAST: 1 / s.virtual, SCOPE_SKIP: skip}
+    end = 1 / (s.virtual * s.pp) if mean else 1 / s.virtual
+    skip = end if mean else (1.0 if s.pp == 1 else 0.0)
+    return {SCOPE_F: busy, SCOPE_B: busy if train else 0.0, SCOPE_FIRST: end,
+            SCOPE_LAST: end, SCOPE_SKIP: skip}
 
   # Layouts of the parameters and the batch.
 

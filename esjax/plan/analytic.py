@@ -39,18 +39,38 @@ class Work:
     """Model FLOPs of the step (forward + backward, Megatron's accounting)."""
     return flops_lib.flops_per_token(self.cfg, self.seq) * self.tokens
 
+  def model_parts(self) -> dict[str, float]:
+    """`model_flops` by part: the ledger's, with the MLP split into dense MLPs and shared
+    experts ('mlp') and routed experts ('experts')."""
+    cfg = self.cfg
+    parts = {k: v * self.tokens for k, v in flops_lib.flops_breakdown(cfg, self.seq).items()}
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    experts = 6.0 * self.tokens * n_moe * 3 * cfg.d_model * cfg.effective_d_ff_expert * (
+        cfg.top_k if cfg.is_moe else 0)
+    parts["mlp"] -= experts
+    parts["experts"] = experts
+    return parts
+
+  @property
+  def recomputes_attention(self) -> bool:
+    """Whether the step runs core attention's forward again in the backward: the pipeline's
+    backward unit, or a remat policy that saves no attention output."""
+    return self.layout.pp > 1 or self.cfg.remat in ("full", "dots")
+
   @property
   def recompute_forwards(self) -> float:
-    """Extra forward passes of the decoder layers the step runs, in units of one forward:
-    one in the pipeline's backward unit when pp > 1 (it stashes only chunk inputs), plus what
-    the layer remat policy recomputes."""
+    """Extra forward passes of the decoder layers the step runs, in units of one forward,
+    averaged over the devices: at pp > 1 the backward unit runs each chunk's forward again
+    (it stashes only chunk inputs) except the last stage's last chunk, which runs forward
+    only inside its backward unit, i.e. 1 - 1/(v pp); plus what the remat policy recomputes."""
     parts = flops_lib.flops_breakdown(self.cfg, self.seq, training=False)
     layers = parts["attn_proj"] + parts["core_attn"] + parts["mlp"]
     policy = {"none": 0.0, "dots": 0.0, "full": layers,
               "dots_except_mlp": parts["mlp"], "attn": layers, "offload_attn": layers}
     extra = policy[self.cfg.remat] / sum(parts.values())
     if self.layout.pp > 1:
-      extra += layers / sum(parts.values())
+      chunks = self.layout.pp * self.layout.virtual_stages
+      extra += layers / sum(parts.values()) * (1 - 1 / chunks)
     return extra
 
   @property

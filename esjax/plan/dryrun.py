@@ -3,29 +3,45 @@
 `plan(config, target, n_devices)` builds the loop's steps (`esjax.train.step.for_config`) on
 the target's devices (a deviceless XLA:GPU topology, or fake CPU devices), lowers and
 compiles the train step with abstract inputs only (ShapeDtypeStructs with the layout's
-shardings; no weight is allocated), and reads from the executable:
+shardings; no weight is allocated) and, for a GPU target, with the cluster's XLA flags
+(`targets.xla_gpu_flags`, the list the launch scripts export), and reads from the executable:
 
 - per-device bytes from `memory_analysis()`: arguments (master weights, optimizer state,
-  batch), outputs, temporaries, and the peak (arguments + outputs - aliased + temporaries),
-  against the target's usable memory;
+  batch), outputs, temporaries, their sum (arguments + outputs - aliased + temporaries), and
+  the compiler's own figures: its peak, and what its rematerialization pass says when it
+  cannot get under its limit (read from the compiler's log); the peak is the largest of
+  them, and a program the compiler could not get under its limit does not fit;
 - collectives per step and mesh axis (`esjax.plan.report`), each axis mapped to its link
   (NVLink inside a node, InfiniBand across nodes);
+- matmul FLOPs per model part (`esjax.plan.matmuls`): what the program runs, beside the
+  model's FLOPs (the ledger, `esjax.train.flops`); a part whose program runs more than
+  `WASTE` times the model's is flagged.
 
-and predicts the step time from the target's roofline (`esjax.plan.targets`): the FLOPs the
-devices execute (the model's, plus recompute) at the measured bf16 matmul rate, stretched by
-the pipeline bubble, plus the collectives at their link's bandwidth (no overlap assumed;
-`predicted_step_s_overlapped` assumes perfect overlap), plus the optimizer's pass over its
-state at HBM bandwidth; MFU is the model's FLOPs over that time at the datasheet peak.
-Caveats:
-the deviceless compile does no autotuning (default GEMM tiles), `cost_analysis()` is not
-available (FLOPs come from the ledger), and a program that does not fit still compiles.
+The step time is predicted from the target's roofline (`esjax.plan.targets`): the compiled
+FLOPs at the measured bf16 matmul rate, stretched by the pipeline bubble, plus each
+collective's bytes at its link's bandwidth and its fixed latency (no overlap assumed;
+`predicted_step_s_overlapped` assumes perfect overlap of compute and bytes), plus the
+optimizer's pass over its state at HBM bandwidth. MFU is the model's FLOPs over that time at
+the datasheet peak (the convention); HFU the compiled FLOPs over it.
+
+Attention that would run on cuDNN cannot be compiled deviceless (jax checks cuDNN's version
+and the GPU on a real device): the step is compiled with the chunked kernel (flash attention
+too: memory linear in the sequence) and core attention is priced as cuDNN runs it, forward
+plus a backward that recomputes the scores (7/6 of the model's core attention FLOPs, plus a
+forward when the step recomputes layers); the output says so. The deviceless compile does
+no autotuning (default GEMM tiles).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+import os
+import re
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -33,8 +49,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esjax.plan import analytic, report, targets as targets_lib
+from esjax.models import attention, mlp, transformer
+from esjax.plan import analytic, matmuls, report, targets as targets_lib
+from esjax.routing import expert_parallel
 from esjax.train import step as step_lib
+
+# Model parts by the named scopes the model's code emits (see each module's SCOPE_*).
+PARTS = {attention.SCOPE_PROJ: "attn_proj", attention.SCOPE_CORE: "core_attn",
+         mlp.SCOPE: "mlp", expert_parallel.SCOPE_EXPERTS: "experts",
+         expert_parallel.SCOPE_ROUTER: "router", transformer.SCOPE_LOGITS: "logits"}
+WASTE = 1.5  # compiled / model FLOPs above which a part is flagged
+# cuDNN flash attention in FLOPs of the model's causal core attention (forward 2 matmuls,
+# backward 5: the scores again, dV, dP, dQ, dK; the ledger counts 2 + 4).
+CUDNN_ATTENTION = 7 / 6
+_REMAT_LOG = re.compile(r"Can't reduce memory use below \S+ \((\d+) bytes\) by "
+                        r"rematerialization; only reduced to \S+ \((\d+) bytes\)")
 
 
 def devices_for(target: targets_lib.Target, n: int) -> list[Any]:
@@ -89,16 +118,27 @@ class Result:
   analytic_bytes: dict[str, float]
   prediction: dict[str, float]
   compile_s: dict[str, float]
+  flops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)
+  xla_flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def waste(self) -> dict[str, float]:
+    """Parts whose compiled FLOPs exceed WASTE x the model's: part -> ratio."""
+    return {r["part"]: r["ratio"] for r in self.flops
+            if r["ratio"] is not None and r["ratio"] > WASTE}
 
   def to_json(self) -> dict[str, Any]:
+    memory = {k: v if math.isfinite(v) else None for k, v in self.memory.items()}
     return {
         "layout": self.layout, "target": self.target, "devices": self.devices,
         "peak_bytes_per_device": self.memory["peak"], "fits": self.fits,
-        "memory": self.memory,
+        "memory": memory,
         "collective_bytes_per_step": sum(c["bytes"] for c in self.collectives),
         "analytic_min_bytes_per_step": sum(self.analytic_bytes.values()),
         "collectives": self.collectives, "analytic_bytes": self.analytic_bytes,
-        **self.prediction, "compile_s": self.compile_s,
+        "flops": self.flops, "waste": self.waste, "notes": self.notes,
+        "xla_flags": self.xla_flags, **self.prediction, "compile_s": self.compile_s,
     }
 
 
@@ -108,17 +148,19 @@ def abstract_batch(steps: step_lib.Steps, batch: int, seq: int) -> dict[str, Any
           for k in ("inputs", "targets")}
 
 
-def plan(config: Any, target: targets_lib.Target, n_devices: int) -> Result:
+def plan(config: Any, target: targets_lib.Target, n_devices: int,
+         xla_flags: dict[str, Any] | None = None) -> Result:
   """Compiles `config`'s train step for `n_devices` of `target` and reads it (see above).
-
-  On a GPU target, attention that would run on cuDNN is compiled as the chunked kernel
-  instead: jax checks cuDNN's version and the GPU's compute capability on a real device
-  (both are flash attention: memory linear in the sequence, the same FLOPs)."""
+  `xla_flags`: compile options (default: the cluster's for a GPU target, none for cpu)."""
   devices = devices_for(target, n_devices)
-  if target.platform == "gpu" and config.model.get("attention_impl") in (None, "auto",
-                                                                          "cudnn"):
+  notes = []
+  cudnn = target.platform == "gpu" and config.model.get("attention_impl") in (None, "auto",
+                                                                               "cudnn")
+  if cudnn:
     config = copy.deepcopy(config)
     config.model.attention_impl = "chunked"
+  if xla_flags is None:
+    xla_flags = targets_lib.xla_gpu_flags() if target.platform == "gpu" else {}
   t0 = time.perf_counter()
   run = step_lib.for_config(config, devices)
   steps, engine = run.steps, run.steps.engine
@@ -126,55 +168,128 @@ def plan(config: Any, target: targets_lib.Target, n_devices: int) -> Result:
   lowered = steps.train.lower(steps.abstract_state, abstract_batch(steps, tc.batch_size,
                                                                     tc.seq_len))
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  with _compiler_log() as log:
+    compiled = lowered.compile(compiler_options=xla_flags or None)
   t2 = time.perf_counter()
-  mem = compiled.memory_analysis()
+  memory, remat_failed = _memory(compiled.memory_analysis(), log[0], target)
+  text = compiled.as_text()
+  mesh = run.plan.mesh
+  rows = report.collectives(text, tuple(mesh.devices.shape), mesh.axis_names,
+                            engine.branch_weights())
+  work = analytic.Work(run.model_cfg, run.plan.layout, tc.batch_size, tc.seq_len)
+  collectives = []
+  for c in rows:
+    link = (link_of(mesh.devices, mesh.axis_names, c.axes, target.devices_per_node)
+            if target.platform == "gpu" else "host")
+    expected = c.bytes * (_routed_share(work) if c.bound else 1.0)
+    collectives.append({"op": c.op, "axes": list(c.axes), "link": link, "count": c.count,
+                        "bytes": expected, "buffer_bytes": c.bytes, "data_dependent": c.bound})
+  counted = matmuls.count(text, PARTS, engine.branch_weights(mean=True))
+  flops = flop_table(work, counted, cudnn)
+  if cudnn:
+    notes.append("core_attn: cuDNN flash attention, priced analytically (not compilable "
+                 "deviceless); the step was compiled with the chunked kernel")
+  if counted.unpriced:
+    notes.append("custom calls with no declared cost (their FLOPs are not counted): "
+                 + ", ".join(f"{k} x{v:g}" for k, v in sorted(counted.unpriced.items())))
+  if counted.unknown_loops:
+    notes.append(f"{len(counted.unknown_loops)} loops without a known trip count counted once")
+  if remat_failed:
+    notes.append("the compiler could not rematerialize the program under its memory limit")
+  compiled_total = sum(r["compiled"] for r in flops)
+  prediction = predict(work, target, collectives, memory["arguments"], compiled_total)
+  return Result(layout=str(run.plan.layout), target=target.name, devices=n_devices,
+                memory=memory, fits=memory["peak"] <= target.usable_bytes and not remat_failed,
+                collectives=collectives, analytic_bytes=work.minimum_bytes(),
+                prediction=prediction, compile_s={"lower": t1 - t0, "compile": t2 - t1},
+                flops=flops, notes=notes, xla_flags=dict(xla_flags))
+
+
+@contextlib.contextmanager
+def _compiler_log():
+  """Collects what is written to file descriptor 2 (XLA's C++ log) inside the block into
+  `log[0]`, and writes it on to stderr afterwards."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  log = [""]
+  with tempfile.TemporaryFile() as f:
+    os.dup2(f.fileno(), 2)
+    try:
+      yield log
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      f.seek(0)
+      log[0] = f.read().decode(errors="replace")
+      sys.stderr.write(log[0])
+
+
+def _memory(mem: Any, log: str, target: targets_lib.Target) -> tuple[dict[str, float], bool]:
+  """Per-device bytes (see the module docstring) and whether the compiler's
+  rematerialization could not get under its limit."""
   memory = {
       "arguments": float(mem.argument_size_in_bytes),
       "outputs": float(mem.output_size_in_bytes),
       "aliased": float(mem.alias_size_in_bytes),
       "temporaries": float(mem.temp_size_in_bytes),
   }
-  memory["peak"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
-                    + memory["temporaries"])
+  memory["buffers"] = (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                       + memory["temporaries"])
+  memory["compiler_peak"] = float(mem.peak_memory_in_bytes)
+  remat = _REMAT_LOG.findall(log)
+  if remat:
+    memory["remat_limit"] = float(min(int(limit) for limit, _ in remat))
+    memory["remat_reached"] = float(max(int(got) for _, got in remat))
+  memory["peak"] = max(memory["buffers"], memory["compiler_peak"],
+                       memory.get("remat_reached", 0.0))
   memory["usable"] = float(target.usable_bytes)
-  mesh = run.plan.mesh
-  rows = report.collectives(compiled.as_text(), tuple(mesh.devices.shape), mesh.axis_names,
-                            engine.branch_weights())
-  work = analytic.Work(run.model_cfg, run.plan.layout, tc.batch_size, tc.seq_len)
-  collectives = []
-  for c in rows:
-    link = link_of(mesh.devices, mesh.axis_names, c.axes, target.devices_per_node)
-    expected = c.bytes * (_routed_share(work) if c.bound else 1.0)
-    collectives.append({"op": c.op, "axes": list(c.axes), "link": link, "count": c.count,
-                        "bytes": expected, "buffer_bytes": c.bytes, "data_dependent": c.bound})
-  prediction = predict(work, target, collectives, memory["arguments"])
-  return Result(layout=str(run.plan.layout), target=target.name, devices=n_devices,
-                memory=memory, fits=memory["peak"] <= target.usable_bytes,
-                collectives=collectives, analytic_bytes=work.minimum_bytes(),
-                prediction=prediction, compile_s={"lower": t1 - t0, "compile": t2 - t1})
+  return memory, bool(remat)
+
+
+def flop_table(work: analytic.Work, counted: matmuls.Count, cudnn: bool
+               ) -> list[dict[str, Any]]:
+  """Rows part | model FLOPs (the ledger, per step) | compiled FLOPs (per device x devices)
+  | ratio; core attention priced as cuDNN runs it when `cudnn`."""
+  n = work.layout.n_devices
+  model = work.model_parts()
+  compiled = {k: v * n for k, v in counted.by_part.items()}
+  if cudnn:
+    extra = 2 / 6 if work.recomputes_attention else 0.0
+    compiled["core_attn"] = model["core_attn"] * (CUDNN_ATTENTION + extra)
+  rows = []
+  for part in (*PARTS.values(), matmuls.OTHER):
+    m, c = model.get(part, 0.0), compiled.get(part, 0.0)
+    if m or c:
+      rows.append({"part": part, "model": m, "compiled": c, "ratio": c / m if m else None})
+  return rows
 
 
 def predict(work: analytic.Work, target: targets_lib.Target,
-            collectives: list[dict[str, Any]], state_bytes: float) -> dict[str, float]:
-  """Step time and MFU from the target's roofline (see the module docstring)."""
+            collectives: list[dict[str, Any]], state_bytes: float,
+            compiled_flops: float) -> dict[str, float]:
+  """Step time, MFU and HFU from the target's roofline (see the module docstring);
+  `compiled_flops`: the matmul FLOPs of the step summed over the devices."""
   if not target.peak_flops:
-    return {"predicted_step_s": None, "predicted_mfu": None, "bubble": work.bubble}
+    return {"predicted_step_s": None, "predicted_mfu": None, "bubble": work.bubble,
+            "model_flops_per_step": work.model_flops, "compiled_flops_per_step": compiled_flops}
   n = work.layout.n_devices
-  compute = work.hardware_flops / n / target.matmul_flops / (1 - work.bubble)
+  compute = compiled_flops / n / target.matmul_flops / (1 - work.bubble)
   bw = {"nvlink": target.intra_node_bytes_per_s, "ib": target.inter_node_bytes_per_s}
-  comm = 0.0
+  comm = latency = 0.0
   for c in collectives:  # ragged all-to-alls: the routed share of their buffers
     comm += c["bytes"] / bw.get(c["link"], float("inf"))
+    latency += c["count"] * target.link_latency_s(c["link"])
   optimizer = 3 * state_bytes / target.hbm_bytes_per_s  # read and write the state, once
-  step = compute + comm + optimizer
+  step = compute + comm + latency + optimizer
   return {
       "predicted_step_s": step,
-      "predicted_step_s_overlapped": max(compute, comm) + optimizer,
+      "predicted_step_s_overlapped": max(compute, comm) + latency + optimizer,
       "predicted_mfu": work.model_flops / (n * target.peak_flops * step),
-      "compute_s": compute, "comm_s": comm, "optimizer_s": optimizer,
+      "predicted_hfu": compiled_flops / (n * target.peak_flops * step),
+      "compute_s": compute, "comm_s": comm, "latency_s": latency, "optimizer_s": optimizer,
       "bubble": work.bubble, "model_flops_per_step": work.model_flops,
-      "hardware_flops_per_step": work.hardware_flops,
+      "compiled_flops_per_step": compiled_flops,
+      "ledger_hardware_flops_per_step": work.hardware_flops,
   }
 
 

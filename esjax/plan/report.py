@@ -16,26 +16,18 @@ traffic.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import re
-from typing import Iterable
 
 import numpy as np
 
+from esjax.plan import hlo as hlo_lib
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "ragged-all-to-all", "all-to-all",
                "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8\w*)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*?) ("
                     + "|".join(COLLECTIVES) + r")(-start)?\((.*)$")
-_CALLS = re.compile(r"\b(calls|to_apply|body|condition)=%([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRUE_FALSE = re.compile(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 @dataclasses.dataclass
@@ -45,14 +37,6 @@ class Collective:
   count: float
   bytes: float  # per device, per step
   bound: bool = False  # bytes are an upper bound (ragged all-to-all)
-
-
-def _shape_bytes(text: str) -> list[int]:
-  out = []
-  for dtype, dims in _SHAPE.findall(text):
-    size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-    out.append(size * _DTYPE_BYTES.get(dtype, 1))
-  return out
 
 
 def _iota(spec: str) -> np.ndarray:
@@ -104,33 +88,14 @@ def _span(groups: list[list[int]], mesh_shape: tuple[int, ...],
   return tuple(axis_names[i] for i in sorted(varying))
 
 
-def _top_level(text: str) -> list[str]:
-  """The top-level elements of a tuple shape '(a, (b, c), d)' (or [text] for a plain one)."""
-  text = text.strip()
-  if not text.startswith("("):
-    return [text]
-  out, depth, start = [], 0, 1
-  for i, ch in enumerate(text):
-    if ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-      if depth == 0:
-        out.append(text[start:i])
-    elif ch == "," and depth == 1:
-      out.append(text[start:i])
-      start = i + 1
-  return [e for e in out if e.strip()]
-
-
 def _moved_sizes(shape_text: str, start: bool) -> list[int]:
   """Bytes of the buffers a collective produces: an async `-start` op's shape is a tuple
   (operands, results, context...); its results are the second element."""
   if start:
-    parts = _top_level(shape_text)
+    parts = hlo_lib.top_level(shape_text)
     if len(parts) >= 2:
-      return _shape_bytes(parts[1])
-  return _shape_bytes(shape_text)
+      return hlo_lib.shape_bytes(parts[1])
+  return hlo_lib.shape_bytes(shape_text)
 
 
 def _wire_bytes(op: str, sizes: list[int], n: int) -> float:
@@ -146,72 +111,14 @@ def _wire_bytes(op: str, sizes: list[int], n: int) -> float:
   return (n - 1) / n * size  # all-gather, all-to-all, ragged all-to-all
 
 
-def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
-  comps: dict[str, list[str]] = {}
-  entry, current = "", None
-  for line in hlo.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{") and "=" not in line[:3]:
-      name = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
-      current = name.lstrip("%")
-      comps[current] = []
-      if line.startswith("ENTRY"):
-        entry = current
-    elif current is not None and line.startswith("  "):
-      comps[current].append(line)
-  return comps, entry
-
-
-def _branch_scope(line: str) -> str | None:
-  """The named scope a conditional was traced in: op_name '.../<scope>/cond'."""
-  m = _OP_NAME.search(line)
-  if m is None:
-    return None
-  parts = m.group(1).split("/")
-  if len(parts) < 2 or not parts[-1].startswith("cond"):
-    return None
-  return re.sub(r"^(?:\w+\()*|\)*$", "", parts[-2])  # transpose(jvp(scope)) -> scope
-
-
-def _multiplicities(comps: dict[str, list[str]], entry: str,
-                    branch_weights: dict[str, float]) -> dict[str, float]:
-  """How many times each computation runs per call of the entry (loop trip counts, and the
-  known branch shares of the conditionals named in `branch_weights`)."""
-  mult: dict[str, float] = collections.defaultdict(float)
-
-  def visit(name: str, times: float, depth: int = 0):
-    if depth > 64 or name not in comps:
-      return
-    mult[name] += times
-    for line in comps[name]:
-      trip = _TRIP.search(line)
-      for kind, callee in _CALLS.findall(line):
-        if kind == "to_apply":
-          continue
-        visit(callee, times * (int(trip.group(1)) if (trip and kind == "body") else 1),
-              depth + 1)
-      found = [re.findall(r"%?([\w.\-]+)", b) for b in _BRANCHES.findall(line)]
-      found += [[f, t] for t, f in _TRUE_FALSE.findall(line)]  # as (false, true)
-      for callees in found:
-        w = branch_weights.get(_branch_scope(line) or "")
-        if w is not None and len(callees) == 2:  # lax.cond: (false, true)
-          visit(callees[0], times * (1 - w), depth + 1)
-          visit(callees[1], times * w, depth + 1)
-        else:
-          for callee in callees:
-            visit(callee, times, depth + 1)
-
-  visit(entry, 1.0)
-  return mult
-
-
 def collectives(hlo: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ...],
                 branch_weights: dict[str, float] | None = None) -> list[Collective]:
   """Collectives of compiled HLO text, summed per (op, mesh axes), largest bytes first."""
   n_devices = math.prod(mesh_shape)
-  comps, entry = _computations(hlo)
-  mult = _multiplicities(comps, entry, branch_weights or {})
+  module = hlo_lib.Module.parse(hlo)
+  mult, _ = module.multiplicities(branch_weights)
   total: dict[tuple[str, tuple[str, ...]], Collective] = {}
-  for name, lines in comps.items():
+  for name, lines in module.comps.items():
     times = mult.get(name, 0.0)
     if not times:
       continue
@@ -233,15 +140,3 @@ def collectives(hlo: str, mesh_shape: tuple[int, ...], axis_names: tuple[str, ..
       c.count += times
       c.bytes += times * moved
   return sorted(total.values(), key=lambda c: -c.bytes)
-
-
-def format_table(rows: Iterable[Collective], title: str = "") -> str:
-  rows = list(rows)
-  lines = [title] if title else []
-  lines.append(f"{'collective':<20}{'mesh axes':<34}{'count':>8}{'MiB/step':>12}")
-  for c in rows:
-    axes = ",".join(c.axes) or "-"
-    mark = " (upper bound)" if c.bound else ""
-    lines.append(f"{c.op:<20}{axes:<34}{c.count:>8.0f}{c.bytes / 2**20:>12.3f}{mark}")
-  lines.append(f"{'total':<62}{sum(c.bytes for c in rows) / 2**20:>12.3f}")
-  return "\n".join(lines)

@@ -36,6 +36,8 @@ from esjax.routing import dispatch, grouped, router
 from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
+# Named scopes of the router and the routed experts (the planner counts FLOPs per part).
+SCOPE_ROUTER, SCOPE_EXPERTS = "router", "experts"
 ragged_all_to_all = lax.ragged_all_to_all  # tests on CPU substitute an emulation (no XLA:CPU op)
 
 
@@ -74,8 +76,9 @@ def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: P
   if mask is not None and mask.shape[1] != sl:  # this tp rank's slice of the sequence
     mask = lax.dynamic_slice_in_dim(mask, col.axis_index(plan.tp) * sl, sl, axis=1)
   tokens = x.reshape(bl * sl, d)
-  logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router_w.astype(jnp.float32))
-  r = route(logits)
+  with jax.named_scope(SCOPE_ROUTER):
+    logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router_w.astype(jnp.float32))
+    r = route(logits)
   positions = None
   if cfg.capacity_factor > 0:
     positions, cap = _capacity_positions(r, cfg, plan, bl, sl)
@@ -83,14 +86,15 @@ def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: P
   else:
     keep, cap = None, None
   w = (w_gate, w_up, w_down)
-  if plan.ep or plan.etp:
-    y = _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan)
-  elif keep is not None and cfg.pad_to_capacity:
-    y = dispatch.capacity_moe(tokens, r.indices, r.weights, cfg.n_experts, cap, positions,
-                              lambda b: swiglu_batched(b, *w))
-  else:
-    y = dispatch.grouped_moe(tokens, r.indices, r.weights, cfg.n_experts,
-                             grouped_fn(cfg, plan, *w), keep)
+  with jax.named_scope(SCOPE_EXPERTS):
+    if plan.ep or plan.etp:
+      y = _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan)
+    elif keep is not None and cfg.pad_to_capacity:
+      y = dispatch.capacity_moe(tokens, r.indices, r.weights, cfg.n_experts, cap, positions,
+                                lambda b: swiglu_batched(b, *w))
+    else:
+      y = dispatch.grouped_moe(tokens, r.indices, r.weights, cfg.n_experts,
+                               grouped_fn(cfg, plan, *w), keep)
   token_mask = None if mask is None else mask.reshape(bl * sl)
   return y.reshape(bl, sl, d), router_stats(cfg, plan, logits, r, keep, bl, sl, token_mask)
 
