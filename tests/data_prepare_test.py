@@ -214,6 +214,60 @@ def test_corrupt_index_is_one_line_error(tmp_path):
     dataset.build(_cfg(out), 63, 4, 0)
 
 
+def _drop_last_shard(m):
+  last = m["shards"].pop()
+  m["tokens"] -= last["tokens"]
+  m["documents"] -= last["documents"]
+
+
+def _set(m, key, value):
+  m[key] = value
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: _set(m, "dtype", "|i1"), r"manifest.json: dtype='\|i1', expected one of"),
+    (lambda m: _set(m, "dtype", "<u4"), r"shard_00000.bin has \d+ bytes but manifest.json says "
+                                        r"tokens=\d+ \(\d+ bytes\)"),
+    (lambda m: _set(m["shards"][0], "tokens", m["shards"][0]["tokens"] + 1),
+     r"shard_00000.bin has \d+ bytes but manifest.json says tokens="),
+    (lambda m: _set(m, "tokens", m["tokens"] + 1), r"manifest.json: tokens=\d+ but its shards "
+                                                   r"hold \d+"),
+    (lambda m: _set(m["tokenizer"], "vocab_size", 300),
+     r"manifest.json: tokenizer.vocab_size=300 but data.tokenizer='byte' has 256 ids"),
+    (_drop_last_shard, r"shard_00006.bin is not listed in manifest.json"),
+    (lambda m: m["shards"][0]["block_crc32"].pop(),  # issue 28 item 17: was a traceback
+     r"shard_00000.bin has 1 blocks but manifest.json lists 0 block_crc32"),
+], ids=["dtype-int8", "dtype-uint32", "shard-tokens", "total-tokens", "vocab", "unlisted-shard",
+        "short-crc-list"])
+def test_manifest_that_disagrees_with_its_shards_is_one_line(tmp_path, edit, message):
+  """An edited manifest is refused before training (each of these trained on, rc 0)."""
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+  out = str(tmp_path / "out")
+  prepare.prepare(str(tmp_path / "in.jsonl"), "byte", out, shard_bytes=600, progress=False)
+  path = os.path.join(out, "manifest.json")
+  m = json.load(open(path))
+  assert len(m["shards"]) == 7
+  dataset.build(_cfg(out), 15, 2, 0)  # as prepared: accepted
+  edit(m)
+  shards.write_json(path, m)
+  with pytest.raises(ValueError, match=message + rf".*; prepare {out} again$"):
+    dataset.build(_cfg(out), 15, 2, 0)
+
+
+def test_token_ids_beyond_the_manifest_vocabulary_are_refused(tmp_path):
+  out = str(tmp_path / "out")
+  (tmp_path / "a.txt").write_text(DOCS[3])
+  prepare.prepare(str(tmp_path / "a.txt"), "byte", out, progress=False)
+  path = os.path.join(out, "manifest.json")
+  m = json.load(open(path))
+  assert shards.Corpus(out).read(0, 0, 8).max() < 128  # "document 3: ..." is ASCII
+  m["tokenizer"]["vocab_size"] = 128  # "naïve café" holds bytes >= 128
+  shards.write_json(path, m)
+  with pytest.raises(ValueError, match=r"shard_00000.bin holds token id 2\d\d \(block 0\) but "
+                                       r"manifest.json says tokenizer.vocab_size=128"):
+    shards.Corpus(out).read(0, 0, 8)
+
+
 def test_cli_prepares_and_reports_bad_input_in_one_line(tmp_path):
   (tmp_path / "a.txt").write_text("hello world\n")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -304,8 +304,10 @@ def prepare_raw(spec: str, tokenizer: str, max_bytes: int, cache_dir: str) -> st
   return target
 
 
-def open_corpus(directory: str, tokenizer: str, keep_alive: Any = None) -> shards.Corpus:
-  """A prepared directory, refused when it was tokenized by another tokenizer."""
+def open_corpus(directory: str, tokenizer: str, keep_alive: Any = None,
+                vocab_size: int | None = None) -> shards.Corpus:
+  """A prepared directory, refused when it was tokenized by another tokenizer (or its manifest
+  gives another vocabulary size than the tokenizer's `vocab_size`)."""
   corpus = shards.Corpus(directory, keep_alive)
   have, want = corpus.manifest["tokenizer"], fingerprint(tokenizer)
   if have["fingerprint"] != want:
@@ -313,6 +315,10 @@ def open_corpus(directory: str, tokenizer: str, keep_alive: Any = None) -> shard
                      f"{have['spec']!r} ({have['fingerprint'][:19]}) but data.tokenizer="
                      f"{tokenizer!r} is {want[:19]}: use that tokenizer, or prepare the "
                      "source again with this one")
+  if vocab_size is not None and corpus.vocab_size != vocab_size:
+    raise ValueError(f"{directory}/{shards.MANIFEST}: tokenizer.vocab_size={corpus.vocab_size} "
+                     f"but data.tokenizer={tokenizer!r} has {vocab_size} ids; prepare "
+                     f"{directory} again")
   return corpus
 
 
@@ -344,7 +350,7 @@ def build(data_cfg: Any, seq_len: int, batch_size: int, seed: int, n_eval_batche
     path = os.path.expanduser(entry)
     if not shards.is_prepared(path):
       path = prepare_raw(entry, data_cfg.tokenizer, data_cfg.max_bytes, cache_dir)
-    corpus = open_corpus(path, data_cfg.tokenizer, scratch)
+    corpus = open_corpus(path, data_cfg.tokenizer, scratch, tokenizer.vocab_size)
     train_runs, val_runs = split_runs(corpus, data_cfg.val_fraction)
     train = CorpusWindows(corpus, train_runs, length)
     val = val_windows(corpus, val_runs, length, n_eval_batches * batch_size)

@@ -18,9 +18,10 @@ random access through the kernel's page cache, like a memory map, but without ma
 touched pages into the process (a map's resident size grows to the whole corpus within an
 epoch of random windows). It never trusts a byte it has not checked, without reading the
 whole corpus at start: opening checks every shard's file sizes against the manifest (a
-`stat` each), an index is checked (CRC) whenever it is read, and a token block the first
-time a read touches it. A truncated or corrupt shard is a one-line ValueError naming the
-file, raised before any of its tokens reach a batch.
+`stat` each, and one listing: `check_manifest`), an index is checked (CRC) whenever it is
+read, and a token block (CRC, and its ids below the manifest's vocabulary) the first time a
+read touches it. A truncated or corrupt shard, or a manifest that disagrees with the files,
+is a one-line ValueError naming the file, raised before any of its tokens reach a batch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 FORMAT = "esjax.tokens/1"
 MANIFEST = "manifest.json"
 BLOCK_BYTES = 1 << 20
+DTYPES = ("<u2", "<u4")  # what `token_dtype` gives
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -150,6 +152,50 @@ def shard_is_done(directory: str, name: str, inputs: str) -> dict[str, Any] | No
   return None
 
 
+def check_manifest(directory: str, manifest: dict[str, Any]) -> None:
+  """Refuses, in one line naming the file and the field, a manifest that disagrees with the
+  files beside it: a dtype not in DTYPES or too narrow for the vocabulary, a shard file whose
+  size is not its recorded size, its tokens x dtype size or (documents + 1) x 8, a CRC list
+  that does not cover the blocks, totals that are not the shards' sums, an unlisted shard."""
+  path = os.path.join(directory, MANIFEST)
+
+  def need(ok: bool, what: str) -> None:
+    if not ok:
+      raise ValueError(f"{what}; prepare {directory} again")
+
+  try:
+    dtype, vocab = manifest["dtype"], int(manifest["tokenizer"]["vocab_size"])
+    need(dtype in DTYPES, f"{path}: dtype={dtype!r}, expected one of {DTYPES}")
+    size = np.dtype(dtype).itemsize
+    need(0 < vocab <= 1 << 8 * size,
+         f"{path}: tokenizer.vocab_size={vocab} does not fit dtype={dtype!r}")
+    block, shards = int(manifest["block_bytes"]), manifest["shards"]
+    need(block > 0 and block % size == 0, f"{path}: block_bytes={block}")
+    for s in shards:
+      for ext, key, field, want in ((".bin", "bin_bytes", "tokens", s["tokens"] * size),
+                                    (".idx", "idx_bytes", "documents", (s["documents"] + 1) * 8)):
+        file = os.path.join(directory, s["name"] + ext)
+        got = os.path.getsize(file) if os.path.exists(file) else None
+        need(got == s[key], f"data shard {file} has {'no file' if got is None else got} bytes "
+             f"but {MANIFEST} says {s[key]}: it is missing, truncated or was changed")
+        need(got == want, f"data shard {file} has {got} bytes but {MANIFEST} says "
+             f"{field}={s[field]} ({want} bytes)")
+      n_blocks = -(-s["bin_bytes"] // block)
+      need(len(s["block_crc32"]) == n_blocks, f"data shard {directory}/{s['name']}.bin has "
+           f"{n_blocks} blocks but {MANIFEST} lists {len(s['block_crc32'])} block_crc32")
+    for key in ("tokens", "documents"):
+      total = sum(int(s[key]) for s in shards)
+      need(manifest[key] == total, f"{path}: {key}={manifest[key]} but its shards hold {total}")
+    listed = {s["name"] + ".bin" for s in shards}
+    extra = sorted(f for f in os.listdir(directory)
+                   if f.startswith("shard_") and f.endswith(".bin") and f not in listed)
+    need(not extra, f"data shard {os.path.join(directory, extra[0]) if extra else ''} is not "
+         f"listed in {MANIFEST}")
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{path}: malformed ({type(e).__name__}: {e}); prepare {directory} again"
+                     ) from None
+
+
 class Corpus:
   """A prepared directory, opened for reading (see the module docstring for its checks)."""
 
@@ -162,17 +208,11 @@ class Corpus:
       raise ValueError(f"{directory!r} is not a prepared corpus: no {MANIFEST} of format "
                        f"{FORMAT!r} (python -m esjax.data.prepare writes one)")
     self.manifest = read_json(path)
+    check_manifest(directory, self.manifest)
     self.dtype = np.dtype(self.manifest["dtype"])
+    self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
     self.block_bytes = int(self.manifest["block_bytes"])
     self.shards = self.manifest["shards"]
-    for s in self.shards:
-      for ext, key in ((".bin", "bin_bytes"), (".idx", "idx_bytes")):
-        file = os.path.join(directory, s["name"] + ext)
-        size = os.path.getsize(file) if os.path.exists(file) else None
-        if size != s[key]:
-          raise ValueError(f"data shard {file} has {'no file' if size is None else size} "
-                           f"bytes but {MANIFEST} says {s[key]}: it is missing, truncated or "
-                           f"was changed; prepare {directory} again")
     self._checked = [np.zeros(len(s["block_crc32"]), bool) for s in self.shards]
 
   @property
@@ -226,6 +266,11 @@ class Corpus:
       if crc != want:
         raise self._corrupt(self._bin_path(s), f"block {b} (bytes from "
                             f"{b * self.block_bytes})", crc, want)
+      top = int(data.view(self.dtype).max(initial=0))
+      if top >= self.vocab_size:
+        raise ValueError(f"data shard {self._bin_path(s)} holds token id {top} (block {b}) but "
+                         f"{MANIFEST} says tokenizer.vocab_size={self.vocab_size}; prepare "
+                         f"{self.directory} again")
       checked[b] = True
 
   def _blocks(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
