@@ -258,6 +258,23 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     loop.train_and_evaluate(common.base_config(), str(path))
 
 
+@pytest.mark.parametrize("name", ["checkpoints", "checkpoints.corrupt"])
+def test_checkpoints_path_that_is_a_file_stops_at_once_in_one_line(tmp_path, name):
+  """`<workdir>/checkpoints` a file hung the run for minutes after the save failed (3
+  tracebacks); `checkpoints.corrupt` a file was a raw FileExistsError."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / name).write_text("x")
+  out = subprocess.run([sys.executable, "-m", "esjax.main", "--config=esjax/configs/tiny.py",
+                        f"--workdir={workdir}", *SMALL], cwd=ROOT, env=main_env(),
+                       capture_output=True, text=True, timeout=300)
+  lines = [l for l in out.stderr.splitlines() if l.startswith("esjax")]
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert lines == [f"esjax: error: {workdir / name} is a file, not a directory of checkpoints: "
+                   "move it away or use another --workdir"]
+  assert (workdir / name).read_text() == "x" and not os.path.exists(workdir / "metrics.jsonl")
+
+
 def test_out_of_device_memory_is_one_line_with_what_to_change():
   code = ("import jax; from esjax.main import _one_line; print(_one_line(jax.errors."
           "JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate "

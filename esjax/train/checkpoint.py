@@ -52,6 +52,10 @@ class Checkpointer:
     self._read_only = read_only
     self._unsealed: list[int] = []  # saved by this process, manifest not yet written
     if not read_only:
+      for path in (self.directory, self.directory + ".corrupt"):  # orbax hung on a file
+        if os.path.exists(path) and not os.path.isdir(path):
+          raise ValueError(f"{path} is a file, not a directory of checkpoints: move it away "
+                           "or use another --workdir")
       _remove_partial_saves(self.directory)
     # orbax's own clean-up of those runs in a thread that close() does not wait for: a run
     # that stops right after opening would exit under it (a traceback at interpreter exit).
