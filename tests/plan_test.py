@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from esjax.configs import common, tiny
+from esjax.configs import common, presets, tiny
 from esjax.plan import dryrun, search, table, targets
+from esjax.sharding.layout import Layout, check_model
 
 
 
@@ -98,3 +99,22 @@ def test_search_enumerates_valid_layouts_and_ranks_fitting_first():
   times = [x.time for x in ranked if x.memory <= target.usable_bytes]
   assert times == sorted(times)
   assert math.isfinite(times[0])
+
+
+@pytest.mark.parametrize("name", sorted(presets.CLUSTERS))
+def test_every_shipped_preset_layout_fits_its_model(name):
+  """Each GPU preset's layout, at its own cluster size, passes the model checks the step
+  makes before compiling (vocabularies tp does not divide are padded, not refused)."""
+  c = presets.get_config(name)
+  layout = Layout.from_config(c.parallel).resolve(presets.CLUSTERS[name][0])
+  check_model(layout, common.model_config(c), seq_len=c.train.seq_len,
+              batch=c.train.batch_size)
+
+
+@pytest.mark.slow
+@needs_plugin
+@pytest.mark.parametrize("name", sorted(presets.CLUSTERS))
+def test_every_shipped_preset_compiles_for_its_cluster(name):
+  r = dryrun.plan(presets.get_config(name), targets.get("h100"), presets.CLUSTERS[name][0])
+  assert r.memory["peak"] > 0 and r.prediction["predicted_step_s"] > 0
+  assert {row["part"] for row in r.flops} >= {"attn_proj", "core_attn", "logits"}

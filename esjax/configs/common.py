@@ -30,6 +30,7 @@ An experiment file builds on `base_config()` and changes what it needs:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
@@ -61,7 +62,13 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   section = config.model
   overrides = {k: v for k, v in section.items() if k != "preset" and v is not None}
   base = get_preset(section.preset) if section.preset else ModelConfig()
-  return base.replace(**overrides)
+  cfg = base.replace(**overrides)
+  tp = config.parallel.tp if "parallel" in config else 1
+  if cfg.padded_vocab % tp and section.get("vocab_multiple") is None:
+    # Megatron pads the vocabulary to a multiple of 128 x tp; lcm(128, tp) is the same for
+    # every power-of-two tp up to 128, so the checkpoint's shapes outlive a change of tp.
+    cfg = cfg.replace(vocab_multiple=math.lcm(128, tp))
+  return cfg
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -85,6 +85,40 @@ def _linear(want: tuple[int, ...], n_in: int) -> View:
   return lambda a: a.reshape(*want[n_in:], *want[:n_in]).transpose(perm)
 
 
+class PaddedRows:
+  """An HF vocabulary tensor seen as the model's padded one: `array` with its axis `axis`
+  extended to `size`. Reads of the padding are zeros (import); writes to it are dropped
+  (export strips it). Indexed by tuples of slices or `...`, as `read_slice` and `fill` do."""
+
+  def __init__(self, array: np.ndarray, axis: int, size: int):
+    self.array, self.axis = array, axis
+    self.shape = array.shape[:axis] + (size,) + array.shape[axis + 1:]
+
+  def _split(self, index: Any) -> tuple[tuple[slice, ...], tuple[slice, ...], tuple[int, ...]]:
+    """(index into `array`, index into the region, the region's shape) of a region index."""
+    index = () if index is Ellipsis else tuple(index)
+    index += (slice(None),) * (len(self.shape) - len(index))
+    start, stop, step = index[self.axis].indices(self.shape[self.axis])
+    if step != 1:
+      raise ValueError(f"PaddedRows: strided index {index[self.axis]} is not supported")
+    have = min(stop, self.array.shape[self.axis])
+    src = list(index)
+    src[self.axis] = slice(start, max(start, have))
+    dst = [slice(None)] * len(index)
+    dst[self.axis] = slice(0, max(0, have - start))
+    return tuple(src), tuple(dst), region_shape(index, self.shape)
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    src, dst, shape = self._split(index)
+    out = np.zeros(shape, self.array.dtype)
+    out[dst] = self.array[src]
+    return out
+
+  def __setitem__(self, index: Any, value: Any) -> None:
+    src, dst, shape = self._split(index)
+    self.array[src] = np.broadcast_to(np.asarray(value), shape)[dst]
+
+
 def _fused(lo: int, hi: int) -> View:
   """gate_up_proj [E, 2F, D] rows lo:hi -> [E, D, F]."""
   return lambda a: a[:, lo:hi].transpose(0, 2, 1)
@@ -118,7 +152,17 @@ def layout(cfg: ModelConfig, names: Collection[str] | None = None, abstract: Any
     for param in ("w_gate", "w_up", "w_down"):
       linear(path + (param,), f"{prefix}{param[2:]}_proj.weight")
 
-  same(("embed",), "model.embed_tokens.weight")
+  def vocab(path: Path, name: str, axis: int):
+    """The embedding (rows, axis 0) or the head (columns, axis 1) of a padded vocabulary:
+    the HF tensor [vocab_size, D] holds its first vocab_size entries."""
+    hf, padded = (cfg.vocab_size, cfg.d_model), shape(path)[axis]
+    lay.add(path, Part(name, hf, lambda a: PaddedRows(a.reshape(hf) if axis == 0
+                                                      else a.reshape(hf).T, axis, padded)))
+
+  if cfg.padded_vocab != cfg.vocab_size:
+    vocab(("embed",), "model.embed_tokens.weight", 0)
+  else:
+    same(("embed",), "model.embed_tokens.weight")
   for i in range(cfg.n_layers):
     p, path = f"model.layers.{i}.", ("layers", i)
     same(path + ("attn_norm", "scale"), p + "input_layernorm.weight")
@@ -170,6 +214,8 @@ def layout(cfg: ModelConfig, names: Collection[str] | None = None, abstract: Any
   same(("final_norm", "scale"), "model.norm.weight")
   if cfg.tie_embeddings:
     lay.optional.add("lm_head.weight")  # some tied checkpoints store a copy
+  elif cfg.padded_vocab != cfg.vocab_size:
+    vocab(("lm_head",), "lm_head.weight", 1)
   else:
     linear(("lm_head",), "lm_head.weight")
   return lay

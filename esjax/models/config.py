@@ -35,6 +35,9 @@ class ModelConfig:
   """Decoder shape and MoE routing. Validated on construction."""
 
   vocab_size: int = 256
+  # Embedding and head rows padded to a multiple of this (Megatron's make_vocab_size_divisible_by;
+  # esjax.configs.common sets it when tp does not divide vocab_size); padded logits are masked.
+  vocab_multiple: int = 1
   d_model: int = 64
   n_layers: int = 2
   n_heads: int = 4
@@ -115,7 +118,8 @@ class ModelConfig:
       if not cond:
         raise ValueError(f"ModelConfig: {msg}")
 
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+    for name in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads",
+                 "n_kv_heads", "d_ff"):
       need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
     need(self.n_heads % self.n_kv_heads == 0,
          f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
@@ -201,6 +205,11 @@ class ModelConfig:
   @property
   def renormalize_(self) -> bool:
     return resolve_renormalize(self.renormalize, self.score_fn, self.top_k)
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding and the head: vocab_size rounded up to vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   @property
   def is_moe(self) -> bool:

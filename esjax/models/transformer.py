@@ -102,12 +102,12 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, plan: ParallelPlan | None = None):
     self.cfg = cfg
     self.plan = plan or ParallelPlan.single()
-    self.embed = layers.param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+    self.embed = layers.param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"),
                               cfg.init_std, cfg.param_dtype)
     self.layers = nnx.List([Block(cfg, i, rngs, plan) for i in range(cfg.n_layers)])
     self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
     if not cfg.tie_embeddings:
-      self.lm_head = layers.param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+      self.lm_head = layers.param(rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"),
                                   cfg.init_std, cfg.param_dtype)
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -121,7 +121,7 @@ class Transformer(nnx.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """Residual stream [B, S_c/tp, D] -> float32 logits [B, S_c, V_l] (vocabulary shard)."""
     return head_logits(x, self.final_norm.scale[...], self.head_weights(), self.cfg.norm_eps,
-                       self.plan.tp)
+                       self.plan.tp, vocab_of(self.cfg))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                cache: list[KVCache] | None = None, mask: jax.Array | None = None):
@@ -159,13 +159,25 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, tp: tuple[str, ...], dtype
   return col.psum_scatter(x.astype(dtype), tp, 1)
 
 
+def vocab_of(cfg: ModelConfig) -> int | None:
+  """The vocabulary `head_logits` masks the padded head rows beyond (None: no padding)."""
+  return cfg.vocab_size if cfg.padded_vocab != cfg.vocab_size else None
+
+
 def head_logits(x: jax.Array, norm_scale: jax.Array, w: jax.Array, eps: float,
-                tp: tuple[str, ...]) -> jax.Array:
+                tp: tuple[str, ...], vocab: int | None = None) -> jax.Array:
   """Final norm of the residual shard x [B, S/tp, D], gathered over tp along the sequence,
-  times this rank's head shard w [D, V/tp]: float32 logits [B, S, V/tp]."""
+  times this rank's head shard w [D, V/tp]: float32 logits [B, S, V/tp]. With `vocab`, the
+  columns of the padded vocabulary from `vocab` on are the lowest float32 (they take no
+  probability in the loss, the softmax or sampling)."""
   h = col.all_gather(layers.rms_norm(x, norm_scale, eps), tp, 1)
   with jax.named_scope(SCOPE_LOGITS):
-    return jnp.einsum("bsd,dv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bsd,dv->bsv", h, w.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+  if vocab is None:
+    return logits
+  cols = col.axis_index(tp) * w.shape[1] + jnp.arange(w.shape[1])
+  return jnp.where(cols < vocab, logits, jnp.finfo(jnp.float32).min)
 
 
 def aggregate_moe_stats(cfg: ModelConfig, stats: list[dict[str, jax.Array]]

@@ -40,7 +40,7 @@ from esjax.models import loss as loss_lib
 from esjax.models.config import ModelConfig
 from esjax.models.moe import update_expert_biases
 from esjax.models.transformer import (Block, embed_lookup, head_logits, run_block,
-                                      stacked_moe_stats)
+                                      stacked_moe_stats, vocab_of)
 from esjax.parallel import rules, schedule as schedule_lib, stages
 from esjax.parallel.batch import prepare_batch, split_microbatches
 from esjax.sharding import collectives as col
@@ -250,7 +250,7 @@ class _Step:
     cfg = self.cfg
     w = self._end(ends, "embed").T if cfg.tie_embeddings else self._end(ends, "lm_head")
     logits = head_logits(y, self._end(ends, "final_norm")["scale"], w, cfg.norm_eps,
-                         self.plan.tp)
+                         self.plan.tp, vocab_of(cfg))
     sums = col.psum(loss_lib.token_sums(cfg, logits, d["targets"], d.get("mask"),
                                         self.plan.tp), self.data)
     n = jnp.maximum(sums["tokens"], 1.0)

@@ -148,7 +148,9 @@ def check_model(layout: Layout, cfg, seq_len: int | None = None,
   need(cfg.n_kv_heads % tp == 0 or tp % cfg.n_kv_heads == 0,
        f"n_kv_heads={cfg.n_kv_heads} and tp={tp}: one must divide the other "
        f"(kv heads are sharded when tp divides them, replicated when they divide tp)")
-  need(cfg.vocab_size % tp == 0, f"vocab_size={cfg.vocab_size} is not divisible by tp={tp}")
+  need(cfg.padded_vocab % tp == 0,
+       f"vocab_size={cfg.vocab_size} padded to {cfg.padded_vocab} (vocab_multiple="
+       f"{cfg.vocab_multiple}) is not divisible by tp={tp}")
   need(cfg.qk_norm != "full" or cfg.n_kv_heads % tp == 0,
        f"qk_norm='full' normalises over all kv heads, so tp={tp} must divide "
        f"n_kv_heads={cfg.n_kv_heads}")
