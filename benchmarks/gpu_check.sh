@@ -13,7 +13,8 @@
 # at 4k and 8k, forward + backward (benchmarks.attention); MFU of the real train step in bf16
 # on the largest MoE one GPU holds at sequence 4096 (benchmarks.mfu gpu-mixtral) against the
 # bf16 matmul peak measured in the same run (anchors: Megatron 49.3% Mixtral 8x22B, NeMo 46.8%,
-# MaxText ~50%).
+# MaxText ~50%); the planner's prediction for that step (deviceless, the GPU nvidia-smi names)
+# against its measured time (benchmarks.plan_calibration).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 PY=${PYTHON:-python3}
@@ -67,4 +68,10 @@ part routing_bf16 90 "$PY" -m benchmarks.routing --dtype bfloat16
 part attention_cudnn 90 "$PY" -m benchmarks.attention --impl xla,cudnn --seq 4096,8192 \
   --dtype bfloat16
 part mfu_bf16 200 "$PY" -m benchmarks.mfu --dtype bfloat16 --configs gpu-mixtral --repeats 5
+if "$PY" -c 'import jax_plugins.xla_cuda12' 2>/dev/null; then
+  part plan_calibration 120 env JAX_PLATFORMS=cpu "$PY" -m benchmarks.plan_calibration \
+    --measured "$LOG/mfu_bf16.out"
+else
+  skip plan_calibration "the CUDA plugin (the planner's deviceless compiler) is missing"
+fi
 printf '{"summary": "gpu_check", %s}\n' "$(IFS=,; echo "${SUMMARY[*]}")"

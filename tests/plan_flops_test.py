@@ -195,3 +195,12 @@ def test_dense_expansion_of_ragged_dot_is_flagged_as_waste():
   r = dryrun.plan(c, targets.get("cpu"), 1)
   assert r.waste["experts"] == pytest.approx(8.0, rel=1e-12)
   assert r.to_json()["waste"] == r.waste
+
+
+def test_the_calibration_plans_the_config_the_mfu_benchmark_times():
+  from benchmarks import mfu, plan_calibration  # pylint: disable=g-import-not-at-top
+  from esjax.configs import common  # pylint: disable=g-import-not-at-top
+  cfg, batch, seq = mfu.CONFIGS["gpu-mixtral"]
+  c = plan_calibration.config_for("gpu-mixtral")
+  assert common.model_config(c) == cfg.replace(dtype="bfloat16")
+  assert (c.train.batch_size, c.train.seq_len) == (batch, seq)

@@ -52,10 +52,13 @@ class Work:
     return parts
 
   @property
-  def recomputes_attention(self) -> bool:
-    """Whether the step runs core attention's forward again in the backward: the pipeline's
-    backward unit, or a remat policy that saves no attention output."""
-    return self.layout.pp > 1 or self.cfg.remat in ("full", "dots")
+  def attention_recompute(self) -> float:
+    """Share of core attention forwards the step runs again in the backward, averaged over
+    the devices: all of them under a remat policy that saves no attention output, else at
+    pp > 1 those of every chunk but the last stage's last (see `recompute_forwards`)."""
+    if self.cfg.remat in ("full", "dots"):
+      return 1.0
+    return 1 - 1 / (self.layout.pp * self.layout.virtual_stages)
 
   @property
   def recompute_forwards(self) -> float:

@@ -28,7 +28,7 @@ Attention that would run on cuDNN cannot be compiled deviceless (jax checks cuDN
 and the GPU on a real device): the step is compiled with the chunked kernel (flash attention
 too: memory linear in the sequence) and core attention is priced as cuDNN runs it, forward
 plus a backward that recomputes the scores (7/6 of the model's core attention FLOPs, plus a
-forward when the step recomputes layers); the output says so. The deviceless compile does
+forward where the step recomputes layers, `Work.attention_recompute`); the output says so. The deviceless compile does
 no autotuning (default GEMM tiles).
 """
 
@@ -254,8 +254,8 @@ def flop_table(work: analytic.Work, counted: matmuls.Count, cudnn: bool
   model = work.model_parts()
   compiled = {k: v * n for k, v in counted.by_part.items()}
   if cudnn:
-    extra = 2 / 6 if work.recomputes_attention else 0.0
-    compiled["core_attn"] = model["core_attn"] * (CUDNN_ATTENTION + extra)
+    compiled["core_attn"] = model["core_attn"] * (CUDNN_ATTENTION
+                                                  + work.attention_recompute * 2 / 6)
   rows = []
   for part in (*PARTS.values(), matmuls.OTHER):
     m, c = model.get(part, 0.0), compiled.get(part, 0.0)

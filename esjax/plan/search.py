@@ -170,11 +170,32 @@ def search(config: Any, target: targets_lib.Target, n: int, top: int = 3,
       section, field = key.split(".")
       cand[section][field] = value
     r = dryrun.plan(cand, target, n).to_json()
-    r.update(remat=c.remat, estimated_peak_bytes=c.memory, estimated_step_s=c.time)
+    r.update(remat=c.remat, estimated_peak_bytes=c.memory, estimated_step_s=c.time,
+             peak_over_estimate=r["peak_bytes_per_device"] / c.memory)
+    if r["predicted_step_s"]:
+      r["step_over_estimate"] = r["predicted_step_s"] / c.time
     results.append(r)
     if log:
       log(f"  compiled {r['layout']} remat={c.remat}: peak "
-          f"{r['peak_bytes_per_device'] / 2**30:.1f} GiB, fits {r['fits']}, predicted "
-          f"{r['predicted_step_s']:.2f} s, MFU {r['predicted_mfu']:.1%}")
+          f"{r['peak_bytes_per_device'] / 2**30:.1f} GiB (estimated {c.memory / 2**30:.1f}, "
+          f"x{r['peak_over_estimate']:.2f}), fits {r['fits']}, predicted "
+          f"{r['predicted_step_s']:.2f} s (estimated {c.time:.2f}), MFU "
+          f"{r['predicted_mfu']:.1%}")
+  if log:
+    log(calibration(results, ranked[top:], target))
   return sorted(results, key=lambda r: (not r["fits"], r["predicted_step_s"] or 0.0))
+
+
+def calibration(results: list[dict[str, Any]], rest: list[Candidate],
+                target: targets_lib.Target) -> str:
+  """The compiled / estimated peak and step time of the compiled candidates, and how many
+  of the candidates left uncompiled would still fit with their estimate scaled by the
+  largest peak ratio seen (the analytic model misses what the compiler adds)."""
+  mem = max(r["peak_over_estimate"] for r in results)
+  steps = [r["step_over_estimate"] for r in results if "step_over_estimate" in r]
+  fit = sum(c.memory * mem <= target.usable_bytes for c in rest)
+  line = f"calibration: compiled peak / estimate up to x{mem:.2f}"
+  if steps:
+    line += f", predicted step / estimate x{min(steps):.2f}-x{max(steps):.2f}"
+  return line + f"; {fit} of the {len(rest)} uncompiled candidates fit at x{mem:.2f}"
 
