@@ -28,6 +28,7 @@ SCOPES = ("batch", "rank")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # transformers' rope_type
 QK_NORMS = ("none", "head", "full")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")  # esjax.kernels.attention.ops
+EP_BUFFER_FACTOR = 0.0  # ModelConfig.ep_buffer_factor's default (see there)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,10 @@ class ModelConfig:
   capacity_scope: str = "batch"
   balance_scope: str = "batch"
   pad_to_capacity: bool = False  # dropping only: every expert computes exactly `capacity` rows
+  # Dropless EP: each source's block of rows for one EP rank holds factor x its balanced share
+  # (T k / ep rows; MaxText's ragged_buffer_factor) instead of the worst case T min(k, E/ep);
+  # rows past it are dropped and counted (ep_overflow_fraction). 0: the worst case, exact.
+  ep_buffer_factor: float = EP_BUFFER_FACTOR
   # Grouped matmul: "ragged" (lax.ragged_dot, GPU/TPU), "blocked" (tiles, fast on CPU),
   # "auto" (blocked on the CPU backend, ragged elsewhere). Same numbers either way.
   moe_impl: str = "auto"
@@ -139,7 +144,7 @@ class ModelConfig:
       value = getattr(self, name)
       need(math.isfinite(value) and value > 0, f"{name}={value} must be a finite number > 0")
     for name in ("router_init_std", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef",
-                 "max_z_loss_coef"):
+                 "max_z_loss_coef", "ep_buffer_factor"):
       value = getattr(self, name)
       need(math.isfinite(value) and value >= 0, f"{name}={value} must be a finite number >= 0")
     need(self.rope_factor > 0, f"rope_factor={self.rope_factor} must be > 0")
@@ -162,6 +167,8 @@ class ModelConfig:
            f"first_k_dense={self.first_k_dense} must be in [0, n_layers={self.n_layers}]")
       need(self.moe_block_size >= 1, f"moe_block_size={self.moe_block_size} must be >= 1")
       need(self.capacity_factor >= 0, f"capacity_factor={self.capacity_factor} must be >= 0")
+      need(self.ep_buffer_factor == 0 or self.ep_buffer_factor >= 1,
+           f"ep_buffer_factor={self.ep_buffer_factor} must be 0 (exact) or >= 1")
       need(not (self.score_fn == "sigmoid" and self.routing_order == "topk_softmax"),
            "score_fn='sigmoid' needs routing_order='softmax_topk' (scores first, then top-k)")
       need(not (self.routing_order == "topk_softmax" and self.top_k == 1),

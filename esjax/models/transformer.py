@@ -89,7 +89,7 @@ class Transformer(nnx.Module):
   `model(tokens [B, S] int32)` returns float32 logits [B, S, V] and an aux dict: `moe_loss`
   (the weighted router losses to add to the LM loss) and, for MoE models, `aux_loss`,
   `seq_aux_loss`, `z_loss` (means over MoE layers), `expert_load` [n_moe_layers, E] and
-  `drop_fraction`. `mask` [B, S] (1: the token counts, e.g. the batch's loss mask) keeps
+  `drop_fraction`, `ep_overflow_fraction` [n_moe_layers]. `mask` [B, S] (1: the token counts, e.g. the batch's loss mask) keeps
   padding out of the router losses and the expert load. Under a plan with tp > 1 (inside the
   step's shard_map) the logits are this rank's vocabulary shard.
 
@@ -201,4 +201,5 @@ def stacked_moe_stats(cfg: ModelConfig, stacked: dict[str, jax.Array]) -> dict[s
       "z_loss": jnp.mean(stacked["z_loss"]),
       "expert_load": stacked["expert_load"],
       "drop_fraction": jnp.mean(stacked["drop_fraction"]),
+      "ep_overflow_fraction": stacked["ep_overflow_fraction"],  # per MoE layer
   }

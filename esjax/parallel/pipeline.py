@@ -46,7 +46,8 @@ from esjax.parallel.batch import prepare_batch, split_microbatches
 from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
-STATS = ("aux_loss", "seq_aux_loss", "z_loss", "expert_load", "drop_fraction")
+STATS = ("aux_loss", "seq_aux_loss", "z_loss", "expert_load", "drop_fraction",
+         "ep_overflow_fraction")
 
 # Named scopes of the loop's conditionals: the forward and backward units, and inside them
 # the first chunk's embedding and the last chunk's head (see `Engine.branch_weights`).
@@ -397,7 +398,8 @@ class _Step:
       return {}
     e = self.cfg.n_experts
     return {"aux_loss": (n_moe,), "seq_aux_loss": (n_moe,), "z_loss": (n_moe,),
-            "expert_load": (n_moe, e), "drop_fraction": (n_moe,)}
+            "expert_load": (n_moe, e), "drop_fraction": (n_moe,),
+            "ep_overflow_fraction": (n_moe,)}
 
   def _metrics(self, c, n_moe):
     """Means over microbatches of the loss metrics and the per-layer router statistics,

@@ -19,13 +19,17 @@ device every collective below is the identity. Per device:
      weights and reduce-scatter the partial sums over etp.
 
 Block sizes are static bounds: a source sends one EP rank at most `T * min(k, E/ep)` rows
-(a token picks an expert once), with dropping at most `E/ep * capacity`. Router statistics
+(a token picks an expert once), with dropping at most `E/ep * capacity`, and with
+`cfg.ep_buffer_factor` at most that factor times the balanced share `T k / ep` (rows past it
+are dropped and counted in the `ep_overflow_fraction` statistic). Router statistics
 (`router_stats`) are those of the micro-batch: psums over the stage's devices.
 """
 
 from __future__ import annotations
 
 from typing import Callable
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -86,9 +90,10 @@ def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: P
   else:
     keep, cap = None, None
   w = (w_gate, w_up, w_down)
+  overflow = jnp.zeros((), jnp.float32)
   with jax.named_scope(SCOPE_EXPERTS):
     if plan.ep or plan.etp:
-      y = _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan)
+      y, overflow = _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan)
     elif keep is not None and cfg.pad_to_capacity:
       y = dispatch.capacity_moe(tokens, r.indices, r.weights, cfg.n_experts, cap, positions,
                                 lambda b: swiglu_batched(b, *w))
@@ -96,7 +101,8 @@ def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: P
       y = dispatch.grouped_moe(tokens, r.indices, r.weights, cfg.n_experts,
                                grouped_fn(cfg, plan, *w), keep)
   token_mask = None if mask is None else mask.reshape(bl * sl)
-  return y.reshape(bl, sl, d), router_stats(cfg, plan, logits, r, keep, bl, sl, token_mask)
+  stats = router_stats(cfg, plan, logits, r, keep, bl, sl, token_mask)
+  return y.reshape(bl, sl, d), {**stats, "ep_overflow_fraction": overflow}
 
 
 def router_stats(cfg, plan: ParallelPlan, logits, r: router.Routing, keep, bl: int, sl: int,
@@ -188,8 +194,23 @@ def sequence_order(plan: ParallelPlan, seq_len: int) -> np.ndarray | None:
   return chunks[order].reshape(-1)
 
 
+def ep_block_rows(cfg, n_rows: int, ep: int, cap: int | None) -> int:
+  """Rows of one source's block for one EP rank (dropless): the worst case T min(k, E/ep),
+  or `cfg.ep_buffer_factor` x the balanced share T k / ep rounded up to 8 rows, whichever is
+  smaller; with dropping also at most E/ep x capacity."""
+  nle = cfg.n_experts // ep
+  bound = n_rows * min(cfg.top_k, nle)
+  if cap is not None:
+    bound = min(bound, nle * cap)
+  if cfg.ep_buffer_factor:
+    share = math.ceil(cfg.ep_buffer_factor * n_rows * cfg.top_k / ep)
+    bound = min(bound, -(-share // 8) * 8)
+  return bound
+
+
 def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan):
-  """Routed output [T_l, D] with the experts spread over ep (and their width over etp)."""
+  """(routed output [T_l, D], the share of routed rows that overflowed their EP block) with
+  the experts spread over ep (and their width over etp)."""
   e, k = cfg.n_experts, cfg.top_k
   ep_axes, etp_axes = plan.ep, plan.etp
   ep = plan.size(ep_axes)
@@ -208,11 +229,14 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
     bound = nle * cap
     slot = jnp.where(flat_valid, dest * bound + local_e * cap + pos, ep * bound)
   else:
-    bound = n_rows * min(k, nle)
-    if cap is not None:
-      bound = min(bound, nle * cap)
+    bound = ep_block_rows(cfg, n_rows, ep, cap)
     routed = jax.nn.one_hot(dest, ep, dtype=jnp.int32) * flat_valid[:, None].astype(jnp.int32)
     rank = jnp.take_along_axis(jnp.cumsum(routed, axis=0) - 1, dest[:, None], axis=1)[:, 0]
+    fits = rank < bound
+    overflow = col.psum(jnp.sum(flat_valid & ~fits), plan.stage_axes) / jnp.maximum(
+        col.psum(jnp.sum(flat_valid), plan.stage_axes), 1)
+    flat_valid = flat_valid & fits
+    valid = flat_valid.reshape(valid.shape)
     slot = jnp.where(flat_valid, dest * bound + rank, ep * bound)  # ep*bound: a spill row
   rows = jnp.zeros((ep * bound + 1, d), tokens.dtype).at[slot].set(
       jnp.take(tokens, jnp.arange(flat_e.size) // k, axis=0))[:-1]
@@ -240,7 +264,9 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
   per_assignment = jnp.take(out, slot, axis=0).reshape(n_rows, k, d)
   combine = jnp.where(valid, weights.astype(jnp.float32), 0.0)
   y = jnp.einsum("tkd,tk->td", per_assignment.astype(jnp.float32), combine)
-  return col.psum_scatter(y, etp_axes, 0).astype(tokens.dtype)
+  if padded:
+    overflow = jnp.zeros((), jnp.float32)
+  return col.psum_scatter(y, etp_axes, 0).astype(tokens.dtype), overflow.astype(jnp.float32)
 
 
 def _ragged_exchange(rows, ids, nle, bound, ep_axes, experts):

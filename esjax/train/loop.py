@@ -156,6 +156,7 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
   # Throughput counts training time: evaluation seconds since the last record are taken out.
   clock = {"step": start, "time": time.perf_counter(), "eval_s": 0.0}
   last = {}  # loss and gradient norm of the last step that passed the guard
+  warned: set[str] = set()  # one-time warnings already given
   max_abs = jax.jit(lambda p: jnp.max(jnp.stack(
       [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(p)])))
   bar = tqdm.tqdm(total=tc.steps, initial=start, desc="train", unit="step",
@@ -208,6 +209,14 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     if is_main:
       tqdm.tqdm.write(line)
+      overflow = record.get("ep_overflow_by_layer")
+      if overflow and "ep_overflow" not in warned:
+        warned.add("ep_overflow")
+        layer = int(np.argmax(overflow))
+        print(f"esjax: warning: step {step}: the EP buffers dropped {overflow[layer]:.2%} of "
+              f"the routed rows of MoE layer {layer} (model.ep_buffer_factor="
+              f"{model_cfg.ep_buffer_factor}; raise it, or 0 for the exact dropless bound); "
+              "metrics.jsonl has ep_overflow_fraction per step", file=sys.stderr, flush=True)
 
   pending = None  # (step, device metrics, val_loss) of the last dispatched step
   try:

@@ -17,13 +17,19 @@ SCALARS = ("loss", "ce_loss", "lr", "grad_norm", "aux_loss", "seq_aux_loss", "z_
 
 def step_record(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
   """JSON-ready record of one step's (host) metrics: scalars as floats, `expert_load` as a
-  list per MoE layer of per-expert fractions of routed assignments."""
+  list per MoE layer of per-expert fractions of routed assignments, `ep_overflow_fraction`
+  as the mean over MoE layers (with `ep_overflow_by_layer` when any layer overflowed)."""
   rec: dict[str, Any] = {"step": int(step)}
   for k in SCALARS:
     if k in metrics:
       rec[k] = float(metrics[k])
   if "expert_load" in metrics:
     rec["expert_load"] = np.asarray(metrics["expert_load"], np.float64).round(6).tolist()
+  if "ep_overflow_fraction" in metrics:  # per MoE layer: the mean, and the layers if any
+    overflow = np.asarray(metrics["ep_overflow_fraction"], np.float64).reshape(-1)
+    rec["ep_overflow_fraction"] = float(overflow.mean())
+    if overflow.any():
+      rec["ep_overflow_by_layer"] = overflow.round(6).tolist()
   return rec
 
 
