@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -47,7 +48,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     lines = str(e).strip().splitlines()
     text = lines[0] if len(lines) == 1 else f"{lines[0].split(': Error')[0]}: {lines[-1]}"
     sys.exit(f"esjax: error: {text}")
-  except (AttributeError, KeyError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    _config_file_raised(e)
+    if not isinstance(e, (AttributeError, KeyError)):
+      raise
     msg = str(e)
     key = re.search(r"(\w+)", msg)
     key = key.group(1) if key else "?"
@@ -58,6 +62,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"esjax: error: {flag}: unknown config field {key!r}{hint} (the config is locked)")
   except ValueError as e:
     sys.exit(f"esjax: error: --config: {e}")
+
+
+def _config_file_raised(e: BaseException) -> None:
+  """Exits in one line naming the config file's line when `e` was raised in it (its
+  `get_config`, or what that calls there), e.g. a KeyError that is no unknown field."""
+  frames = traceback.extract_tb(e.__traceback__)
+  path = next((f.filename for f in frames if f.name == "get_config"), None)
+  if path is not None:
+    line = [f.lineno for f in frames if f.filename == path][-1]
+    first = (str(e).strip().splitlines() or [""])[0]
+    sys.exit(f"esjax: error: --config: {path}:{line}: {type(e).__name__}: {first}")
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved

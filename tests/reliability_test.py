@@ -329,6 +329,19 @@ def test_config_file_with_a_syntax_error_is_one_line(tmp_path):
   assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("body, message", [
+    ('raise RuntimeError("no such cluster")', "RuntimeError: no such cluster"),
+    ("return {}['mixtral']", "KeyError: 'mixtral'"),  # was "unknown config field 'mixtral'"
+])
+def test_config_file_whose_get_config_raises_is_one_line(tmp_path, body, message):
+  bad = tmp_path / "raises.py"
+  bad.write_text(f"def get_config(arg=None):\n  {body}\n")
+  out = run_main(config=str(bad), workdir=str(tmp_path / "run"))
+  lines = [l for l in out.stderr.splitlines() if l.startswith("esjax")]
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert lines == [f"esjax: error: --config: {bad}:2: {message}"]
+
+
 TEXT = "caf\u00e9 ok ".encode("utf-8") * 10
 
 
