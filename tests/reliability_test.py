@@ -174,6 +174,7 @@ def test_resume_with_another_model_names_every_differing_field():
     ("checkpoint.keep", -1, "checkpoint.keep=-1"),
     ("data.max_bytes", -5, "data.max_bytes=-5"),
     ("train.eval_every", -3, "train.eval_every=-3"),
+    ("train.seed", 2**64, "train.seed=18446744073709551616, expected a 64-bit signed integer"),
 ])
 def test_out_of_range_values_are_refused_naming_the_field(field, value, message):
   config = common.base_config()
@@ -200,6 +201,23 @@ def test_out_of_range_model_values_are_refused_naming_the_field(field, value, me
   with pytest.raises(ValueError, match=re.escape(f"ModelConfig: {message}")):
     ModelConfig.from_dict({**base, field: value})
   assert ModelConfig.from_dict({**base, field: 0.5}) is not None  # a plain value passes
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e30, 9.0])
+def test_capacity_factor_beyond_the_experts_is_refused(value):
+  """An infinite or huge capacity factor overflowed deep in the step (80 lines)."""
+  from esjax.train import loop  # pylint: disable=g-import-not-at-top
+  from esjax.configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config("moe")  # tiny-mixtral: 8 experts, top-2
+  config.model.capacity_factor = value
+  model_cfg = common.model_config(config)
+  assert (model_cfg.n_experts, model_cfg.top_k) == (8, 2)
+  with pytest.raises(ValueError, match=re.escape(
+      f"model.capacity_factor={value}, expected a number in [0, n_experts=8] (0: dropless; "
+      "from n_experts / top_k = 4 on, no token is dropped)")):
+    loop.check_config(config, model_cfg)
+  config.model.capacity_factor = 8.0
+  loop.check_config(config, common.model_config(config))
 
 
 def test_refused_resume_leaves_the_run_record_alone(tmp_path):

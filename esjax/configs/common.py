@@ -152,6 +152,7 @@ _RANGES = (
     ("train.steps", lambda v: v > 0, "> 0"),
     ("train.batch_size", lambda v: v > 0, "> 0"),
     ("train.seq_len", lambda v: v > 0, "> 0"),
+    ("train.seed", lambda v: -1 << 63 <= v < 1 << 63, "a 64-bit signed integer"),
     ("train.log_every", lambda v: v > 0, "> 0"),
     ("train.eval_every", lambda v: v >= 0, ">= 0 (0: no validation)"),
     ("train.eval_batches", lambda v: v >= 0, ">= 0"),

@@ -35,6 +35,10 @@ def check_config(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
   if t.seq_len > model_cfg.max_seq_len:
     raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len="
                      f"{model_cfg.max_seq_len}")
+  e, k, cf = model_cfg.n_experts, model_cfg.top_k, model_cfg.capacity_factor
+  if model_cfg.is_moe and not cf <= e:  # a capacity of ~1e30 tokens overflowed in the step
+    raise ValueError(f"model.capacity_factor={cf}, expected a number in [0, n_experts={e}] (0: "
+                     f"dropless; from n_experts / top_k = {e / k:g} on, no token is dropped)")
 
 
 def _write_configs(workdir: str, config: ml_collections.ConfigDict, model_cfg: Any) -> None:
