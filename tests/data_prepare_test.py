@@ -268,6 +268,37 @@ def test_token_ids_beyond_the_manifest_vocabulary_are_refused(tmp_path):
     shards.Corpus(out).read(0, 0, 8)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_jsonl_gz_is_one_line_in_prepare_and_training(tmp_path, damage):
+  data = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in DOCS * 20).encode())
+  if damage == "truncated":
+    data = data[:len(data) // 2]
+  else:  # the deflate stream or the CRC no longer matches
+    half = len(data) // 2
+    data = data[:half] + bytes([data[half] ^ 0xFF]) + data[half + 1:]
+  path = tmp_path / "in.jsonl.gz"
+  path.write_bytes(data)
+  message = rf"^{path}: not a complete gzip file, truncated or corrupt \(\w+: .+\)$"
+  with pytest.raises(ValueError, match=message):
+    prepare.prepare(str(path), "byte", str(tmp_path / "out"), progress=False)
+  with pytest.raises(ValueError, match=message):  # training prepares raw sources itself
+    dataset.build(_cfg(str(path)), 15, 2, 0)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{tmp}/a.txt", "--out={tmp}/a.txt is a file, expected a directory"),
+    ("/sys/esjax_prepare_out", "/sys/esjax_prepare_out: Operation not permitted"),  # read-only
+])
+def test_cli_out_that_cannot_be_written_is_one_line(tmp_path, out, message):
+  (tmp_path / "a.txt").write_text("hello world\n")
+  got = subprocess.run([sys.executable, "-m", "esjax.data.prepare", f"--source={tmp_path}/a.txt",
+                        f"--out={out.format(tmp=tmp_path)}"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  lines = [l for l in got.stderr.splitlines() if l.startswith("esjax")]
+  assert got.returncode != 0 and "Traceback" not in got.stderr, got.stderr[-2000:]
+  assert lines == [f"esjax.data.prepare: error: {message.format(tmp=tmp_path)}"]
+
+
 def test_cli_prepares_and_reports_bad_input_in_one_line(tmp_path):
   (tmp_path / "a.txt").write_text("hello world\n")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

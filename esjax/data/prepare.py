@@ -132,6 +132,8 @@ def prepare(source: str, tokenizer: str, out: str, workers: int = 1, text_field:
   if workers < 1:
     raise ValueError(f"workers={workers} must be >= 1")
   want = plan(source, tokenizer, text_field, max_bytes, shard_bytes, encoder)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out={out} is a file, expected a directory")
   os.makedirs(out, exist_ok=True)
   plan_path = os.path.join(out, "plan.json")
   if os.path.exists(plan_path):
@@ -167,15 +169,17 @@ def prepare(source: str, tokenizer: str, out: str, workers: int = 1, text_field:
     bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - t0):,.0f}",
                     refresh=False)
 
-  if workers == 1 or len(tasks) <= 1:
-    for task in tasks:
-      finished(*_run_task(task))
-  else:
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(tasks)), initializer=_single_threaded_worker) as pool:
-      for i, record in pool.imap_unordered(_run_task, tasks):
-        finished(i, record)
-  bar.close()
+  try:
+    if workers == 1 or len(tasks) <= 1:
+      for task in tasks:
+        finished(*_run_task(task))
+    else:
+      context = multiprocessing.get_context("spawn")
+      with context.Pool(min(workers, len(tasks)), initializer=_single_threaded_worker) as pool:
+        for i, record in pool.imap_unordered(_run_task, tasks):
+          finished(i, record)
+  finally:
+    bar.close()  # an error's line then starts a line of its own
   header = {k: want[k] for k in ("tokenizer", "dtype", "text_field", "sources")}
   return shards_lib.write_manifest(out, header, [done[i] for i in range(len(groups))])
 
@@ -205,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.max_bytes, args.shard_bytes, encoder=args.encoder)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"esjax.data.prepare: error: {e}")
+  except OSError as e:  # --out read-only, a full disk: in a worker or here
+    sys.exit(f"esjax.data.prepare: error: {e.filename or args.out}: {e.strerror or e}")
   encoders = sorted({r.get("encoder", "?") for r in m["shards"]})
   print(f"prepared {args.out}: {m['tokens']:,} tokens, {m['documents']:,} documents, "
         f"{len(m['shards'])} shards ({m['dtype']}, encoded by {', '.join(encoders)})")

@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import sysconfig
+import zlib
 from typing import Iterator, NamedTuple
 
 DEFAULT_CORPUS = "stdlib"
@@ -227,9 +228,13 @@ def documents(piece: Piece, text_field: str = "text") -> Iterator[str]:
       yield f.read().decode("utf-8", errors="replace")
   elif piece.kind == "jsonl":
     opener = gzip.open if piece.path.endswith(".gz") else open
-    with opener(piece.path, "rb") as f:
-      f.seek(piece.lo)
-      data = f.read() if piece.path.endswith(".gz") else f.read(piece.hi - piece.lo)
+    try:
+      with opener(piece.path, "rb") as f:
+        f.seek(piece.lo)
+        data = f.read() if piece.path.endswith(".gz") else f.read(piece.hi - piece.lo)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+      raise ValueError(f"{piece.path}: not a complete gzip file, truncated or corrupt "
+                       f"({type(e).__name__}: {e})") from None
     offset = piece.lo
     for line in data.splitlines(keepends=True):
       if line.strip():
