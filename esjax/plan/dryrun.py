@@ -295,8 +295,10 @@ def predict(work: analytic.Work, target: targets_lib.Target,
 
 def _routed_share(work: analytic.Work) -> float:
   """Routed rows / buffer rows of the ragged EP exchange with balanced routing: a source's
-  buffer block for one EP rank holds T * min(k, E/ep) rows, of which T * k / ep are used."""
+  buffer block for one EP rank holds T * min(k, E/ep) rows (or ep_buffer_factor x T k / ep,
+  if fewer), of which T * k / ep are used."""
   cfg, ep = work.cfg, work.layout.ep
   if not cfg.is_moe or ep == 1:
     return 1.0
-  return cfg.top_k / (ep * min(cfg.top_k, cfg.n_experts // ep))
+  worst = cfg.top_k / (ep * min(cfg.top_k, cfg.n_experts // ep))
+  return max(worst, 1 / cfg.ep_buffer_factor) if cfg.ep_buffer_factor else worst
