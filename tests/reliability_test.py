@@ -510,3 +510,19 @@ def test_full_disk_stops_in_one_line_and_the_run_resumes_once_there_is_room(tmp_
     assert f"resumed from {mnt}/run/checkpoints/2" in again.stdout
   finally:
     subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_manifest_another_process_is_still_writing_is_not_checksummed(tmp_path):
+  """Process 0 seals while process 1's manifest is a temporary file in the step (issue 30,
+  item 3): it must not list it, or the step fails verification once the file is renamed."""
+  step = tmp_path / "3"
+  (step / "params/ocdbt.process_0/d").mkdir(parents=True)
+  (step / "params/ocdbt.process_0/d/a").write_bytes(b"a" * 100)
+  (step / "esjax_manifest.1.json.tmp8427").write_text("{")  # process 1, mid-write
+  integrity.write(str(step), 0)
+  listed = set(json.load(open(step / integrity.MANIFEST))["files"])
+  assert listed == {"params/ocdbt.process_0/d/a"}
+  os.replace(step / "esjax_manifest.1.json.tmp8427", step / "esjax_manifest.1.json")
+  (step / "esjax_manifest.1.json").write_text(json.dumps({"format": 1, "process": 1,
+                                                           "files": {}}))
+  assert integrity.problem(str(step)) is None

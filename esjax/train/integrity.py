@@ -30,6 +30,8 @@ from esjax.data import shards
 
 MANIFEST = "esjax_manifest.json"
 _MANIFEST_OF = re.compile(r"esjax_manifest(?:\.(\d+))?\.json")
+# A manifest, or one being written (`shards.write_json`'s temporary) by another process.
+_NOT_CHECKSUMMED = re.compile(r"esjax_manifest(?:\.\d+)?\.json(?:\.tmp\d+)?")
 _OWNED = re.compile(r"(?:^|/)(?:ocdbt\.process_|array_metadatas/process_)(\d+)(?:/|$)")
 _CHUNK = 1 << 24
 
@@ -57,7 +59,7 @@ def _files(step_dir: str) -> list[str]:
   for root, _, names in os.walk(step_dir):
     for name in names:
       rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if not _MANIFEST_OF.fullmatch(rel):
+      if not _NOT_CHECKSUMMED.fullmatch(rel):
         out.append(rel)
   return sorted(out)
 
