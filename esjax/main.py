@@ -12,6 +12,7 @@ Errors are one line on stderr (`--verbosity=1` logs the traceback).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -19,6 +20,7 @@ import traceback
 
 import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from esjax.eval import hook
@@ -80,19 +82,32 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved
 
 class StopSignals:
   """Records the first SIGTERM / SIGINT (the loop asks after every step); a second one of
-  the same kind gets the default action (stop at once)."""
+  the same kind gets the default action (stop at once).
 
-  def __init__(self):
+  Under `jax.distributed` (`distributed=True`; create it after `jax.distributed.initialize`)
+  SIGTERM is the coordination service's preemption notice: jax's own handler takes it and
+  shares it, and every process stops at the same step, the one
+  `multihost_utils.reached_preemption_sync_point` agrees on. A SIGINT is turned into that
+  notice, so a Ctrl-C that reaches the processes at different steps stops them together."""
+
+  def __init__(self, distributed: bool = False):
     self.received: str | None = None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+    self.distributed = distributed
+    signal.signal(signal.SIGINT, self._handle)
+    if not distributed:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame) -> None:
     del frame
-    self.received = signal.Signals(signum).name
     signal.signal(signum, signal.SIG_DFL)
+    if self.distributed:  # the preemption notice reaches every process through jax
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.received = signal.Signals(signum).name
 
-  def __call__(self) -> str | None:
+  def __call__(self, step: int) -> str | None:
+    if self.distributed and multihost_utils.reached_preemption_sync_point(step):
+      self.received = self.received or "SIGTERM"
     return self.received
 
 
@@ -116,7 +131,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   stop = StopSignals()
   try:
-    multihost.initialize_from_env()  # a no-op unless a launcher (launch/) set ESJAX_*
+    if multihost.initialize_from_env():  # a no-op unless a launcher (launch/) set ESJAX_*
+      stop = StopSignals(distributed=True)  # after jax's preemption handler is installed
     config = _CONFIG.value
     summary = loop.train_and_evaluate(config, _WORKDIR.value, hook.for_config(config.eval),
                                       stop=stop)

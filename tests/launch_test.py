@@ -225,3 +225,31 @@ def test_a_failed_process_stops_the_others_at_once(tmp_path):
   assert proc.returncode == 3, proc.stderr
   assert "failed (exit 3); stopping the others" in proc.stderr
   assert time.time() - start < 30
+
+
+def test_sigterm_stops_a_two_process_run_at_one_step_with_its_checkpoint(tmp_path):
+  """The real esjax.main on 2 x 4 CPU devices through launch/local.sh: a SIGTERM to the
+  launcher (one to each process) makes both stop at the same step, save it, and exit 75.
+  jax.distributed installs its own SIGTERM handler (the preemption notice), which used to
+  replace esjax's: the run trained on to its end and saved nothing at the signal."""
+  import signal  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  steps = 400
+  overrides = [o for o in OVERRIDES if not o.startswith(("train.steps", "checkpoint.every"))]
+  proc = subprocess.Popen(["launch/local.sh", "2", CONFIG, str(workdir), *overrides,
+                           f"train.steps={steps}", f"checkpoint.every={steps}"], cwd=ROOT,
+                          env=_env(ESJAX_CPU_DEVICES="4", ESJAX_PORT=_free_port()),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and (
+      time.time() < deadline and proc.poll() is None):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  logs = [open(workdir / "logs" / n).read() for n in sorted(os.listdir(workdir / "logs"))]
+  assert proc.returncode == 75, (err[-2000:], [log[-2000:] for log in logs])
+  saved = [int(s) for s in os.listdir(workdir / "checkpoints")]
+  assert len(saved) == 1 and 3 <= saved[0] < steps, saved
+  for log in logs:
+    assert f"stopped by SIGTERM after step {saved[0]}" in log, log[-2000:]

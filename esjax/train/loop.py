@@ -50,15 +50,16 @@ def _write_configs(workdir: str, config: ml_collections.ConfigDict, model_cfg: A
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        task_hook: Callable[[Any], Any] | None = None,
-                       stop: Callable[[], str | None] | None = None) -> dict[str, Any]:
+                       stop: Callable[[int], str | None] | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint). Returns a summary:
   `first_loss` (of this invocation), `last_loss`, `val_loss`, `step`, `wall_s`, and
   `stopped` (what `stop` returned, or None).
 
   `task_hook`: `tokenizer -> hook` with `hook.due(step)` and `hook(step, model, force=)`, the
   benchmark tasks of the `eval` section (`esjax.eval.hook.for_config(config.eval)`).
-  `stop`: asked after every step; a non-empty answer (e.g. 'SIGTERM') saves a checkpoint of
-  that step and returns (esjax.main sets it from SIGTERM and SIGINT: preemption).
+  `stop(step)`: asked after every step (on every process: under jax.distributed it is where
+  the processes agree on the preemption step); a non-empty answer (e.g. 'SIGTERM') saves a
+  checkpoint of that step and returns (esjax.main sets it from SIGTERM and SIGINT).
 
   Nothing in `workdir` is written before the config, the workdir lock and the resume checks
   pass (config.json records the run that trains)."""
@@ -244,7 +245,7 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
                                force=True)
         eval_s = time.perf_counter() - t_eval
       pending = (step, metrics, val_loss, task_metrics, eval_s)
-      stopped = stop() if stop is not None else None
+      stopped = stop(step) if stop is not None else None
       if step == tc.steps or (cc.every and step % cc.every == 0) or stopped:
         finish(*pending)  # A checkpoint only after its step's loss passed the guard.
         pending = None
