@@ -233,8 +233,12 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
     routed = jax.nn.one_hot(dest, ep, dtype=jnp.int32) * flat_valid[:, None].astype(jnp.int32)
     rank = jnp.take_along_axis(jnp.cumsum(routed, axis=0) - 1, dest[:, None], axis=1)[:, 0]
     fits = rank < bound
-    overflow = col.psum(jnp.sum(flat_valid & ~fits), plan.stage_axes) / jnp.maximum(
-        col.psum(jnp.sum(flat_valid), plan.stage_axes), 1)
+    # Counted over the stage (rows replicated over some of its axes count once per device,
+    # in both sums alike).
+    counts = col.vary(jnp.stack([jnp.sum(flat_valid & ~fits), jnp.sum(flat_valid)]),
+                      plan.stage_axes)
+    counts = col.psum(counts, plan.stage_axes)
+    overflow = counts[0] / jnp.maximum(counts[1], 1)
     flat_valid = flat_valid & fits
     valid = flat_valid.reshape(valid.shape)
     slot = jnp.where(flat_valid, dest * bound + rank, ep * bound)  # ep*bound: a spill row
