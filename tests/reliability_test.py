@@ -101,15 +101,49 @@ def test_restore_params_refuses_a_corrupt_checkpoint(tmp_path):
     checkpoint.restore_params(str(tmp_path))
 
 
-def test_checkpoint_without_manifest_still_restores(tmp_path):
-  """Checkpoints of older esjax (no manifest) resume unverified rather than being refused."""
-  states, engine, tx = _saved(tmp_path, steps=(1,))
-  os.remove(os.path.join(str(tmp_path), "1", integrity.MANIFEST))
+def test_an_unsealed_step_is_set_aside_like_a_corrupt_one(tmp_path, capfd):
+  """A run killed between a save and its seal leaves a step without manifests (issue 30,
+  item 1: 64 flipped bytes in it were restored unverified). Resume sets it aside and falls
+  back; init_from / eval / generate refuse it."""
+  states, engine, tx = _saved(tmp_path, steps=(1, 2))
+  os.remove(os.path.join(str(tmp_path), "2", integrity.MANIFEST))
+  _flip(_biggest_file(os.path.join(str(tmp_path), "2")))
+  with pytest.raises(ValueError, match=r"checkpoint .*/2 is corrupt \(it was never sealed"):
+    checkpoint.restore_params(os.path.join(str(tmp_path), "2"))
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=0)
   assert ckpt.latest_good_step() == 1
+  err = [l for l in capfd.readouterr().err.splitlines() if l.startswith("esjax")]
+  assert len(err) == 1 and "never sealed" in err[0] and "resuming from step 1" in err[0], err
   restored, _ = ckpt.restore(1, state_lib.abstract_train_state(engine, tx), engine.fmt)
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, restored.params, states[1].params)
+
+
+def test_a_finished_save_is_sealed_before_the_next_one(tmp_path):
+  """The loop calls seal_finished after every step: an async save is sealed once it has
+  finished, with no later save or close."""
+  state, _ = make_state()
+  engine = engine_for(CFG)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=0, async_save=True)
+  ckpt.save(state.replace(step=jnp.asarray(5, jnp.int32)), {"position": 5}, CFG, engine.fmt)
+  step_dir = os.path.join(str(tmp_path), "5")
+  deadline = time.time() + 60
+  while not (os.path.isdir(step_dir) and integrity.manifests(step_dir)):
+    assert time.time() < deadline, "the finished save was never sealed"
+    ckpt.seal_finished()
+    time.sleep(0.01)
+  assert integrity.problem(step_dir) is None
+  ckpt._mngr.close()  # pylint: disable=protected-access  (no close(): nothing else seals)
+
+
+def test_a_step_missing_one_processes_manifest_was_never_sealed(tmp_path):
+  step = tmp_path / "4"
+  (step / "params/ocdbt.process_1/d").mkdir(parents=True)
+  (step / "params/ocdbt.process_1/d/b").write_bytes(b"b" * 10)
+  integrity.write(str(step), 0, processes=2)  # process 1 was killed before its manifest
+  assert integrity.problem(str(step)) == "it was never sealed (esjax_manifest.1.json is missing)"
+  integrity.write(str(step), 1, processes=2)
+  assert integrity.problem(str(step)) is None
 
 
 def test_each_process_checksums_the_files_it_wrote_and_checks_its_share(tmp_path):

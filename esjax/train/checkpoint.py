@@ -14,7 +14,9 @@ killed at any moment leaves either a whole checkpoint or one that is never liste
 temporary directories are removed the next time the manager opens). The last `keep` are kept.
 
 Each completed step also gets checksum manifests (`esjax.train.integrity`): each process
-checksums the files it wrote once orbax has finished the step. `latest_good_step` verifies
+checksums the files it wrote once orbax has finished the step (`seal_finished`, which the
+loop calls after every step, or the next save or `close`); a step without them was never
+sealed and counts as corrupt. `latest_good_step` verifies
 steps newest first, the manifests shared out over the processes and the verdict agreed by
 all: a step that does not match is moved aside to `<checkpoints>.corrupt/` (never deleted)
 with a one-line warning, and the run resumes from the newest step that matches;
@@ -115,8 +117,21 @@ class Checkpointer:
         multihost_utils.sync_global_devices("esjax_checkpoint_seal")
       for step in self._unsealed:
         if os.path.isdir(self.step_dir(step)):  # max_to_keep may have removed it already
-          integrity.write(self.step_dir(step), jax.process_index())
+          integrity.write(self.step_dir(step), jax.process_index(), jax.process_count())
     self._unsealed = []
+
+  def seal_finished(self) -> None:
+    """Seals the saves that have finished, without waiting for one that has not (the loop
+    calls this after every step, on every process). While a save is pending the processes
+    agree whether all have finished it (one small collective per step until it is sealed),
+    so a step is sealed soon after it is written, not at the next save."""
+    if not self._unsealed:
+      return
+    done = not self._mngr.is_saving_in_progress()
+    if jax.process_count() > 1:
+      done = bool(np.all(multihost_utils.process_allgather(np.asarray(done))))
+    if done:
+      self.wait()
 
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())

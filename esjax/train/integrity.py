@@ -11,9 +11,10 @@ save, and a multi-terabyte checkpoint is not read through one process.
 `problem(step_dir, process, count)` re-reads the manifests assigned to `process` of `count`
 verifying ones (round-robin over the manifests, whatever the number of processes that wrote
 them) and names the first file that is missing, resized or changed (None when all match);
-the caller agrees the verdict across processes. A file no manifest lists (a step of an older
-esjax, or a run killed between the save and its manifests) is not verified: `problem` says
-so only when asked with `unverified=True`.
+the caller agrees the verdict across processes. The manifests are the step's seal: a step
+without them, or without one of the writing processes' (each manifest records how many
+processes wrote the step), was never sealed (a run killed between the save and its seal, or
+a step of an esjax older than manifests) and is a problem like a damaged one.
 
 CRC-32 reads at disk speed and catches flipped bytes, truncation and deletion; it is not a
 defence against deliberate tampering.
@@ -74,32 +75,35 @@ def has_manifest(step_dir: str) -> bool:
   return os.path.isdir(step_dir) and bool(manifests(step_dir))
 
 
-def write(step_dir: str, process: int = 0) -> None:
-  """Writes `process`'s manifest of a complete step directory (atomically)."""
+def write(step_dir: str, process: int = 0, processes: int = 1) -> None:
+  """Writes `process`'s manifest (of `processes` that wrote the step) of a complete step
+  directory, atomically."""
   files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _crc(os.path.join(step_dir, rel))]
            for rel in _files(step_dir) if owner(rel) == process}
   shards.write_json(os.path.join(step_dir, manifest_name(process)),
-                    {"format": 1, "process": process, "files": files})
+                    {"format": 1, "process": process, "processes": processes, "files": files})
 
 
-def problem(step_dir: str, process: int = 0, count: int = 1, unverified: bool = False
-            ) -> str | None:
+def problem(step_dir: str, process: int = 0, count: int = 1) -> str | None:
   """What is wrong with a step directory against the manifests this `process` of `count`
-  checks, or None if every file they list matches. With no manifest at all: None, or 'no
-  checksum manifest' when `unverified` is asked for."""
+  checks (an unsealed step included), or None if every file they list matches."""
   if not os.path.isdir(step_dir):
     return "the step directory is missing"
   if not os.path.isdir(os.path.join(step_dir, "params")):
     return "it holds no params/ (an emptied or incomplete step)"
   names = manifests(step_dir)
   if not names:
-    return "no checksum manifest" if unverified else None
+    return "it was never sealed (no checksum manifest: the run stopped before sealing it)"
   for name in names[process::count]:
     try:
       with open(os.path.join(step_dir, name), encoding="utf-8") as f:
-        files = json.load(f)["files"]
+        manifest = json.load(f)
+      files, writers = manifest["files"], int(manifest.get("processes", 1))
     except (OSError, ValueError, KeyError, TypeError) as e:
       return f"its manifest {name} is unreadable ({type(e).__name__})"
+    missing = sorted(set(map(manifest_name, range(writers))) - set(names))
+    if missing:
+      return f"it was never sealed ({missing[0]} is missing)"
     for rel, (size, crc) in sorted(files.items()):
       full = os.path.join(step_dir, rel)
       if not os.path.isfile(full):

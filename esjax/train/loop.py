@@ -251,6 +251,8 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
         pending = None
         ckpt.save(state, data.train.state(), model_cfg, steps.engine.fmt,
                   health=dict(last, max_abs_param=float(jax.device_get(max_abs(state.params)))))
+      else:
+        ckpt.seal_finished()  # a finished save is sealed now, not at the next one
       if stopped:
         summary["stopped"] = stopped
         break
