@@ -118,3 +118,24 @@ def test_every_shipped_preset_compiles_for_its_cluster(name):
   r = dryrun.plan(presets.get_config(name), targets.get("h100"), presets.CLUSTERS[name][0])
   assert r.memory["peak"] > 0 and r.prediction["predicted_step_s"] > 0
   assert {row["part"] for row in r.flops} >= {"attn_proj", "core_attn", "logits"}
+
+
+def test_long_context_step_memory_is_the_activations_that_must_live():
+  """The tiny MoE's step at sequence 16,384 (compiled, not run): its temporaries stay within
+  2x the float32 activations the backward needs per token, counted by hand: per layer the
+  residual, the two norms, q, the attention output and its projection, the MLP input and
+  output (8 d), k and v (2 kv hd), the router logits (E), and per routed assignment the
+  gathered row and the expert output (2 d) and gate, up and their product (3 F); then the
+  logits, their softmax and gradient (3 V). Linear in S: the scan over layers once kept
+  every attention block's mask (5.4 GiB here, O(S^2))."""
+  c = tiny.get_config("moe")
+  c.train.seq_len = c.model.max_seq_len = 16384
+  c.train.batch_size = 1
+  cfg = common.model_config(c)
+  d, f, k = cfg.d_model, cfg.effective_d_ff_expert, cfg.top_k
+  per_layer = 8 * d + 2 * cfg.n_kv_heads * cfg.effective_head_dim + cfg.n_experts + k * (
+      2 * d + 3 * f)
+  per_token = 4 * (cfg.n_layers * per_layer + 3 * cfg.vocab_size)
+  r = dryrun.plan(c, targets.get("cpu"), 1)
+  assert r.memory["temporaries"] <= 2 * per_token * 16384, (
+      r.memory["temporaries"] / 2**20, per_token * 16384 / 2**20)

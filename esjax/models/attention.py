@@ -27,7 +27,7 @@ from esjax.sharding import collectives as col
 from esjax.sharding.plan import ParallelPlan
 
 # Named scopes of the parts (the planner counts compiled FLOPs per part by them).
-SCOPE_PROJ, SCOPE_CORE = "attn_proj", "core_attn"
+SCOPE_PROJ, SCOPE_CORE = "attn_proj", attention_ops.SCOPE
 
 
 class Attention(nnx.Module):

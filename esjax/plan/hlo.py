@@ -126,6 +126,28 @@ class Module:
     visit(self.entry, 1.0)
     return mult, unknown
 
+  def callers_scope(self, scope_of) -> dict[str, str]:
+    """For each computation, the scope `scope_of(op_name)` (None: none) of the innermost
+    instruction on its call path from the entry that has one: what an instruction whose own
+    op name lost its scope (XLA's passes may rewrite it) inherits."""
+    out: dict[str, str] = {}
+
+    def visit(name: str, scope: str | None, depth: int = 0):
+      if depth > 64 or name not in self.comps or name in out:
+        return
+      out[name] = scope
+      for line in self.comps[name]:
+        callees = [c for _, c in _CALLS.findall(line)]
+        callees += [c for b in _BRANCHES.findall(line) for c in re.findall(r"%?([\w.\-]+)", b)]
+        callees += [c for pair in _TRUE_FALSE.findall(line) for c in pair]
+        if callees:
+          here = scope_of(op_name(line)) or scope
+          for callee in callees:
+            visit(callee, here, depth + 1)
+
+    visit(self.entry, None)
+    return out
+
   def shapes(self, comp: str) -> dict[str, str]:
     """Instruction name -> its shape text, in computation `comp`."""
     out = {}

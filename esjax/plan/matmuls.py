@@ -16,7 +16,9 @@ executions per step, never silently counted as zero.
 
 Each FLOP is given to the innermost model part whose named scope is in its op name
 (`parts`: scope -> part, e.g. the attention projections, core attention, MLP, routed
-experts, router, LM head); the rest is "other".
+experts, router, LM head), or else to the part of the innermost instruction on its
+computation's call path that has one (XLA's passes can leave a dot in a loop with its
+enclosing op's name); the rest is "other".
 """
 
 from __future__ import annotations
@@ -123,11 +125,17 @@ def part_of(name: str, parts: dict[str, str]) -> str:
   return OTHER
 
 
+def _part_or_none(name: str, parts: dict[str, str]) -> str | None:
+  part = part_of(name, parts)
+  return None if part == OTHER else part
+
+
 def count(text: str, parts: dict[str, str],
           branch_weights: dict[str, float] | None = None) -> Count:
   """Matmul FLOPs per device and step of compiled HLO `text` (see the module docstring)."""
   module = hlo.Module.parse(text)
   mult, unknown = module.multiplicities(branch_weights)
+  inherited = module.callers_scope(lambda name: _part_or_none(name, parts))
   by_part: dict[str, float] = collections.defaultdict(float)
   unpriced: dict[str, float] = collections.defaultdict(float)
   for comp, lines in module.comps.items():
@@ -144,5 +152,6 @@ def count(text: str, parts: dict[str, str],
       if target:
         unpriced[target] += times
       elif flops:
-        by_part[part_of(hlo.op_name(line), parts)] += times * flops
+        part = _part_or_none(hlo.op_name(line), parts) or inherited.get(comp) or OTHER
+        by_part[part] += times * flops
   return Count(dict(by_part), dict(unpriced), unknown)

@@ -28,6 +28,7 @@ from esjax.kernels.attention.reference import visible
 
 # Default block_q = block_k by backend. CPU: measured (benchmarks/attention.py; 64-128 beat
 # 256-512 by 2-4x at seq 1024-2048). Elsewhere: fewer, larger blocks (not measured here).
+SCOPE = "core_attn"  # named scope of core attention (esjax.plan counts its FLOPs by it)
 BLOCKS = {"cpu": 128}
 BLOCK = 512
 _BIG = jnp.iinfo(jnp.int32).max
@@ -199,9 +200,15 @@ def _attention(q, k, v, q_pos, k_pos, k_valid, sliding_window, block_q, block_k)
 
 
 def _attention_fwd(q, k, v, q_pos, k_pos, k_valid, sliding_window, block_q, block_k):
+  # Inside a differentiated lax.scan (the engine's scan over layers) JAX's partial evaluation
+  # treats what the positions alone determine (the block masks) as known and saves it for
+  # every block of every layer: O(S^2) (5.4 GiB of temporaries for the tiny MoE at 16k).
+  # Tying the positions to q makes the masks part of the computation that runs here.
+  q, k, v, q_pos, k_pos, k_valid = lax.optimization_barrier((q, k, v, q_pos, k_pos, k_valid))
   padded, (bq, bk) = _padded(q, k, v, q_pos, k_pos, k_valid, block_q, block_k)
   live = _live(*padded[3:], bq, bk, sliding_window)
-  out, lse = _forward(*padded, live, sliding_window, bq, bk)
+  with jax.named_scope(SCOPE):  # the rules run where the differentiation does
+    out, lse = _forward(*padded, live, sliding_window, bq, bk)
   sq = q.shape[1]
   out, lse = out[:, :sq], lse[:, :sq]
   return (out, lse), (q, k, v, q_pos, k_pos, k_valid, out.astype(q.dtype), lse)
@@ -216,8 +223,9 @@ def _attention_bwd(sliding_window, block_q, block_k, res, cotangents):
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1) - dlse
   # lse = +inf gives p = 0: rows that see no key (lse = -inf) and the padding rows.
   lse = _pad(jnp.where(lse == -jnp.inf, jnp.inf, lse), nq, constant_values=jnp.inf)
-  dq, dk, dv = _backward(*padded, live, sliding_window, bq, bk,
-                         _pad(dout.astype(q.dtype), nq), lse, _pad(delta, nq))
+  with jax.named_scope(SCOPE):
+    dq, dk, dv = _backward(*padded, live, sliding_window, bq, bk,
+                           _pad(dout.astype(q.dtype), nq), lse, _pad(delta, nq))
   sk = k.shape[1]
   return (dq[:, :sq].astype(q.dtype), dk[:, :sk].astype(k.dtype), dv[:, :sk].astype(v.dtype),
           None, None, None)

@@ -16,6 +16,7 @@ import jax
 from esjax.kernels.attention import chunked, cudnn, reference
 
 IMPLS = ("auto", "xla", "chunked", "cudnn")
+SCOPE = chunked.SCOPE  # the named scope core attention runs in
 AUTO_CHUNKED_LOGITS = {"cpu": 512 * 512}
 AUTO_CHUNKED_LOGITS_DEFAULT = 2048 * 2048
 
