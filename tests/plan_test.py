@@ -3,6 +3,7 @@ deviceless for H100s, and the layout search."""
 
 import dataclasses
 import importlib.util
+import json
 import math
 
 import pytest
@@ -63,7 +64,12 @@ def test_a_layout_that_cannot_fit_says_so():
   small = dataclasses.replace(targets.get("cpu"), memory_bytes=1e6)
   r = dryrun.plan(dense_config(dp=8), small, 8)
   assert not r.fits and r.to_json()["fits"] is False
-  assert "fits: NO" in table.format_result(r, small)
+  text = table.format_result(r, small)
+  assert "fits: NO" in text
+  # Strict JSON (no Infinity), links of fake devices are not NVLink, sizes in readable units.
+  json.dumps(dryrun.plan(dense_config(dp=8), targets.get("cpu"), 8).to_json(), allow_nan=False)
+  assert {c["link"] for c in r.collectives} == {"host"}
+  assert " MiB" in text or " KiB" in text
 
 
 @needs_plugin
