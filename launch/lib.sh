@@ -30,7 +30,8 @@ spawn_training() {
     export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${ESJAX_CPU_DEVICES}"
   fi
   mkdir -p "${log_dir}"
-  local pids=() i id host status=0 done_pid
+  local pids=() i id host status=0 done_pid follower=""
+  local -A id_of=()
   host=$(hostname)
   for ((i = 0; i < count; i++)); do
     id=$((first + i))
@@ -42,9 +43,15 @@ spawn_training() {
         ${overrides[@]+"${overrides[@]}"} >"${log_dir}/${host}-rank${id}.log" 2>&1
     ) &
     pids+=("$!")
+    id_of[$!]=${id}
   done
   echo "launch: ${count} processes (ids ${first}..$((first + count - 1)) of ${total}," \
        "coordinator ${coordinator}); logs in ${log_dir}" >&2
+  if [[ ${first} -eq 0 ]]; then  # rank 0's step lines and messages (not its progress bar)
+    (tail -n +1 -F "${log_dir}/${host}-rank0.log" 2>/dev/null | sed -u 's/.*\r//' \
+      | grep --line-buffered -E '^(step |esjax|resumed|done:|checkpoint )' >&2 || true) &
+    follower=$!
+  fi
   # SIGTERM / SIGINT (preemption, Ctrl-C) go to every process once: each saves a checkpoint
   # and exits 75 (esjax.main); the launcher waits for them and returns that status.
   local stopping=0 final=0
@@ -52,21 +59,34 @@ spawn_training() {
   for ((i = 0; i < count; )); do
     status=0 done_pid=""
     wait -n -p done_pid || status=$?
-    [[ -n "${done_pid:-}" ]] || continue  # woken by the trap, not by a process: wait on
+    # Woken by the trap or by the log follower, not by a process: wait on.
+    [[ -n "${done_pid:-}" && -n "${id_of[${done_pid}]:-}" ]] || continue
     i=$((i + 1))
+    echo "launch: rank ${id_of[${done_pid}]} exited with status ${status}" >&2
     if [[ ${status} -ne 0 && ${stopping} -eq 0 ]]; then
       # SIGKILL: with a peer gone the others cannot save (a checkpoint needs every process)
       # and would sit in a collective until the heartbeat timeout; the last one is intact.
       echo "launch: process pid ${done_pid} failed (exit ${status}); stopping the others" >&2
       kill -KILL "${pids[@]}" 2>/dev/null || true
+      stop_follower "${follower}"
       wait 2>/dev/null || true
       trap - TERM INT
       return "${status}"
     fi
     [[ ${status} -eq 0 ]] || final=${status}
   done
+  stop_follower "${follower}"
   trap - TERM INT
   return "${final}"
+}
+
+# Stops the console's view of rank 0's log (the subshell running `tail -F | ...`), after it
+# has shown the last lines.
+stop_follower() {
+  [[ -n "$1" ]] || return 0
+  sleep 0.5
+  pkill -P "$1" tail 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
 }
 
 # The Python to run: $ESJAX_PYTHON, else the project's .venv, else python3.

@@ -253,3 +253,8 @@ def test_sigterm_stops_a_two_process_run_at_one_step_with_its_checkpoint(tmp_pat
   assert len(saved) == 1 and 3 <= saved[0] < steps, saved
   for log in logs:
     assert f"stopped by SIGTERM after step {saved[0]}" in log, log[-2000:]
+  # The console shows rank 0's step lines and every rank's exit status (issue 28 item 9).
+  assert re.search(r"^step +1 \| loss", err, re.M), err[-2000:]
+  assert f"esjax: stopped by SIGTERM after step {saved[0]}" in err
+  for rank in (0, 1):
+    assert f"launch: rank {rank} exited with status 75" in err, err[-2000:]
