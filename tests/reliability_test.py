@@ -412,6 +412,20 @@ def test_binary_input_is_refused_naming_the_file(tmp_path, data, message):
   assert sources.resolve_files(str(good)) == [str(good)]
 
 
+def test_binary_after_the_first_64_kib_is_refused_when_read(tmp_path):
+  """A text input that is UTF-8 for its first 64 KiB and binary after passes the early check
+  but not the reading (issue 30 item 4: 124,649 replacement characters were trained on)."""
+  from esjax.data import sources  # pylint: disable=g-import-not-at-top
+  head = "caf\u00e9 ok\n".encode("utf-8") * 8000  # 96,000 bytes
+  path = tmp_path / "late.txt"
+  path.write_bytes(head + b"\xff\xfe\x80 binary")
+  files = sources.resolve_files(str(path))
+  piece = sources.Piece("text", files[0], 0, 1, os.path.getsize(path), 0)
+  with pytest.raises(ValueError, match=rf"data.source: {path} is not UTF-8 text \(invalid "
+                                       rf"byte at offset {len(head)}\)"):
+    list(sources.documents(piece))
+
+
 @pytest.fixture()
 def hf_folder(tmp_path):
   """The tiny config's model exported as a Hugging Face folder (esjax's own writer)."""

@@ -91,20 +91,30 @@ def resolve_files(source: str) -> list[str]:
 
 
 def check_text(path: str, probe: int = 1 << 16) -> None:
-  """Raises a one-line ValueError when a plain-text input is not UTF-8 text (NUL bytes or
-  invalid UTF-8 in its first `probe` bytes: a binary file listed by mistake would otherwise
-  train as replacement characters)."""
+  """Raises a one-line ValueError when the first `probe` bytes of a plain-text input are not
+  UTF-8 text, so that a binary file listed by mistake is refused before anything is read;
+  `documents` checks the whole file as it reads it."""
   with open(path, "rb") as f:
     head = f.read(probe)
-  if b"\x00" in head:
-    raise ValueError(f"data.source: {path} is not text (NUL byte at offset "
-                     f"{head.index(bytes(1))}); list only UTF-8 text files")
+  utf8_text(head, path, complete=len(head) < probe)
+
+
+def utf8_text(data: bytes, path: str, complete: bool = True) -> str:
+  """`data`, a text input's bytes (all of them, or its first ones: `complete=False`),
+  decoded; a one-line ValueError naming the file and the offset when they are not UTF-8 text
+  (a NUL byte, or an invalid sequence: a binary file would train as replacement
+  characters). A character cut at the end of an incomplete head is not an error."""
+  nul = data.find(b"\x00")
+  if nul >= 0:
+    raise ValueError(f"data.source: {path} is not text (NUL byte at offset {nul}); list only "
+                     "UTF-8 text files")
   try:
-    head.decode("utf-8")
+    return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    if e.start < len(head) - 3:  # not just a character cut at the end of the probe
+    if complete or e.start < len(data) - 3:
       raise ValueError(f"data.source: {path} is not UTF-8 text (invalid byte at offset "
                        f"{e.start}); list only UTF-8 text files") from None
+    return data[:e.start].decode("utf-8")
 
 
 def _hf_arrow_files(path: str) -> list[str]:
@@ -225,7 +235,7 @@ def documents(piece: Piece, text_field: str = "text") -> Iterator[str]:
   """The documents of one input piece, in order."""
   if piece.kind == "text":
     with open(piece.path, "rb") as f:
-      yield f.read().decode("utf-8", errors="replace")
+      yield utf8_text(f.read(), piece.path)
   elif piece.kind == "jsonl":
     opener = gzip.open if piece.path.endswith(".gz") else open
     try:
