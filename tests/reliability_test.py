@@ -574,3 +574,21 @@ def test_a_manifest_another_process_is_still_writing_is_not_checksummed(tmp_path
   (step / "esjax_manifest.1.json").write_text(json.dumps({"format": 1, "process": 1,
                                                            "files": {}}))
   assert integrity.problem(str(step)) is None
+
+
+def test_missing_optional_packages_are_one_line(tmp_path, monkeypatch):
+  """Ray (DGS) and pyarrow (Parquet, saved datasets) are optional (requirements-optional.txt):
+  without them the commands that need them stop in one line naming the install."""
+  from esjax.data import sources  # pylint: disable=g-import-not-at-top
+  from esjax.distributed import main as dgs_main  # pylint: disable=g-import-not-at-top
+  for name in ("pyarrow", "pyarrow.parquet", "ray"):
+    monkeypatch.setitem(sys.modules, name, None)  # `import name` then raises ImportError
+  monkeypatch.delitem(sys.modules, "esjax.distributed.runtime", raising=False)
+  path = tmp_path / "data.parquet"
+  path.write_bytes(b"PAR1")
+  with pytest.raises(ValueError, match=rf"data.source: {path} needs pyarrow, which is not "
+                                       r"installed: pip install -r requirements-optional.txt"):
+    sources.pieces([str(path)], 1 << 20)
+  with pytest.raises(SystemExit, match="DGS runs on Ray, which is not installed: pip install "
+                                       "-r requirements-optional.txt"):
+    dgs_main.runtime()

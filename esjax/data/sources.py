@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import importlib
 import json
 import os
 import sysconfig
@@ -182,9 +183,18 @@ def _jsonl_pieces(path: str, piece_bytes: int) -> list[Piece]:
           for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def _parquet_pieces(path: str, piece_bytes: int) -> list[Piece]:
-  import pyarrow.parquet as pq  # Optional dependency: only for Parquet inputs.
+def arrow(module: str, path: str):
+  """`pyarrow` or one of its modules, an optional dependency (Parquet inputs, saved Hugging
+  Face datasets): a one-line ValueError naming `path` and the install when it is missing."""
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise ValueError(f"data.source: {path} needs pyarrow, which is not installed: "
+                     "pip install -r requirements-optional.txt") from None
 
+
+def _parquet_pieces(path: str, piece_bytes: int) -> list[Piece]:
+  pq = arrow("pyarrow.parquet", path)
   meta = pq.ParquetFile(path).metadata
   sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
   out, lo, acc = [], 0, 0
@@ -255,15 +265,12 @@ def documents(piece: Piece, text_field: str = "text") -> Iterator[str]:
         yield _field(record, text_field, f"{piece.path} (byte {offset})")
       offset += len(line)
   elif piece.kind == "parquet":
-    import pyarrow.parquet as pq  # Optional dependency: only for Parquet inputs.
-
-    parquet = pq.ParquetFile(piece.path)
+    parquet = arrow("pyarrow.parquet", piece.path).ParquetFile(piece.path)
     _check_column(parquet.schema_arrow.names, text_field, piece.path)
     table = parquet.read_row_groups(range(piece.lo, piece.hi), columns=[text_field])
     yield from _column(table, text_field, piece.path)
   elif piece.kind == "arrow":
-    import pyarrow as pa  # Optional dependency: only for saved Hugging Face datasets.
-
+    pa = arrow("pyarrow", piece.path)
     with pa.memory_map(piece.path) as f:
       table = pa.ipc.open_stream(f).read_all()
     yield from _column(table, text_field, piece.path)

@@ -24,12 +24,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and check
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def runtime():
+  """(AsyncTraining, ServerDied), or exit in one line when Ray (optional) is missing."""
+  try:
+    # pylint: disable-next=g-import-not-at-top
+    from esjax.distributed.runtime import AsyncTraining, ServerDied
+  except ImportError as e:
+    if e.name != "ray" and not str(e.name or "").startswith("ray."):
+      raise
+    sys.exit("esjax.distributed: error: DGS runs on Ray, which is not installed: "
+             "pip install -r requirements-optional.txt")
+  return AsyncTraining, ServerDied
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # pylint: disable-next=g-import-not-at-top
-  from esjax.distributed.runtime import AsyncTraining, ServerDied
-
+  AsyncTraining, ServerDied = runtime()
   try:
     summary = AsyncTraining(_CONFIG.value, _WORKDIR.value).run()
   except (ValueError, FileNotFoundError, ServerDied) as e:
