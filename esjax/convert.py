@@ -8,7 +8,9 @@ supported architecture, see esjax/interop) becomes the esjax checkpoint `DST/che
 parameters and model config, no optimizer state, so runs start from it with
 `checkpoint.init_from=DST` (and eval / generate read it), but none resumes from it. An esjax
 run (its workdir, checkpoints/ or one step) becomes a Hugging Face folder that transformers
-loads (`--dtype` casts the exported tensors; `--max_shard_gb` sizes the files).
+loads, with the run's tokenizer (the byte tokenizer as an equivalent `tokenizer.json`), so
+esjax.generate and esjax.eval run on it too (`--dtype` casts the exported tensors;
+`--max_shard_gb` sizes the files).
 
 Parameters are spread over every device (each parameter split along its first dimension the
 device count divides), so the model needs only its share of each device's memory and the
@@ -29,6 +31,8 @@ from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from esjax import interop
+from esjax.data import tokenizer
+from esjax.eval import loading
 from esjax.parallel import multihost
 from esjax.train import checkpoint
 
@@ -69,8 +73,25 @@ def convert(src: str, dst: str, dtype: str | None = None, max_shard_gb: float = 
     return [os.path.join(out, "0")]
   cfg, params = checkpoint.restore_params(
       src, lambda c: jax.tree.map(lambda a: a.sharding, spread(interop.abstract_params(c), mesh)))
-  return interop.save_pretrained_params(cfg, params, dst, dtype=dtype,
-                                        max_shard_bytes=int(max_shard_gb * 2**30))
+  written = interop.save_pretrained_params(cfg, params, dst, dtype=dtype,
+                                           max_shard_bytes=int(max_shard_gb * 2**30))
+  if jax.process_index() == 0:
+    written += export_tokenizer(src, dst)
+  return written
+
+
+def export_tokenizer(src: str, dst: str) -> list[str]:
+  """The tokenizer the run at `src` trained with, written into the Hugging Face folder `dst`
+  (`esjax.data.tokenizer.write_hf_files`): the run's config names it; a checkpoint without
+  one is the byte tokenizer's, as esjax.eval reads it."""
+  config = loading.run_config(src)
+  spec = config.data.tokenizer if config is not None and "data" in config else "byte"
+  try:
+    return tokenizer.write_hf_files(spec, dst)
+  except FileNotFoundError:
+    print(f"esjax.convert: warning: the run's tokenizer {spec!r} is gone; {dst} has none "
+          "(copy its tokenizer.json there)", file=sys.stderr, flush=True)
+    return []
 
 
 def main(argv: list[str]) -> None:

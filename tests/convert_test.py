@@ -57,3 +57,36 @@ def test_bad_source_is_one_line(tmp_path):
   assert cli.returncode == 1
   assert cli.stderr.strip().splitlines()[-1].startswith("esjax.convert: error: ")
   assert "no such directory" in cli.stderr and not (tmp_path / "out").exists()
+
+
+def test_export_of_a_byte_tokenizer_run_carries_its_tokenizer(tmp_path):
+  """A run trained on bytes exports a folder that esjax.generate and transformers read: its
+  tokenizer.json gives each byte its own id (issue 28 item 13: the folder had no tokenizer
+  and esjax.generate failed on it). Greedy text from the folder equals the run's."""
+  import json  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from esjax.configs import common, tiny  # pylint: disable=g-import-not-at-top
+  from esjax.data.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  from esjax.eval import generation, loading  # pylint: disable=g-import-not-at-top
+  from esjax.models import Transformer  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  config = tiny.get_config("dense")
+  (run).mkdir()
+  (run / "config.json").write_text(json.dumps(config.to_dict()))
+  cfg = common.model_config(config)
+  params = nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param))
+  ckpt = checkpoint.Checkpointer(str(run / "checkpoints"), keep=0, async_save=False)
+  ckpt.save_params(1, params, cfg)
+  ckpt.close()
+  written = convert.convert(str(run), str(tmp_path / "hf"))
+  assert str(tmp_path / "hf" / "tokenizer.json") in written
+  text = "caf\u00e9 = 1\n\tdef"
+  model, tok, _ = loading.load(str(tmp_path / "hf"))
+  assert tok.encode(text).tolist() == ByteTokenizer().encode(text).tolist()
+  assert tok.eos_id == ByteTokenizer.eos_id
+  _, transformers = _hf()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  assert hf_tok(text, add_special_tokens=False)["input_ids"] == list(text.encode("utf-8"))
+  run_model, run_tok, _ = loading.load(str(run))
+  want = generation.generate_text(run_model, run_tok, ["def "], max_new_tokens=8)
+  assert generation.generate_text(model, tok, ["def "], max_new_tokens=8) == want

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -227,6 +228,48 @@ def load_tokenizer(spec: str, encoder: str = "tokenizers") -> Tokenizer:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f"data.tokenizer={spec!r}: not a readable {kind.__name__} file "
                      f"({first})") from e
+
+
+# Files of a Hugging Face tokenizer that travel with it into an exported folder.
+_BESIDE = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def write_hf_files(spec: str, folder: str) -> list[str]:
+  """The tokenizer `spec` in a Hugging Face model folder, so that transformers and esjax
+  (eval, generate) load it from there: a `.json` file (with the configs beside it) or a
+  SentencePiece `.model` as they are, and "byte" as the equivalent byte-level `tokenizers`
+  file (each byte its own id, no merges; end of text: byte 0). Returns the files written."""
+  os.makedirs(folder, exist_ok=True)
+  if spec == "byte":
+    return _write_byte_level(folder)
+  if not os.path.isfile(spec):
+    raise FileNotFoundError(f"tokenizer {spec!r}: no such file")
+  written = [os.path.join(folder, "tokenizer.model" if spec.endswith(".model")
+                          else "tokenizer.json")]
+  shutil.copyfile(spec, written[0])
+  if spec.endswith(".json"):
+    for name in _BESIDE:
+      src = os.path.join(os.path.dirname(os.path.abspath(spec)), name)
+      if os.path.isfile(src) and not os.path.exists(os.path.join(folder, name)):
+        written.append(os.path.join(folder, name))
+        shutil.copyfile(src, written[-1])
+  return written
+
+
+def _write_byte_level(folder: str) -> list[str]:
+  import tokenizers  # Optional dependency: imported only when asked for.
+
+  vocab = tiktoken_bpe.byte_alphabet()  # GPT-2's character for each byte -> the byte: its id
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                          use_regex=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  paths = [os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")]
+  tok.save(paths[0])
+  eos = next(c for c, b in vocab.items() if b == ByteTokenizer.eos_id)
+  with open(paths[1], "w", encoding="utf-8") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}, f, indent=1)
+  return paths
 
 
 def fingerprint(spec: str) -> str:
