@@ -87,7 +87,7 @@ def export_tokenizer(src: str, dst: str) -> list[str]:
   config = loading.run_config(src)
   spec = config.data.tokenizer if config is not None and "data" in config else "byte"
   try:
-    return tokenizer.write_hf_files(spec, dst)
+    return [os.path.basename(p) for p in tokenizer.write_hf_files(spec, dst)]
   except FileNotFoundError:
     print(f"esjax.convert: warning: the run's tokenizer {spec!r} is gone; {dst} has none "
           "(copy its tokenizer.json there)", file=sys.stderr, flush=True)
@@ -98,6 +98,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.config_with_absl()
+  if not flags.FLAGS["verbosity"].present:  # orbax's and jax's INFO lines bury the result
+    logging.set_verbosity(logging.ERROR)     # (--verbosity=0 shows them)
   try:
     multihost.initialize_from_env()
     written = convert(_SRC.value, _DST.value, _DTYPE.value, _MAX_SHARD_GB.value)

@@ -79,7 +79,7 @@ def test_export_of_a_byte_tokenizer_run_carries_its_tokenizer(tmp_path):
   ckpt.save_params(1, params, cfg)
   ckpt.close()
   written = convert.convert(str(run), str(tmp_path / "hf"))
-  assert str(tmp_path / "hf" / "tokenizer.json") in written
+  assert "tokenizer.json" in written
   text = "caf\u00e9 = 1\n\tdef"
   model, tok, _ = loading.load(str(tmp_path / "hf"))
   assert tok.encode(text).tolist() == ByteTokenizer().encode(text).tolist()
@@ -90,3 +90,25 @@ def test_export_of_a_byte_tokenizer_run_carries_its_tokenizer(tmp_path):
   run_model, run_tok, _ = loading.load(str(run))
   want = generation.generate_text(run_model, run_tok, ["def "], max_new_tokens=8)
   assert generation.generate_text(model, tok, ["def "], max_new_tokens=8) == want
+  # The command says what it wrote in one line, not under orbax's and jax's INFO lines
+  # (issue 28 item 8: 41 lines).
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cli = subprocess.run([sys.executable, "-m", "esjax.convert", f"--src={run}",
+                        f"--dst={tmp_path / 'hf2'}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  assert cli.stdout.splitlines() == [f"{run} -> {tmp_path / 'hf2'}: model.safetensors, "
+                                     "config.json, tokenizer.json, tokenizer_config.json"]
+  assert "orbax" not in cli.stderr and "Unable to initialize backend" not in cli.stderr
+
+
+def test_benchmark_export_offline_is_one_line(tmp_path):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             HF_HOME=str(tmp_path / "hf_home"))
+  cli = subprocess.run([sys.executable, "-m", "esjax.eval.export", "--benchmarks=hellaswag",
+                        f"--out={tmp_path / 'tasks'}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert cli.returncode == 1
+  assert cli.stderr.strip().splitlines()[-1].startswith(
+      "esjax.eval.export: error: hellaswag: could not download it")
+  assert "Traceback" not in cli.stderr

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from typing import Any, Callable, Iterable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 MMLU_LETTERS = ["A", "B", "C", "D"]
 
@@ -99,7 +100,11 @@ def write_task(folder: str, items: Iterable[dict], fewshot: Iterable[dict],
 
 
 def export(name: str, out: str) -> None:
-  import datasets  # pylint: disable=g-import-not-at-top  # only needed to export
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top  # only needed to export
+  except ImportError:
+    raise ValueError("exporting benchmarks needs the `datasets` package: pip install "
+                     "datasets==5.2.0 (requirements-dev.txt)") from None
 
   if name == "mmlu":
     subjects = datasets.get_dataset_config_names("cais/mmlu")
@@ -122,8 +127,20 @@ def export(name: str, out: str) -> None:
 
 def main(argv: list[str]) -> None:
   del argv
+  if not flags.FLAGS["verbosity"].present:  # the hub's retry warnings precede the error line
+    logging.set_verbosity(logging.ERROR)
+    for library in ("HF_HUB_VERBOSITY", "DATASETS_VERBOSITY"):  # read when they are imported
+      os.environ.setdefault(library, "error")
   for name in flags.FLAGS.benchmarks:
-    export(name, flags.FLAGS.out)
+    try:
+      export(name, flags.FLAGS.out)
+    except ValueError as e:
+      sys.exit(f"esjax.eval.export: error: {e}")
+    except (OSError, ConnectionError) as e:  # offline: the hub cannot be reached
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      sys.exit(f"esjax.eval.export: error: {name}: could not download it ({type(e).__name__}:"
+               f" {first}); the export needs the Hugging Face hub, run it where it is "
+               "reachable and copy the task folders")
 
 
 if __name__ == "__main__":
