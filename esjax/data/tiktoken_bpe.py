@@ -1,6 +1,6 @@
 """A byte-level BPE `tokenizer.json` (GPT-2, Llama 3, Qwen2 style) run by tiktoken.
 
-tiktoken encodes such a tokenizer about 3.5x faster per core than the `tokenizers` library
+tiktoken encodes such a tokenizer about 3.6x faster per core than the `tokenizers` library
 (benchmarks/data.py measures both). The two agree when the file is what tiktoken models: a BPE
 whose merge priorities follow its ids, over the GPT-2 byte alphabet, cut into words by one
 regex, with no normalizer but NFC and only plain special added tokens. `twin(path)` builds

@@ -15,7 +15,7 @@ names its content (a prepared corpus records it):
 - a path ending in `.json`: a Hugging Face `tokenizers` file (needs `tokenizers`). With
   `encoder="auto"` (what `esjax.data.prepare` asks for) `encode_batch` runs on tiktoken where
   the file allows it (esjax/data/tiktoken_bpe.py: Llama 3 / GPT-2 style byte-level BPE,
-  ~3.5x faster), checking every 32nd text against `tokenizers`. Its BOS and end-of-text
+  ~3.6x faster), checking every 32nd text against `tokenizers`. Its BOS and end-of-text
   tokens are those of the `tokenizer_config.json` (or `special_tokens_map.json`) beside it,
   as transformers' `bos_token_id` / `eos_token_id`, else the `bos_token_id` / `eos_token_id`
   of `generation_config.json` or `config.json` there.
