@@ -154,19 +154,22 @@ def lm_eval_fewshot(docs, fewshot_docs, n, sampler, same_split, seed=1234):
 
 
 @pytest.mark.parametrize("sampler", ["random", "first_n"])
-@pytest.mark.parametrize("split", ["fewshot", "test"])
+@pytest.mark.parametrize("split", ["fewshot", "test", "fewshot-same-split-rule"])
 def test_fewshot_examples_are_lm_evals(sampler, split):
   """30 items, 5-shot, from a separate 40-item pool or from the items themselves (with an
-  exact duplicate of an item in the pool, which the same-split sampler must resample)."""
+  exact duplicate of an item in the pool, which the same-split sampler must resample), or
+  from the pool under lm-eval's same-split rule (hellaswag, winogrande: both splits unset)."""
   item = lambda i: {"context": f"q{i}", "choices": ["a", "b"], "gold": i % 2}  # noqa: E731
   items = tuple(item(i) for i in range(30)) + (item(3),)  # item 3 twice
   pool = tuple(item(100 + i) for i in range(40))
+  rule = split == "fewshot-same-split-rule"
   task = tasks.Task("t", "multiple_choice", items, fewshot=pool, num_fewshot=5,
-                    fewshot_sampler=sampler, fewshot_split=split)
+                    fewshot_sampler=sampler, fewshot_split="fewshot" if rule else split,
+                    fewshot_same_split_rule=rule)
   rng = random.Random(1234)  # one per task, item after item
   got = [tasks.fewshot_examples(task, it, rng) for it in items]
   want = lm_eval_fewshot(items, items if split == "test" else pool, 5, sampler,
-                         same_split=split == "test")
+                         same_split=split != "fewshot")
   assert got == want
   assert all(len(shots) == 5 for shots in got)
   if split == "test":

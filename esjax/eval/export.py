@@ -76,9 +76,12 @@ def gsm8k_item(row: dict[str, Any]) -> dict[str, Any]:
 BENCHMARKS: dict[str, tuple[str, str | None, str, str, Callable, dict[str, Any]]] = {
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", "train", arc_item, {}),
     "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", "train", arc_item, {}),
-    "hellaswag": ("Rowan/hellaswag", None, "validation", "train", hellaswag_item, {}),
+    # lm-eval 0.4.13 leaves these two tasks' fewshot_split and test_split unset: its
+    # same-split rule (None == None) then draws n + 1 training examples per item.
+    "hellaswag": ("Rowan/hellaswag", None, "validation", "train", hellaswag_item,
+                  {"fewshot_same_split_rule": True}),
     "winogrande": ("allenai/winogrande", "winogrande_xl", "validation", "train",
-                   winogrande_item, {}),
+                   winogrande_item, {"fewshot_same_split_rule": True}),
     "gsm8k": ("openai/gsm8k", "main", "test", "train", gsm8k_item,
               {"kind": "generate", "num_fewshot": 5,
                "until": ["Question:", "</s>", "<|im_end|>"]}),

@@ -45,6 +45,10 @@ class Task:
   fewshot_sampler: str = "random"
   fewshot_seed: int = 1234
   fewshot_split: str = "fewshot"
+  # lm-eval's same-split rule on another split: it draws n + 1 and drops the scored item for
+  # a task whose few-shot and test splits are both unset (None == None), as hellaswag's and
+  # winogrande's, although its examples come from the training split.
+  fewshot_same_split_rule: bool = False
   description: str = ""
   target_delimiter: str = " "
   fewshot_delimiter: str = "\n\n"
@@ -226,15 +230,16 @@ def fewshot_examples(task: Task, item: dict[str, Any], rng: random.Random) -> li
   pick them with one `random.Random(fewshot_seed)` per task, used item after item.
 
   From another split (fewshot.jsonl): `random` draws n, `first_n` takes the first n. From the
-  scored split (`fewshot_split="test"`) the item itself is left out: `random` draws n + 1
-  and drops it (if copies of it were drawn, it draws n again from the pool without it),
-  `first_n` takes the first n of the pool without it.
+  scored split (`fewshot_split="test"`, or `fewshot_same_split_rule` on another split) the
+  item itself is left out: `random` draws n + 1 and drops it (if copies of it were drawn, it
+  draws n again from the pool without it), `first_n` takes the first n of the pool without
+  it.
   """
   n = task.num_fewshot
   if not n:
     return []
   pool = list(task.fewshot_pool)
-  same_split = task.fewshot_split == "test"
+  same_split = task.fewshot_split == "test" or task.fewshot_same_split_rule
   if task.fewshot_sampler == "first_n":
     return [ex for ex in pool if not same_split or ex != item][:n]
   if not same_split:
