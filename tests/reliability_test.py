@@ -592,3 +592,27 @@ def test_missing_optional_packages_are_one_line(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match="DGS runs on Ray, which is not installed: pip install "
                                        "-r requirements-optional.txt"):
     dgs_main.runtime()
+
+
+def test_prepare_refuses_a_negative_max_bytes(tmp_path):
+  """`--max_bytes=-1` was accepted and read one file (issue 30 item 7)."""
+  out = subprocess.run([sys.executable, "-m", "esjax.data.prepare", "--source=stdlib",
+                        "--tokenizer=byte", f"--out={tmp_path / 'p'}", "--max_bytes=-1"],
+                       cwd=ROOT, env=main_env(), capture_output=True, text=True, timeout=300)
+  lines = [l for l in out.stderr.splitlines() if l.startswith("esjax")]
+  assert out.returncode == 1 and lines == [
+      "esjax.data.prepare: error: --max_bytes=-1: expected an integer >= 0"], out.stderr
+  assert not (tmp_path / "p").exists()
+
+
+def test_init_from_on_a_run_that_resumes_says_it_is_not_used(tmp_path):
+  """A workdir with checkpoints resumes; checkpoint.init_from was silently ignored (issue
+  30 item 7), now a warning says so."""
+  first = run_main(*SMALL, config="esjax/configs/tiny.py:steps=2", workdir=str(tmp_path))
+  assert first.returncode == 0, first.stderr[-2000:]
+  again = run_main(*SMALL, "--config.checkpoint.init_from=/nonexistent/run",
+                   config="esjax/configs/tiny.py:steps=3", workdir=str(tmp_path))
+  assert again.returncode == 0, again.stderr[-2000:]
+  lines = [l for l in again.stderr.splitlines() if l.startswith("esjax")]
+  assert lines == ["esjax: warning: checkpoint.init_from='/nonexistent/run' is not used: this "
+                   "run resumes from its own step 2"], again.stderr[-2000:]

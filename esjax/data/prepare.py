@@ -203,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--shard_bytes", type=int, default=SHARD_BYTES,
                       help="input bytes per shard")
   args = parser.parse_args(argv)
+  for name in ("max_bytes", "shard_bytes", "workers"):  # argparse takes any int
+    low = 1 if name != "max_bytes" else 0
+    if getattr(args, name) < low:
+      sys.exit(f"esjax.data.prepare: error: --{name}={getattr(args, name)}: expected an "
+               f"integer >= {low}")
   _single_threaded_worker()  # One worker is one core, also in this process.
   try:
     m = prepare(args.source, args.tokenizer, args.out, args.workers, args.text_field,

@@ -96,6 +96,9 @@ def main(argv: list[str]) -> None:
   except (ValueError, FileNotFoundError) as e:
     logging.debug("full traceback (shown with --verbosity=1):", exc_info=True)
     sys.exit(f"esjax.eval: error: {e}")
+  except KeyboardInterrupt:
+    print("esjax.eval: interrupted; no report written", file=sys.stderr)
+    sys.exit(130)
   report = {"checkpoint": _CHECKPOINT.value, "tasks": names,
             "model_config": model.cfg.to_dict(),
             "settings": {"num_fewshot": _NUM_FEWSHOT.value, "limit": _LIMIT.value,

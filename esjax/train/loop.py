@@ -117,6 +117,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"|parameter| {health['max_abs_param']:.3g})" if health else ""))
       earlier = [ckpt.health(s) for s in ckpt.all_steps() if s < latest]
       warning = guard_lib.resume_warning(latest, health, [h for h in earlier if h])
+      if config.checkpoint.init_from:  # a resume continues this run, not another's weights
+        warning = (f"checkpoint.init_from={config.checkpoint.init_from!r} is not used: this "
+                   f"run resumes from its own step {latest}" + (f"; {warning}" if warning
+                                                                else ""))
       if warning and is_main:
         print(f"esjax: warning: {warning}", file=sys.stderr, flush=True)
     else:
