@@ -12,10 +12,12 @@ Errors are one line on stderr (`--verbosity=1` logs the traceback).
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import re
 import signal
 import sys
+import threading
 import traceback
 
 import jax
@@ -123,12 +125,32 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {first}"
 
 
+def _not_orbax_error(record: std_logging.LogRecord) -> bool:
+  """Drops orbax's error logs: it logs a failed save's traceback in each of its threads and
+  raises the failure to the loop too, which reports it in one line (--verbosity shows all)."""
+  return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _exit(message: str) -> None:
+  """Exits with status 1 after `message`, without waiting for the threads a failed
+  checkpoint save leaves behind (orbax's, blocked on a signal that never comes: the
+  interpreter would wait for them forever)."""
+  print(message, file=sys.stderr, flush=True)
+  others = [t for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+  if others:
+    sys.stdout.flush()
+    os._exit(1)
+  sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.config_with_absl()
   if not flags.FLAGS["verbosity"].present:  # Keep orbax's per-save INFO lines out of the log.
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_not_orbax_error)
   stop = StopSignals()
   try:
     if multihost.initialize_from_env():  # a no-op unless a launcher (launch/) set ESJAX_*
@@ -138,10 +160,10 @@ def main(argv: list[str]) -> None:
                                       stop=stop)
   except (ValueError, FileNotFoundError, guard.TrainingCollapsed) as e:
     logging.info("full traceback:", exc_info=True)
-    sys.exit(f"esjax: error: {e}")
+    _exit(f"esjax: error: {e}")
   except (OSError, jax.errors.JaxRuntimeError) as e:  # full disk, lost device, OOM
     logging.info("full traceback:", exc_info=True)
-    sys.exit(f"esjax: error: {_one_line(e)}")
+    _exit(f"esjax: error: {_one_line(e)}")
   if summary["stopped"]:
     print(f"esjax: stopped by {summary['stopped']} after step {summary['step']}; checkpoint "
           f"saved in {_WORKDIR.value}/checkpoints: rerun the same command to resume",
