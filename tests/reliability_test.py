@@ -642,3 +642,23 @@ def test_a_save_that_cannot_create_its_directory_ends_the_run_in_one_line(tmp_pa
   assert lines == [f"esjax: error: saving checkpoint step 3 in {ckpts} failed ([Errno 1] "
                    f"Operation not permitted: '{ckpts}/3.orbax-checkpoint-tmp'); no earlier "
                    "checkpoint exists"], lines
+
+
+def test_a_state_too_big_for_host_memory_is_one_line_before_allocating(tmp_path):
+  """`model.vocab_size=2000000000` sat idle without a word (issue 30 item 6): the state's
+  bytes, from its abstract shapes, against the host's available memory."""
+  from esjax.train import loop  # pylint: disable=g-import-not-at-top
+  state = {"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}  # 4 MiB
+  loop.check_host_memory(state, available=5 * 2**20)
+  with pytest.raises(ValueError, match=r"needs 0.0 GiB of host memory, 0.0 GiB is available"):
+    loop.check_host_memory(state, available=3 * 2**20)
+  out = subprocess.run([sys.executable, "-m", "esjax.main", "--config=esjax/configs/tiny.py",
+                        f"--workdir={tmp_path}", "--config.model.vocab_size=2000000000"],
+                       cwd=ROOT, env=main_env(), capture_output=True, text=True, timeout=240)
+  lines = [l for l in out.stderr.splitlines() if l.startswith("esjax")]
+  assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+  # Embedding and head (untied) of 2e9 x d_model 64, float32 weights and two Adam moments;
+  # the rest of the tiny model is a few MiB.
+  want = 2 * 2_000_000_000 * 64 * 3 * 4 / 2**30
+  assert re.fullmatch(rf"esjax: error: the train state \(weights and optimizer state\) needs "
+                      rf"{want:,.1f} GiB of host memory, [\d,.]+ GiB is available: .*", lines[0])

@@ -10,6 +10,7 @@ never holds the result of a NaN/Inf step.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -93,6 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Model, layout, optimizer, steps (the planner compiles the same ones).
     run = step_lib.for_config(config)
     steps, engine = run.steps, run.steps.engine
+    check_host_memory(steps.abstract_state)
     batch_sh = steps.batch_sharding
     rows = hosts.process_rows(batch_sh, (tc.batch_size, tc.seq_len))  # the rows read here
 
@@ -148,6 +150,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.close()
     if lock is not None:
       lock.release()
+
+
+def check_host_memory(abstract_state: Any, available: int | None = None) -> None:
+  """On CPU devices (host memory), refuses a train state that cannot fit before allocating
+  it, in one line: allocating one far too big left the process idle, without a word and
+  deaf to SIGTERM. `available`: bytes (default: the kernel's MemAvailable)."""
+  if jax.default_backend() != "cpu":
+    return  # device memory: XLA's RESOURCE_EXHAUSTED is reported in one line already
+  need = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(abstract_state))
+  available = _mem_available() if available is None else available
+  if available is not None and need > available:
+    raise ValueError(f"the train state (weights and optimizer state) needs {need / 2**30:,.1f}"
+                     f" GiB of host memory, {available / 2**30:,.1f} GiB is available: a "
+                     "smaller model, or `python -m esjax.plan` for a cluster that holds it")
+
+
+def _mem_available() -> int | None:
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
 
 
 def _evaluate(eval_step, state, val_batches) -> float:
