@@ -662,3 +662,16 @@ def test_a_state_too_big_for_host_memory_is_one_line_before_allocating(tmp_path)
   want = 2 * 2_000_000_000 * 64 * 3 * 4 / 2**30
   assert re.fullmatch(rf"esjax: error: the train state \(weights and optimizer state\) needs "
                       rf"{want:,.1f} GiB of host memory, [\d,.]+ GiB is available: .*", lines[0])
+
+
+def test_resume_that_turns_gradient_clipping_off_names_grad_clip(tmp_path):
+  """`optim.grad_clip=0` on a run saved with clipping was refused with orbax's tree-mismatch
+  text, which never names the setting (issue 30 item 7)."""
+  first = run_main(*SMALL, config="esjax/configs/tiny.py:steps=2", workdir=str(tmp_path))
+  assert first.returncode == 0, first.stderr[-2000:]
+  again = run_main(*SMALL, "--config.optim.grad_clip=0", config="esjax/configs/tiny.py:steps=3",
+                   workdir=str(tmp_path))
+  lines = [l for l in again.stderr.splitlines() if l.startswith("esjax")]
+  assert again.returncode == 1 and len(lines) == 1, again.stderr[-2000:]
+  assert lines[0].startswith(f"esjax: error: cannot resume {tmp_path}/checkpoints/2 with "
+                             "optim.grad_clip=0: its optimizer state was saved with grad_clip=")

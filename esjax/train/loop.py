@@ -111,7 +111,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # Restore (same workdir), or init_from another run's weights, or fresh.
     if latest is not None:
-      state, data_state = ckpt.restore(latest, steps.abstract_state, engine.fmt)
+      try:
+        state, data_state = ckpt.restore(latest, steps.abstract_state, engine.fmt)
+      except ValueError as e:  # orbax's tree mismatch: say which setting made it
+        raise ValueError(_optimizer_change(workdir, config, ckpt.step_dir(latest)) or str(e)
+                         ) from e
       data.train.restore(data_state)
       health = ckpt.health(latest)
       tqdm.tqdm.write(f"resumed from {ckpt.step_dir(latest)}" + (
@@ -150,6 +154,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.close()
     if lock is not None:
       lock.release()
+
+
+def _optimizer_change(workdir: str, config: ml_collections.ConfigDict, step_dir: str
+                      ) -> str | None:
+  """Why the optimizer state of the run that wrote `workdir` cannot be this run's, if a
+  setting that shapes it changed (gradient clipping adds a transformation to the chain)."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      before = float(json.load(f)["optim"]["grad_clip"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  now = float(config.optim.grad_clip)
+  if (before > 0) == (now > 0):
+    return None
+  return (f"cannot resume {step_dir} with optim.grad_clip={now:g}: its optimizer state was "
+          f"saved with grad_clip={before:g}, and clipping on or off changes the state's "
+          "structure; keep clipping on (any value > 0) or off, or start a new run from its "
+          f"weights with checkpoint.init_from={step_dir}")
 
 
 def check_host_memory(abstract_state: Any, available: int | None = None) -> None:
