@@ -223,6 +223,7 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
   flat_e, flat_valid = indices.reshape(-1), valid.reshape(-1)
   dest, local_e = flat_e // nle, flat_e % nle
   padded = keep is not None and cfg.pad_to_capacity
+  overflow = jnp.zeros((), jnp.float32)  # rows past a bounded block (dropless only)
   if padded:
     # Drop and pad: row (expert, position) of each destination's [E/ep, C] block.
     pos = col.all_gather(positions, etp_axes, 0).reshape(-1)
@@ -232,15 +233,16 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
     bound = ep_block_rows(cfg, n_rows, ep, cap)
     routed = jax.nn.one_hot(dest, ep, dtype=jnp.int32) * flat_valid[:, None].astype(jnp.int32)
     rank = jnp.take_along_axis(jnp.cumsum(routed, axis=0) - 1, dest[:, None], axis=1)[:, 0]
-    fits = rank < bound
-    # Counted over the stage (rows replicated over some of its axes count once per device,
-    # in both sums alike).
-    counts = col.vary(jnp.stack([jnp.sum(flat_valid & ~fits), jnp.sum(flat_valid)]),
-                      plan.stage_axes)
-    counts = col.psum(counts, plan.stage_axes)
-    overflow = counts[0] / jnp.maximum(counts[1], 1)
-    flat_valid = flat_valid & fits
-    valid = flat_valid.reshape(valid.shape)
+    if cfg.ep_buffer_factor:  # only a bounded block can overflow: no collective otherwise
+      fits = rank < bound
+      # Counted over the stage (rows replicated over some of its axes count once per
+      # device, in both sums alike).
+      counts = col.vary(jnp.stack([jnp.sum(flat_valid & ~fits), jnp.sum(flat_valid)]),
+                        plan.stage_axes)
+      counts = col.psum(counts, plan.stage_axes)
+      overflow = counts[0] / jnp.maximum(counts[1], 1)
+      flat_valid = flat_valid & fits
+      valid = flat_valid.reshape(valid.shape)
     slot = jnp.where(flat_valid, dest * bound + rank, ep * bound)  # ep*bound: a spill row
   rows = jnp.zeros((ep * bound + 1, d), tokens.dtype).at[slot].set(
       jnp.take(tokens, jnp.arange(flat_e.size) // k, axis=0))[:-1]
@@ -268,8 +270,6 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
   per_assignment = jnp.take(out, slot, axis=0).reshape(n_rows, k, d)
   combine = jnp.where(valid, weights.astype(jnp.float32), 0.0)
   y = jnp.einsum("tkd,tk->td", per_assignment.astype(jnp.float32), combine)
-  if padded:
-    overflow = jnp.zeros((), jnp.float32)
   return col.psum_scatter(y, etp_axes, 0).astype(tokens.dtype), overflow.astype(jnp.float32)
 
 
