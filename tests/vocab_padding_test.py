@@ -5,10 +5,10 @@ padding. The reference is the unpadded model with the same weights, on one devic
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
+
+import parallel_expert_test
 
 from esjax.configs import common, presets
 from esjax.interop import hf_params
@@ -16,10 +16,7 @@ from esjax.models.config import ModelConfig
 from esjax.models.loss import lm_loss
 from esjax.models.transformer import Transformer
 from esjax.parallel import stages
-from esjax.parallel.pipeline import Engine
 from esjax.sharding.layout import Layout, LayoutError, check_model
-from esjax.sharding.plan import make_plan
-from esjax.train import state as state_lib, step as step_lib
 
 VOCAB = 251  # prime: no tp > 1 divides it
 CFG = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -77,28 +74,14 @@ def test_tp2_step_on_a_padded_vocabulary_equals_the_unpadded_model():
   c.model.vocab_multiple = None  # let the config pad it
   cfg = common.model_config(c)
   assert cfg.padded_vocab == 256
-  plan = make_plan(Layout(dp=4, tp=2))
-  engine = Engine.build(cfg, plan)
-  tx = optax.sgd(0.1)
-  shapes = state_lib.abstract_train_state(engine, tx)
-  shardings = jax.tree.map(lambda s: s.sharding, shapes)
-  batch_sh = NamedSharding(plan.mesh, engine.batch_spec())
-  step = jax.jit(step_lib.make_train_step(engine, tx, optax.constant_schedule(0.1), shapes,
-                                          with_grads=True),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
-  params = _params(cfg)
-  state = state_lib.create_train_state(engine, tx, jax.random.key(0), params)
-  rng = np.random.default_rng(1)
-  tok = rng.integers(0, VOCAB, (8, 17)).astype(np.int32)
-  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
-  _, metrics = step(state, jax.device_put(batch, batch_sh))
-  grads = stages.unstack(metrics["grads"], engine.fmt)
-
+  loss_got, stacked = parallel_expert_test._grads(dict(dp=4, tp=2), cfg)  # seed 0, (8, 17)
+  grads = stages.unstack(stacked, stages.StageFormat.of(cfg))
+  tok = np.random.default_rng(0).integers(0, VOCAB, (8, 17)).astype(np.int32)
+  batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
   ref = nnx.graphdef(Transformer(CFG, nnx.Rngs(0)))
-  loss, want = jax.value_and_grad(
-      lambda p: lm_loss(nnx.merge(ref, p), jax.tree.map(jnp.asarray, batch))[0])(
-          _unpadded(params))
-  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  loss, want = jax.value_and_grad(lambda p: lm_loss(nnx.merge(ref, p), batch)[0])(
+      _unpadded(_params(cfg)))
+  np.testing.assert_allclose(loss_got, loss, rtol=1e-5)
   np.testing.assert_allclose(grads["embed"][:VOCAB], want["embed"], rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(grads["lm_head"][:, :VOCAB], want["lm_head"], rtol=1e-4,
                              atol=1e-7)
