@@ -102,7 +102,8 @@ class Module:
       mult[name] += times
       for line in self.comps[name]:
         trip = _TRIP.search(line)
-        for kind, callee in _CALLS.findall(line):
+        calls, branches = _callees(line)
+        for kind, callee in calls:
           if kind == "to_apply":
             continue
           n = 1
@@ -112,9 +113,7 @@ class Module:
             elif INSTR.match(line):
               unknown.append(INSTR.match(line).group(1))
           visit(callee, times * n, depth + 1)
-        found = [re.findall(r"%?([\w.\-]+)", b) for b in _BRANCHES.findall(line)]
-        found += [[f, t] for t, f in _TRUE_FALSE.findall(line)]  # as (false, true)
-        for callees in found:
+        for callees in branches:
           w = weights.get(_branch_scope(line) or "")
           if w is not None and len(callees) == 2:  # lax.cond: (false, true)
             visit(callees[0], times * (1 - w), depth + 1)
@@ -137,9 +136,8 @@ class Module:
         return
       out[name] = scope
       for line in self.comps[name]:
-        callees = [c for _, c in _CALLS.findall(line)]
-        callees += [c for b in _BRANCHES.findall(line) for c in re.findall(r"%?([\w.\-]+)", b)]
-        callees += [c for pair in _TRUE_FALSE.findall(line) for c in pair]
+        calls, branches = _callees(line)
+        callees = [c for _, c in calls] + [c for group in branches for c in group]
         if callees:
           here = scope_of(op_name(line)) or scope
           for callee in callees:
@@ -156,6 +154,14 @@ class Module:
       if m:
         out[m.group(1)] = m.group(2)
     return out
+
+
+def _callees(line: str) -> tuple[list[tuple[str, str]], list[list[str]]]:
+  """What an instruction calls: (kind, computation) pairs (calls, to_apply, body, condition)
+  and the branch groups of a conditional (a lax.cond's as (false, true))."""
+  branches = [re.findall(r"%?([\w.\-]+)", b) for b in _BRANCHES.findall(line)]
+  branches += [[f, t] for t, f in _TRUE_FALSE.findall(line)]
+  return _CALLS.findall(line), branches
 
 
 def _branch_scope(line: str) -> str | None:
