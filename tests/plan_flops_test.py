@@ -1,7 +1,7 @@
 """The planner's FLOP count from the compiled program (esjax.plan.matmuls): small programs
 whose FLOPs are known by hand, GPU HLO formats (Triton split-K GEMM fusions, cuBLAS custom
-calls), and the training step of tiny models against the FLOP ledger with the recompute the
-pipeline schedule does, derived by hand."""
+calls), and the training step of tiny models against the FLOP ledger, with the recompute
+the remat policy asks for derived by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -164,14 +164,33 @@ def test_a_dense_step_runs_the_ledger_flops():
   assert not set(r.waste) - {"core_attn"}
 
 
-def test_a_pipeline_step_recomputes_each_chunk_but_the_last():
-  """pp=2, one chunk a stage: the backward unit runs a chunk's forward again, except on the
-  last stage, whose chunk runs forward only inside its backward unit. Averaged over the
-  stages the layers cost (3 + 1 + 3) / (2 x 3) = 7/6 of the model; the head, once, 1."""
-  r = dryrun.plan(_tiny("dense", pp=2, microbatches=2), targets.get("cpu"), 2)
-  ratio = _ratios(r)
-  for part in ("attn_proj", "mlp"):
-    assert ratio[part] == pytest.approx(7 / 6, rel=1e-12), part
+@pytest.mark.parametrize("parallel", [dict(pp=2, microbatches=2),
+                                      dict(pp=2, microbatches=4, virtual_stages=2,
+                                           schedule="interleaved")],
+                         ids=["1f1b", "interleaved"])
+def test_a_pipeline_step_runs_each_chunk_forward_once(parallel):
+  """pp=2 at remat=none: every forward unit stores its chunk's residuals and the backward
+  unit reuses them, so projections and MLP compile to exactly the model's FLOPs (forward 1 +
+  backward 2 per FLOP), as on one device. (Before the residual stash, each chunk but the
+  last ran forward again in its backward unit: (3 + 1 + 3) / (2 x 3) = 7/6.)"""
+  c = _tiny("dense", **parallel)
+  c.model.remat, c.model.n_layers = "none", 4
+  ratio = _ratios(dryrun.plan(c, targets.get("cpu"), 2))
+  for part in ("attn_proj", "mlp", "logits"):
+    assert ratio[part] == pytest.approx(1.0, rel=1e-12), part
+
+
+def test_a_pipeline_step_recomputes_what_the_remat_policy_asks():
+  """remat=full on pp=2: each layer's forward runs again in its backward, as the policy
+  says, and nothing more. What the backward reads is recomputed: the attention projections
+  all (the block's second norm reads their sum), so (1 + 2 + 1) / 3 = 4/3; of the SwiGLU
+  MLP the gate and up products but not the down product (the block output is not read):
+  (1 + 2 + 2/3) / 3 = 11/9; the head (not under the layer policy) once."""
+  c = _tiny("dense", pp=2, microbatches=2)
+  c.model.remat = "full"
+  ratio = _ratios(dryrun.plan(c, targets.get("cpu"), 2))
+  assert ratio["attn_proj"] == pytest.approx(4 / 3, rel=1e-12)
+  assert ratio["mlp"] == pytest.approx(11 / 9, rel=1e-12)
   assert ratio["logits"] == pytest.approx(1.0, rel=1e-12)
 
 

@@ -7,7 +7,8 @@ the chunks in order, so from stage pp-1 it wraps round to stage 0 for the next r
 every tick each stage runs at most one forward unit (F: one chunk of one microbatch) and one
 backward unit (B), then sends its F output one stage on and its B input-gradient one stage
 back (ring `ppermute`s over pp). Every schedule here consumes what arrives at the next tick,
-so nothing waits in a queue; a stage keeps each F input (its "stash") until its B runs.
+so nothing waits in a queue; a stage keeps what each F stored (its chunk's residuals, in a
+stash slot) until its B runs.
 
 Microbatch i = g*pp + k (group g, k < pp; with v > 1, M must be a multiple of pp):
 
@@ -16,8 +17,8 @@ Microbatch i = g*pp + k (group g, k < pp; with v > 1, M must be a multiple of pp
 
 `1f1b` / `interleaved` start the backward as early as possible, B0 = v*pp - 1 (the last
 chunk's B runs in the same tick as its F on the last stage): a stage holds at most 2*v*pp - 1
-stashed inputs, whatever M. `gpipe` runs every forward first (B0 = M*v + pp - 1) and stashes
-all M*v inputs. Either way the pipeline takes M*v + pp - 1 ticks of F and as many of B, so
+stashed units, whatever M. `gpipe` runs every forward first (B0 = M*v + pp - 1) and stashes
+all M*v. Either way the pipeline takes M*v + pp - 1 ticks of F and as many of B, so
 its bubble is (pp-1) / (M*v + pp - 1) of the step; the loop skips idle units (lax.cond), so
 warm-up and cool-down ticks cost one unit, not two.
 

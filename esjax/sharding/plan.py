@@ -2,9 +2,10 @@
 
 A `ParallelPlan` holds the resolved `Layout`, the folded device mesh (`mesh.device_mesh`), the
 mesh axes behind every parallel role (tp, cp, dp of the attention view; ep, etp, edp of the MoE
-view; pp) and the platform the step is compiled for. The model receives it at construction
-(`Transformer(cfg, rngs, plan=plan)`), so a different layout is a different graphdef and a
-different trace: nothing ambient changes what a traced function computes.
+view; pp) and the platform the step is compiled for. Modules receive it at construction
+(`Block(cfg, layer, rngs, plan)` in the step, `Transformer(cfg, rngs, plan=plan)`), so a
+different layout is a different graphdef and a different trace: nothing ambient changes what
+a traced function computes.
 
 The train step runs the model inside one `shard_map` over the whole mesh (see
 `esjax/parallel/README.md`): every module sees its local shards and communicates with the
