@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -135,110 +136,142 @@ def run_plain(u: Units, m: int, params, micro, buffers, stat_shapes, train: bool
 def run_schedule(u: Units, sched: Schedule, params, micro, buffers, stat_shapes,
                  train: bool) -> Carry:
   """pp > 1: the schedule's ticks (see the module docstring)."""
-  pp, v, m = sched.pp, sched.virtual, sched.microbatches
-  stage = col.axis_index(u.plan.pp)
-  sp_all, ends = _split(params)
-  bufs = buffers.get(STAGES, {})
-  tables = {f"{p}_{k}": jnp.asarray(getattr(sched, f"{p}_{k}")) for p in "fb" for k in _TABLES}
-  mb, s_c = micro["inputs"].shape[1:]
-  act = col.vary(jnp.zeros((mb, s_c // u.plan.size(u.plan.tp), u.cfg.d_model),
-                           jnp.dtype(u.cfg.dtype)), u.axes)
-  head_keys = ("final_norm", "embed" if u.cfg.tie_embeddings else "lm_head")
+  return _Ticks(u, sched, params, micro, buffers, train).run(stat_shapes)
 
-  def unit(pre: str, t) -> Unit:
-    get = lambda k: tables[f"{pre}_{k}"][t][stage]  # noqa: E731
-    i, r = get("micro"), get("round")
-    data = {k: lax.dynamic_index_in_dim(x, i, 0, keepdims=False) for k, x in micro.items()}
-    return Unit(get("valid"), r, get("slot"), (r == 0) & (stage == 0),
-                (r == v - 1) & (stage == pp - 1), data)
 
-  def embed_or(x, n: Unit):
-    return _cond(SCOPE_FIRST, n.first,
-                 lambda: u.embed(u.gather_ends({"embed": ends["embed"]}), n.data["inputs"]),
-                 lambda: x)
+class _Ticks:
+  """One device's side of a schedule's ticks: the units its stage runs."""
 
-  def middle_fn(n: Unit):
-    return lambda sp, x: u.middle(sp, x, u.round_of(bufs, n.r), n.data)
+  def __init__(self, u: Units, sched: Schedule, params, micro, buffers, train: bool):
+    self.u, self.sched, self.micro, self.train = u, sched, micro, train
+    self.stage = col.axis_index(u.plan.pp)
+    self.sp_all, self.ends = _split(params)
+    self.bufs = buffers.get(STAGES, {})
+    self.tables = {f"{p}_{k}": jnp.asarray(getattr(sched, f"{p}_{k}"))
+                   for p in "fb" for k in _TABLES}
+    mb, s_c = micro["inputs"].shape[1:]
+    self.act = col.vary(jnp.zeros((mb, s_c // u.plan.size(u.plan.tp), u.cfg.d_model),
+                                  jnp.dtype(u.cfg.dtype)), u.axes)
+    self.head_keys = ("final_norm", "embed" if u.cfg.tie_embeddings else "lm_head")
+    self.ct = jnp.full((), 1.0 / sched.microbatches, jnp.float32)  # d loss / d unit objective
+    if train:  # the pullback structure of a middle chunk, from the first tick's unit
+      n0 = self.unit("f", 0)
+      self.residuals = res_lib.Residuals.of(self._middle(n0), self._middle_params(n0),
+                                            self.act)
 
-  def middle_sp(n: Unit):
-    return u.gather_round(u.round_of(sp_all, n.r))
+  def run(self, stat_shapes) -> Carry:
+    loop = dict(fwd=self.act, bwd=self.act)
+    slots = self.sched.stash_size
+    if self.train:
+      loop.update(inputs=jnp.zeros((slots,) + self.act.shape, self.act.dtype),
+                  stash=self.residuals.empty(slots, self.u.plan.pp))
+    c = start(self.u, {STAGES: self.sp_all, **self.ends}, stat_shapes, self.train, **loop)
+    return lax.scan(self.tick, c, jnp.arange(self.sched.ticks))[0]
 
-  def idle(c):
-    return c, jnp.zeros_like(act)
-
-  def forward_eval(c, t):
-    n = unit("f", t)
-
-    def run(c):
-      x = embed_or(c.fwd, n)
-      y, stats = u.chunk(middle_sp(n), u.round_of(bufs, n.r), x, n.data)
-      terms = _cond(SCOPE_LAST, n.last,
-                    lambda: u.head(u.gather_ends({k: ends[k] for k in head_keys}), y, n.data),
-                    u.zero_terms)
-      return accumulate(c, n.r, stats, terms, u.moe_loss(stats)), col.vary(y, u.axes)
-
-    return _cond(SCOPE_F, n.valid, run, idle, c)
-
-  if train:
-    n0 = unit("f", 0)
-    layout = res_lib.Residuals.of(middle_fn(n0), middle_sp(n0), act)
-
-  def forward(c, t):
-    n = unit("f", t)
-
-    def keep_input(c, x):  # the last chunk: its backward unit runs it
-      return c._replace(inputs=lax.dynamic_update_index_in_dim(c.inputs, x, n.slot, 0)), \
-          jnp.zeros_like(x)
-
-    def store(c, x):
-      (y, moe), stats, found = res_lib.vjp(middle_fn(n), middle_sp(n), x)
-      c = c._replace(stash=layout.put(c.stash, n.slot, found))
-      return accumulate(c, n.r, stats, None, moe), col.vary(y, u.axes)
-
-    run = lambda c: _cond(SCOPE_SKIP, n.last, keep_input, store, c, embed_or(c.fwd, n))  # noqa
-    return _cond(SCOPE_F, n.valid, run, idle, c)
-
-  def backward(c, t):
-    n = unit("b", t)
-    ct = jnp.full((), 1.0 / m, jnp.float32)
-
-    def last_chunk(c):
-      x = lax.dynamic_index_in_dim(c.inputs, n.slot, 0, keepdims=False)
-      gather = lambda sp, e: (u.gather_round(sp), u.gather_ends(e))  # noqa: E731
-      p, gather_pull = jax.vjp(gather, u.round_of(sp_all, n.r), {k: ends[k] for k in head_keys})
-      obj, pull, (stats, terms) = jax.vjp(
-          lambda p, x: u.last(p, x, u.round_of(bufs, n.r), n.data), p, x, has_aux=True)
-      dp, dx = pull(col.match_vma(ct.astype(obj.dtype), obj))
-      c = add_grads(c, n.r, *gather_pull(dp))
-      return accumulate(c, n.r, stats, terms, u.moe_loss(stats)), dx
-
-    def middle_chunk(c):
-      sp, gather_pull = jax.vjp(u.gather_round, u.round_of(sp_all, n.r))
-      d_sp, dx = layout.pullback(c.stash, n.slot, sp)(layout.cotangent((c.bwd, ct)))
-      return add_grads(c, n.r, gather_pull(d_sp)[0], {}), dx
-
-    def embedding(c, dx):
-      _, pull = jax.vjp(lambda e: u.embed(u.gather_ends({"embed": e}), n.data["inputs"]),
-                        ends["embed"])
-      return add_grads(c, n.r, None, {"embed": pull(dx)[0]})
-
-    def run(c):
-      c, dx = _cond(SCOPE_LAST, n.last, last_chunk, middle_chunk, c)
-      return _cond(SCOPE_FIRST, n.first, embedding, lambda c, dx: c, c, dx), dx
-
-    return _cond(SCOPE_B, n.valid, run, idle, c)
-
-  def tick(c, t):
-    c, y = (forward if train else forward_eval)(c, t)
-    c, dx = backward(c, t) if train else (c, c.bwd)
-    y = lax.ppermute(y, u.plan.pp, [(i, (i + 1) % pp) for i in range(pp)])
-    if train:
-      dx = lax.ppermute(dx, u.plan.pp, [(i, (i - 1) % pp) for i in range(pp)])
+  def tick(self, c: Carry, t):
+    pp = self.sched.pp
+    c, y = self.forward(c, t) if self.train else self.forward_eval(c, t)
+    c, dx = self.backward(c, t) if self.train else (c, c.bwd)
+    y = lax.ppermute(y, self.u.plan.pp, [(i, (i + 1) % pp) for i in range(pp)])
+    if self.train:
+      dx = lax.ppermute(dx, self.u.plan.pp, [(i, (i - 1) % pp) for i in range(pp)])
     return c._replace(fwd=y, bwd=dx), None
 
-  loop = dict(fwd=act, bwd=act)
-  if train:
-    loop.update(inputs=jnp.zeros((sched.stash_size,) + act.shape, act.dtype),
-                stash=layout.empty(sched.stash_size, u.plan.pp))
-  c = start(u, params, stat_shapes, train, **loop)
-  return lax.scan(tick, c, jnp.arange(sched.ticks))[0]
+  # What a unit is and reads.
+
+  def unit(self, pre: str, t) -> Unit:
+    get = lambda k: self.tables[f"{pre}_{k}"][t][self.stage]  # noqa: E731
+    i, r = get("micro"), get("round")
+    data = {k: lax.dynamic_index_in_dim(x, i, 0, keepdims=False) for k, x in self.micro.items()}
+    pp, v = self.sched.pp, self.sched.virtual
+    return Unit(get("valid"), r, get("slot"), (r == 0) & (self.stage == 0),
+                (r == v - 1) & (self.stage == pp - 1), data)
+
+  def _embed_or(self, x, n: Unit):
+    u = self.u
+    return _cond(SCOPE_FIRST, n.first,
+                 lambda: u.embed(u.gather_ends({"embed": self.ends["embed"]}),
+                                 n.data["inputs"]),
+                 lambda: x)
+
+  def _middle(self, n: Unit):
+    return lambda sp, x: self.u.middle(sp, x, self.u.round_of(self.bufs, n.r), n.data)
+
+  def _middle_params(self, n: Unit):
+    return self.u.gather_round(self.u.round_of(self.sp_all, n.r))
+
+  def _idle(self, c: Carry):
+    return c, jnp.zeros_like(self.act)
+
+  # Forward units.
+
+  def forward_eval(self, c: Carry, t):
+    """Evaluation: every chunk forward, the head on the last."""
+    u, n = self.u, self.unit("f", t)
+
+    def run(c):
+      x = self._embed_or(c.fwd, n)
+      y, stats = u.chunk(self._middle_params(n), u.round_of(self.bufs, n.r), x, n.data)
+      ends = u.gather_ends({k: self.ends[k] for k in self.head_keys})
+      terms = _cond(SCOPE_LAST, n.last, lambda: u.head(ends, y, n.data), u.zero_terms)
+      return accumulate(c, n.r, stats, terms, u.moe_loss(stats)), col.vary(y, u.axes)
+
+    return _cond(SCOPE_F, n.valid, run, self._idle, c)
+
+  def forward(self, c: Carry, t):
+    """Training: a middle chunk's vjp, its residuals stored; the last chunk's input kept."""
+    n = self.unit("f", t)
+
+    def keep_input(c, x):
+      c = c._replace(inputs=lax.dynamic_update_index_in_dim(c.inputs, x, n.slot, 0))
+      return c, jnp.zeros_like(x)
+
+    def store(c, x):
+      (y, moe), stats, found = res_lib.vjp(self._middle(n), self._middle_params(n), x)
+      c = c._replace(stash=self.residuals.put(c.stash, n.slot, found))
+      return accumulate(c, n.r, stats, None, moe), col.vary(y, self.u.axes)
+
+    def run(c):
+      return _cond(SCOPE_SKIP, n.last, keep_input, store, c, self._embed_or(c.fwd, n))
+
+    return _cond(SCOPE_F, n.valid, run, self._idle, c)
+
+  # Backward units.
+
+  def backward(self, c: Carry, t):
+    n = self.unit("b", t)
+
+    def run(c):
+      c, dx = _cond(SCOPE_LAST, n.last, functools.partial(self._last_chunk, n=n),
+                    functools.partial(self._middle_chunk, n=n), c)
+      return _cond(SCOPE_FIRST, n.first, functools.partial(self._embedding, n=n),
+                   lambda c, dx: c, c, dx), dx
+
+    return _cond(SCOPE_B, n.valid, run, self._idle, c)
+
+  def _last_chunk(self, c: Carry, n: Unit):
+    """Forward (chunk, head, loss) and backward together, from the kept input."""
+    u = self.u
+    x = lax.dynamic_index_in_dim(c.inputs, n.slot, 0, keepdims=False)
+    gather = lambda sp, e: (u.gather_round(sp), u.gather_ends(e))  # noqa: E731
+    p, gather_pull = jax.vjp(gather, u.round_of(self.sp_all, n.r),
+                             {k: self.ends[k] for k in self.head_keys})
+    obj, pull, (stats, terms) = jax.vjp(
+        lambda p, x: u.last(p, x, u.round_of(self.bufs, n.r), n.data), p, x, has_aux=True)
+    dp, dx = pull(col.match_vma(self.ct.astype(obj.dtype), obj))
+    c = add_grads(c, n.r, *gather_pull(dp))
+    return accumulate(c, n.r, stats, terms, u.moe_loss(stats)), dx
+
+  def _middle_chunk(self, c: Carry, n: Unit):
+    """The stored pullback of the unit's forward."""
+    sp, gather_pull = jax.vjp(self.u.gather_round, self.u.round_of(self.sp_all, n.r))
+    pull = self.residuals.pullback(c.stash, n.slot, sp)
+    d_sp, dx = pull(self.residuals.cotangent((c.bwd, self.ct)))
+    return add_grads(c, n.r, gather_pull(d_sp)[0], {}), dx
+
+  def _embedding(self, c: Carry, dx, n: Unit):
+    """The first chunk's embedding gradient: a scatter-add of its input-gradient."""
+    u = self.u
+    _, pull = jax.vjp(lambda e: u.embed(u.gather_ends({"embed": e}), n.data["inputs"]),
+                      self.ends["embed"])
+    return add_grads(c, n.r, None, {"embed": pull(dx)[0]})
