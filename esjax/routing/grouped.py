@@ -53,13 +53,48 @@ def _take_rows_bwd(res, g):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+def _ragged(rows: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  return jax.lax.ragged_dot(rows, w.astype(rows.dtype), group_sizes)
+
+
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  return jax.nn.silu(gate) * up
+
+
+@jax.custom_vjp
 def swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
                   w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-  """Grouped SwiGLU with lax.ragged_dot; w_gate, w_up [G, D, F], w_down [G, F, D]."""
-  dt = rows.dtype
-  gate = jax.lax.ragged_dot(rows, w_gate.astype(dt), group_sizes)
-  up = jax.lax.ragged_dot(rows, w_up.astype(dt), group_sizes)
-  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dt), group_sizes)
+  """Grouped SwiGLU with lax.ragged_dot; w_gate, w_up [G, D, F], w_down [G, F, D].
+
+  Its backward keeps the rows and the gate and up products ([N, F] each) and recomputes the
+  activation (elementwise): autodiff alone keeps six [N, F] arrays (sigmoid, silu, their
+  product, ...), which in a pipeline stash or under remat=none is most of a MoE layer's
+  memory."""
+  return _ragged(_swiglu(_ragged(rows, w_gate, group_sizes),
+                         _ragged(rows, w_up, group_sizes)), w_down, group_sizes)
+
+
+def _swiglu_ragged_fwd(rows, group_sizes, w_gate, w_up, w_down):
+  gate, up = _ragged(rows, w_gate, group_sizes), _ragged(rows, w_up, group_sizes)
+  out = _ragged(_swiglu(gate, up), w_down, group_sizes)
+  return out, (rows, group_sizes, w_gate, w_up, w_down, gate, up)
+
+
+def _swiglu_ragged_bwd(res, dy):
+  rows, group_sizes, w_gate, w_up, w_down, gate, up = res
+  h, act_pull = jax.vjp(_swiglu, gate, up)
+  dh, d_down = jax.vjp(functools.partial(_ragged, group_sizes=group_sizes), h, w_down)[1](dy)
+  d_gate, d_up = act_pull(dh)
+  product = functools.partial(_ragged, group_sizes=group_sizes)
+  dx_g, dw_gate = jax.vjp(product, rows, w_gate)[1](d_gate)
+  dx_u, dw_up = jax.vjp(product, rows, w_up)[1](d_up)
+  grads = (dx_g + dx_u, dw_gate, dw_up, d_down)
+  rows_g, wg, wu, wd = (col.like_primal(g, p) for g, p in
+                        zip(grads, (rows, w_gate, w_up, w_down)))
+  return rows_g, None, wg, wu, wd
+
+
+swiglu_ragged.defvjp(_swiglu_ragged_fwd, _swiglu_ragged_bwd)
 
 
 class Chunks(NamedTuple):
