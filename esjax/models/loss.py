@@ -64,13 +64,6 @@ def finish(cfg: ModelConfig, sums: Sums, moe: dict[str, jax.Array],
   return total, metrics
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Mean token cross-entropy (float32) of full logits, and the number of tokens it averages."""
-  s = token_sums(ModelConfig(), logits, targets, mask, ())
-  return s["ce"] / jnp.maximum(s["tokens"], 1.0), s["tokens"]
-
-
 def lm_loss(model: Transformer, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss = CE + router losses (already weighted) + max-z loss; metrics alongside.
 

@@ -71,10 +71,6 @@ def manifests(step_dir: str) -> list[str]:
   return sorted(names, key=lambda n: int(_MANIFEST_OF.fullmatch(n).group(1) or 0))
 
 
-def has_manifest(step_dir: str) -> bool:
-  return os.path.isdir(step_dir) and bool(manifests(step_dir))
-
-
 def write(step_dir: str, process: int = 0, processes: int = 1) -> None:
   """Writes `process`'s manifest (of `processes` that wrote the step) of a complete step
   directory, atomically."""
