@@ -43,7 +43,7 @@ def test_stored_pullback_equals_vjp(remat):
     stash = layout.empty(3)
     for slot, xs in ((0, x_other), (1, x), (2, x_other)):
       out, aux, found = residuals.vjp(f, params, xs)
-      stash = layout.put(stash, jnp.int32(slot), found)
+      stash = layout.put(stash, jnp.int32(slot), layout.leaves(found))
       if slot == 1:
         kept = (out, aux)
     pull = layout.pullback(stash, jnp.int32(1), params)
@@ -84,4 +84,4 @@ def test_a_trace_with_other_residuals_is_refused():
   layout = residuals.Residuals.of(lambda p, x: _layers(p, x, jnp.ones((B, D))), params, x)
   found = residuals.vjp(lambda p, x: _layers(p, x[:2], jnp.ones((2, D))), params, x)[2]
   with pytest.raises(AssertionError, match="residuals differ from the reference trace"):
-    layout.put(layout.empty(2), jnp.int32(0), found)
+    layout.leaves(found)

@@ -49,6 +49,7 @@ class Residuals:
   sources: tuple[int | None, ...]  # per pullback leaf: the params leaf it is, or None
   stored: tuple[Any, ...]  # avals of the stored leaves (shape, dtype, varying axes)
   out: Any  # avals of fn's output (what the cotangent must look like)
+  aux: Any  # avals of fn's aux output
 
   @classmethod
   def of(cls, fn: Callable, params: Any, *args) -> "Residuals":
@@ -56,9 +57,9 @@ class Residuals:
     found = []
 
     def trace(params, *args):
-      out, _, (treedef, sources, stored) = vjp(fn, params, *args)
+      out, aux, (treedef, sources, stored) = vjp(fn, params, *args)
       found.append(cls(treedef, sources, tuple(jax.typeof(x) for x in stored),
-                       jax.tree.map(jax.typeof, out)))
+                       jax.tree.map(jax.typeof, out), jax.tree.map(jax.typeof, aux)))
       return out
 
     jax.eval_shape(trace, params, *args)
@@ -70,9 +71,8 @@ class Residuals:
     return tuple(col.vary(jnp.zeros((slots, *a.shape), a.dtype), _vma(a) + slot_axes)
                  for a in self.stored)
 
-  def put(self, stash: Stash, slot: jax.Array, found: tuple[Any, tuple, list]) -> Stash:
-    """`stash` with the stored leaves of a `vjp(...)[2]` at `slot`; the trace must have the
-    reference trace's structure."""
+  def leaves(self, found: tuple[Any, tuple, list]) -> tuple[jax.Array, ...]:
+    """The leaves to store of a `vjp(...)[2]`, checked against the reference trace."""
     _, sources, stored = found
     types = tuple((x.shape, x.dtype, _vma(jax.typeof(x))) for x in stored)
     want = tuple((a.shape, a.dtype, _vma(a)) for a in self.stored)
@@ -82,9 +82,17 @@ class Residuals:
       raise AssertionError(f"residuals differ from the reference trace: {len(types)} leaves vs "
                            f"{len(want)}, first difference at {i}: {types[i:i + 1]} vs "
                            f"{want[i:i + 1]}")
+    return tuple(stored)
+
+  def zeros(self) -> tuple[jax.Array, ...]:
+    """Stored leaves of zeros (what an idle unit writes to a scratch slot)."""
+    return tuple(col.vary(jnp.zeros(a.shape, a.dtype), _vma(a)) for a in self.stored)
+
+  def put(self, stash: Stash, slot: jax.Array, leaves: tuple[jax.Array, ...]) -> Stash:
+    """`stash` with `leaves` (from `leaves` or `zeros`) at `slot`."""
     return tuple(
         lax.dynamic_update_index_in_dim(buf, col.vary(x, _vma(jax.typeof(buf))), slot, 0)
-        for buf, x in zip(stash, stored))
+        for buf, x in zip(stash, leaves))
 
   def pullback(self, stash: Stash, slot: jax.Array, params: Any) -> Callable:
     """The pullback of the unit stored at `slot`, given the same `params` again."""

@@ -161,7 +161,7 @@ class _Ticks:
 
   def run(self, stat_shapes) -> Carry:
     loop = dict(fwd=self.act, bwd=self.act)
-    slots = self.sched.stash_size
+    slots = self.sched.stash_size + 1  # the last: a scratch slot for idle units' writes
     if self.train:
       loop.update(inputs=jnp.zeros((slots,) + self.act.shape, self.act.dtype),
                   stash=self.residuals.empty(slots, self.u.plan.pp))
@@ -219,22 +219,36 @@ class _Ticks:
     return _cond(SCOPE_F, n.valid, run, self._idle, c)
 
   def forward(self, c: Carry, t):
-    """Training: a middle chunk's vjp, its residuals stored; the last chunk's input kept."""
-    n = self.unit("f", t)
+    """Training: a middle chunk's vjp, its residuals stored; the last chunk's input kept.
+    The conditional returns what to store and the stash is written after it, outside (an
+    idle unit writes zeros to the scratch slot `stash_size`): a loop-carried buffer updated
+    inside a conditional may be copied whole."""
+    u, n, res = self.u, self.unit("f", t), self.residuals
+    zero_stats = lambda: jax.tree.map(  # noqa: E731
+        lambda a: col.vary(jnp.zeros(a.shape, a.dtype), tuple(a.manual_axis_type.varying)),
+        res.aux)
+    zero = col.vary(jnp.zeros((), jnp.float32), u.axes)
 
-    def keep_input(c, x):
-      c = c._replace(inputs=lax.dynamic_update_index_in_dim(c.inputs, x, n.slot, 0))
-      return c, jnp.zeros_like(x)
+    def keep_input(x):
+      return jnp.zeros_like(x), x, res.zeros(), zero_stats(), zero
 
-    def store(c, x):
+    def store(x):
       (y, moe), stats, found = res_lib.vjp(self._middle(n), self._middle_params(n), x)
-      c = c._replace(stash=self.residuals.put(c.stash, n.slot, found))
-      return accumulate(c, n.r, stats, None, moe), col.vary(y, self.u.axes)
+      return col.vary(y, u.axes), jnp.zeros_like(x), res.leaves(found), stats, moe
 
-    def run(c):
-      return _cond(SCOPE_SKIP, n.last, keep_input, store, c, self._embed_or(c.fwd, n))
+    def run(x):
+      return _cond(SCOPE_SKIP, n.last, keep_input, store, self._embed_or(x, n))
 
-    return _cond(SCOPE_F, n.valid, run, self._idle, c)
+    def idle(x):
+      return jnp.zeros_like(x), jnp.zeros_like(x), res.zeros(), zero_stats(), zero
+
+    y, kept, leaves, stats, moe = _cond(SCOPE_F, n.valid, run, idle, c.fwd)
+    scratch = self.sched.stash_size
+    c = c._replace(
+        inputs=lax.dynamic_update_index_in_dim(
+            c.inputs, kept, jnp.where(n.valid & n.last, n.slot, scratch), 0),
+        stash=res.put(c.stash, jnp.where(n.valid & ~n.last, n.slot, scratch), leaves))
+    return accumulate(c, n.r, stats, None, moe), y
 
   # Backward units.
 
