@@ -14,7 +14,8 @@ Steady state: MaxText's per-step `Tokens/s/device` from step `--skip` on; esjax'
 `tokens_per_s` records in metrics.jsonl after the first (which the loop already measures
 from the end of step 1, i.e. after compilation). The two trainers alternate for `--rounds`
 rounds (the CPU is shared); the ratio is of the medians over all rounds. Prints one JSON line
-per run and a summary line with `ratio` = esjax tokens/s / MaxText tokens/s.
+per run and, per config (`--layers 2,4` by default: the README's two), a summary line with
+`ratio` = esjax tokens/s / MaxText tokens/s.
 """
 
 from __future__ import annotations
@@ -105,25 +106,33 @@ def run_esjax(a: argparse.Namespace) -> dict:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--maxtext_python", required=True, help="python of the MaxText venv")
-  for name, default in (("layers", 2), ("d_model", 256), ("heads", 4), ("kv_heads", 2),
+  ap.add_argument("--layers", default="2,4",
+                  help="decoder depths, comma-separated: one comparison each")
+  for name, default in (("d_model", 256), ("heads", 4), ("kv_heads", 2),
                         ("head_dim", 64), ("mlp", 512), ("experts", 8), ("top_k", 2),
                         ("seq", 256), ("batch", 8), ("vocab", 256), ("steps", 30),
                         ("skip", 3), ("log_every", 5), ("block", 128), ("rounds", 2)):
     ap.add_argument(f"--{name}", type=int, default=default)
   a = ap.parse_args(argv)
+  for layers in (int(n) for n in a.layers.split(",")):
+    compare(argparse.Namespace(**{**vars(a), "layers": layers}))
+
+
+def compare(a: argparse.Namespace) -> None:
+  """Interleaved rounds of both trainers on one config; a summary line with the ratio."""
   runs = {"esjax": [], "maxtext": []}
   for _ in range(a.rounds):  # alternate: load changes hit both trainers alike
     for name, fn in (("maxtext", run_maxtext), ("esjax", run_esjax)):
       r = fn(a)
       runs[name].append(r["tokens_per_s"])
-      print(json.dumps(r), flush=True)
+      print(json.dumps({**r, "layers": a.layers}), flush=True)
   med = {k: float(np.median(v)) for k, v in runs.items()}
   shapes = {k: getattr(a, k) for k in ("layers", "d_model", "heads", "kv_heads", "head_dim",
                                          "mlp", "experts", "top_k", "seq", "batch", "vocab")}
   print(json.dumps({"summary": "vs_maxtext", **shapes, "dtype": "float32", "dropless": True,
                     "rounds": a.rounds, "esjax_tokens_per_s": round(med["esjax"], 1),
                     "maxtext_tokens_per_s": round(med["maxtext"], 1),
-                    "ratio": round(med["esjax"] / med["maxtext"], 3)}))
+                    "ratio": round(med["esjax"] / med["maxtext"], 3)}), flush=True)
 
 
 if __name__ == "__main__":
