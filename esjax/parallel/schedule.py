@@ -106,6 +106,26 @@ def make_schedule(name: str, pp: int, microbatches: int, virtual: int = 1) -> Sc
             (("f_valid", bool), ("f_micro", np.int32), ("f_round", np.int32),
              ("f_slot", np.int32), ("b_valid", bool), ("b_micro", np.int32),
              ("b_round", np.int32), ("b_slot", np.int32))}
+  slots, stash = _stash_slots(f, bt)
+  for mi in range(m):
+    for ri in range(v):
+      for st in range(pp):
+        tf, tb = f[mi, ri, st], bt[mi, ri, st]
+        for pre, t in (("f", tf), ("b", tb)):
+          if tables[f"{pre}_valid"][t, st]:
+            raise AssertionError(f"schedule {name}: two {pre} units at tick {t} stage {st}")
+          tables[f"{pre}_valid"][t, st] = True
+          tables[f"{pre}_micro"][t, st] = mi
+          tables[f"{pre}_round"][t, st] = ri
+          tables[f"{pre}_slot"][t, st] = slots[mi, ri, st]
+  return Schedule(name, pp, v, m, stash_size=stash, **tables)
+
+
+def _stash_slots(f: np.ndarray, bt: np.ndarray) -> tuple[np.ndarray, int]:
+  """Stash slots [M, v, pp] of the units whose F and B run at ticks f and bt [M, v, pp]:
+  per stage an interval colouring (a unit holds its slot from its F tick to its B tick), and
+  the most slots any stage needs."""
+  m, v, pp = f.shape
   slots = np.zeros((m, v, pp), np.int32)
   stash = 0
   for st in range(pp):
@@ -128,15 +148,4 @@ def make_schedule(name: str, pp: int, microbatches: int, virtual: int = 1) -> Sc
       busy.append((end, sl))
       slots[mi, ri, st] = sl
     stash = max(stash, n_slots)
-  for mi in range(m):
-    for ri in range(v):
-      for st in range(pp):
-        tf, tb = f[mi, ri, st], bt[mi, ri, st]
-        for pre, t in (("f", tf), ("b", tb)):
-          if tables[f"{pre}_valid"][t, st]:
-            raise AssertionError(f"schedule {name}: two {pre} units at tick {t} stage {st}")
-          tables[f"{pre}_valid"][t, st] = True
-          tables[f"{pre}_micro"][t, st] = mi
-          tables[f"{pre}_round"][t, st] = ri
-          tables[f"{pre}_slot"][t, st] = slots[mi, ri, st]
-  return Schedule(name, pp, v, m, stash_size=stash, **tables)
+  return slots, stash
