@@ -194,6 +194,19 @@ def test_a_pipeline_step_recomputes_what_the_remat_policy_asks():
   assert ratio["logits"] == pytest.approx(1.0, rel=1e-12)
 
 
+@needs_plugin
+def test_the_gpu_microbatch_loop_with_tp_runs_each_forward_once():
+  """One stage, dp4 tp2, 4 microbatches, compiled for 8 H100s with the cluster flags: the
+  model's FLOPs exactly. (With XLA:GPU's pipelined all-gather on, the forward after each tp
+  all-gather was cloned: 5/3.)"""
+  c = _tiny("dense", tp=2, microbatches=4)
+  c.train.batch_size = 32
+  c.model.remat = "none"
+  ratio = _ratios(dryrun.plan(c, targets.get("h100"), 8))
+  for part in ("attn_proj", "mlp", "logits"):
+    assert ratio[part] == pytest.approx(1.0, rel=1e-12), part
+
+
 def test_moe_experts_padded_to_capacity_run_capacity_rows():
   """Token dropping with buffers padded to capacity: each expert multiplies exactly
   C = ceil(T k / E x cf) rows, so the experts run E x C / (T x k) of the model's FLOPs."""
