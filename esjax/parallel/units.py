@@ -79,9 +79,9 @@ class Units:
       return h, ({k: jnp.stack([s[k] for s in out]) for k in STATS} if out else {})
 
     trees = tuple((sp[p], lax.stop_gradient(bp.get(p, {}))) for p in range(self.fmt.period))
-    if self.fmt.repeats == 1:
-      x, stats = rep(x, jax.tree.map(lambda a: a[0], trees))
-      return x, jax.tree.map(lambda a: a[None], stats)
+    # A scan even over one repeat (XLA removes a one-trip loop): autodiff of a scan passes
+    # the weights to the backward as they came in, so a stored pullback refers to the
+    # unit's parameters instead of holding a sliced copy of them per stash slot.
     return lax.scan(rep, x, trees)
 
   def head(self, ends: dict[str, Any], y: jax.Array, d: dict[str, jax.Array]):
