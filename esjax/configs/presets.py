@@ -20,21 +20,24 @@ from esjax.models.presets import PRESETS
 # CPU, so one MoE beside the default dense arg; every preset's shape is tested with the models).
 TEST_ARGS = ("qwen2-57b-a14b",)
 
-# preset -> (devices, global batch in sequences, parallel section, remat policy).
+# preset -> (devices, global batch in sequences, parallel section, remat policy). The MoE
+# presets recompute each layer in its backward (remat="full"): the pipeline stores what a
+# unit's backward reads for every in-flight microbatch, and at remat="none" that is every
+# activation, 123-196 GiB per device at these sizes (deviceless plans on H100).
 CLUSTERS = {
     "llama3-8b": (8, 256, dict(tp=2), "dots_except_mlp"),
-    "llama3-8b-8e2": (64, 1024, dict(pp=4, tp=2, ep=8, etp=1), "none"),
-    "mixtral-8x7b": (64, 1024, dict(pp=4, tp=2, ep=8, etp=1), "none"),
+    "llama3-8b-8e2": (64, 1024, dict(pp=4, tp=2, ep=8, etp=1), "full"),
+    "mixtral-8x7b": (64, 1024, dict(pp=4, tp=2, ep=8, etp=1), "full"),
     # Megatron's published layouts (folding paper / NVIDIA's MoE model zoo): TP2 PP8 EP8 on 128
     # GPUs, batch 256 (virtual stages here keep the bubble at 3% instead of 1F1B's 18%), and
     # TP2 PP4 EP4 with 7 virtual stages on 64.
     "mixtral-8x22b": (128, 256, dict(pp=8, tp=2, ep=8, etp=1, schedule="interleaved",
-                                     virtual_stages=7), "none"),
+                                     virtual_stages=7), "full"),
     "qwen2-57b-a14b": (64, 256, dict(pp=4, tp=2, ep=4, etp=1, schedule="interleaved",
-                                     virtual_stages=7), "none"),
+                                     virtual_stages=7), "full"),
     "aquila-dense-7b": (8, 256, dict(tp=2), "dots_except_mlp"),
     "aquila-dense-16b": (16, 256, dict(pp=2, tp=4), "dots_except_mlp"),
-    "aquila-moe-8x16b": (64, 1024, dict(pp=4, tp=4, ep=8, etp=1), "none"),
+    "aquila-moe-8x16b": (64, 1024, dict(pp=4, tp=4, ep=8, etp=1), "full"),
 }
 SEQ_LEN = 4096
 
