@@ -125,8 +125,7 @@ def router_stats(cfg, plan: ParallelPlan, logits, r: router.Routing, keep, bl: i
   n_tokens = col.psum(jnp.sum(w), stage)
   load = col.psum(router.expert_counts(r.indices, e, mask), stage).astype(jnp.float32)
   load = load / jnp.maximum(n_tokens * k, 1.0)
-  probs_sum = jnp.sum(r.probs * w[:, None], axis=0)
-  counts = router.expert_counts(plain, e, mask)
+  probs_sum, counts = router.balance_sums(r.probs, plain, w)
   if cfg.balance_scope == "rank":  # per data-parallel rank (its sequences), then the mean
     aux = col.pmean(router.switch_loss(col.psum(probs_sum, seq), col.psum(counts, seq),
                                        col.psum(jnp.sum(w), seq), k), dp)
@@ -134,14 +133,11 @@ def router_stats(cfg, plan: ParallelPlan, logits, r: router.Routing, keep, bl: i
     aux = router.switch_loss(col.psum(probs_sum, stage), col.psum(counts, stage), n_tokens, k)
   # Per sequence: this device holds slices of length S_l of B_l sequences; T per sequence is
   # the mean number of tokens that count per sequence (Megatron's _apply_seq_aux_loss).
-  ws = w.reshape(bl, sl)
-  seq_probs = col.psum(jnp.sum(r.probs.reshape(bl, sl, e) * ws[..., None], axis=1), seq)
-  onehot = jax.nn.one_hot(plain.reshape(bl, sl, k), e, dtype=jnp.float32)
-  seq_counts = col.psum(jnp.sum(onehot * ws[..., None, None], axis=(1, 2)), seq)
+  seq_probs, seq_counts = col.psum(router.seq_balance_sums(r.probs, plain, w.reshape(bl, sl)),
+                                   seq)
   per_seq = n_tokens / (bl * plan.size(dp))
   seq_aux = col.pmean(jnp.mean(router.switch_loss(seq_probs, seq_counts, per_seq, k)), dp)
-  z_sq = jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
-  z = col.psum(jnp.sum(z_sq * w), stage) / jnp.maximum(n_tokens, 1.0)
+  z = col.psum(router.z_loss_sum(logits, w), stage) / jnp.maximum(n_tokens, 1.0)
   if keep is None:
     drop = jnp.zeros((), jnp.float32)
   else:

@@ -179,6 +179,28 @@ def switch_loss(probs_sum: jax.Array, counts: jax.Array, n_tokens: jax.Array, to
   return n_experts * jnp.sum(f * probs_sum.astype(jnp.float32) / n, axis=-1)
 
 
+def balance_sums(probs: jax.Array, indices: jax.Array, weights: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """The sums the Switch loss is made of, over tokens with `weights` [T] (1: counts):
+  (scores summed per expert [E], assignments per expert [E])."""
+  probs_sum = jnp.sum(probs.astype(jnp.float32) * weights[:, None], axis=0)
+  onehot = jax.nn.one_hot(indices, probs.shape[-1], dtype=jnp.float32)  # [T, k, E]
+  return probs_sum, jnp.sum(onehot * weights[:, None, None], axis=(0, 1))
+
+
+def seq_balance_sums(probs: jax.Array, indices: jax.Array, weights: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+  """`balance_sums` per sequence: probs [B*S, E], indices [B*S, k], weights [B, S] ->
+  ([B, E], [B, E])."""
+  b, s = weights.shape
+  return jax.vmap(balance_sums)(probs.reshape(b, s, -1), indices.reshape(b, s, -1), weights)
+
+
+def z_loss_sum(logits: jax.Array, weights: jax.Array) -> jax.Array:
+  """Sum over tokens with `weights` [T] of logsumexp(logits)^2 (the z-loss's numerator)."""
+  return jnp.sum(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)) * weights)
+
+
 def load_balancing_loss(probs: jax.Array, indices: jax.Array, mask: jax.Array | None = None
                         ) -> jax.Array:
   """Switch loss E * sum_i f_i P_i with f_i = count_i / (T k): 1.0 when balanced, E when collapsed.
@@ -186,11 +208,8 @@ def load_balancing_loss(probs: jax.Array, indices: jax.Array, mask: jax.Array | 
   probs: [T, E] scores over all experts; indices: [T, k]; mask: [T] (T = tokens that count).
   Gradient flows through P only.
   """
-  n_tokens, n_experts = probs.shape
-  w = _token_weights(n_tokens, mask)
-  probs_sum = jnp.sum(probs.astype(jnp.float32) * w[:, None], axis=0)
-  return switch_loss(probs_sum, expert_counts(indices, n_experts, mask), jnp.sum(w),
-                     indices.shape[-1])
+  w = _token_weights(probs.shape[0], mask)
+  return switch_loss(*balance_sums(probs, indices, w), jnp.sum(w), indices.shape[-1])
 
 
 def seq_load_balancing_loss(probs: jax.Array, indices: jax.Array, batch: int,
@@ -200,22 +219,16 @@ def seq_load_balancing_loss(probs: jax.Array, indices: jax.Array, batch: int,
   Tokens are [B * S] in batch-major order. With a `mask`, T is the mean number of tokens
   that count per sequence, for every sequence (Megatron's _apply_seq_aux_loss).
   """
-  n_tokens, n_experts = probs.shape
-  top_k = indices.shape[-1]
-  w = _token_weights(n_tokens, mask).reshape(batch, -1)
-  probs_sum = jnp.sum(probs.astype(jnp.float32).reshape(batch, -1, n_experts) * w[..., None],
-                      axis=1)
-  onehot = jax.nn.one_hot(indices.reshape(batch, -1, top_k), n_experts, dtype=jnp.float32)
-  counts = jnp.sum(onehot * w[..., None, None], axis=(1, 2))  # [B, E]
-  return jnp.sum(switch_loss(probs_sum, counts, jnp.sum(w) / batch, top_k)) / batch
+  w = _token_weights(probs.shape[0], mask).reshape(batch, -1)
+  sums = seq_balance_sums(probs, indices, w)
+  return jnp.mean(switch_loss(*sums, jnp.sum(w) / batch, indices.shape[-1]))
 
 
 def z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """ST-MoE router z-loss: mean over tokens (that count) of logsumexp(logits)^2 (zero
   logits: log(E)^2)."""
-  per_token = jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
-  w = _token_weights(per_token.shape[0], mask)
-  return jnp.sum(per_token * w) / jnp.maximum(jnp.sum(w), 1.0)
+  w = _token_weights(logits.shape[0], mask)
+  return z_loss_sum(logits, w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def update_expert_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> jax.Array:
