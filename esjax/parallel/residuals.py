@@ -28,6 +28,12 @@ def _vma(aval) -> tuple[str, ...]:
   return tuple(sorted(aval.manual_axis_type.varying))
 
 
+def zeros_like_types(avals: Any) -> Any:
+  """Zeros of every aval in a tree, typed with its varying axes (what an idle unit returns
+  in place of a unit's outputs)."""
+  return jax.tree.map(lambda a: col.vary(jnp.zeros(a.shape, a.dtype), _vma(a)), avals)
+
+
 def vjp(fn: Callable, params: Any, *args) -> tuple[Any, Any, tuple[Any, tuple, list]]:
   """`jax.vjp(fn, params, *args, has_aux=True)` with the pullback taken apart:
   (out, aux, (structure, sources, stored)): per pullback leaf, `sources` names the leaf of
@@ -86,7 +92,7 @@ class Residuals:
 
   def zeros(self) -> tuple[jax.Array, ...]:
     """Stored leaves of zeros (what an idle unit writes to a scratch slot)."""
-    return tuple(col.vary(jnp.zeros(a.shape, a.dtype), _vma(a)) for a in self.stored)
+    return zeros_like_types(self.stored)
 
   def put(self, stash: Stash, slot: jax.Array, leaves: tuple[jax.Array, ...]) -> Stash:
     """`stash` with `leaves` (from `leaves` or `zeros`) at `slot`."""

@@ -71,8 +71,8 @@ def start(u: Units, params: Any, stat_shapes: dict, train: bool, **loop_state) -
             terms={k: zeros(()) for k in u.zero_terms()}, moe_loss=zeros(()),
             grads=jax.tree.map(lambda a: zeros(a.shape), params) if train else None,
             **loop_state)
-  return col.vary(c._replace(stash=None), u.axes)._replace(stash=c.stash)  # typed by its
-  # residuals
+  # The stash keeps the varying axes of the residuals it holds.
+  return col.vary(c._replace(stash=None), u.axes)._replace(stash=c.stash)
 
 
 def accumulate(c: Carry, r, stats, terms, moe) -> Carry:
@@ -212,8 +212,9 @@ class _Ticks:
     def run(c):
       x = self._embed_or(c.fwd, n)
       y, stats = u.chunk(self._middle_params(n), u.round_of(self.bufs, n.r), x, n.data)
-      ends = u.gather_ends({k: self.ends[k] for k in self.head_keys})
-      terms = _cond(SCOPE_LAST, n.last, lambda: u.head(ends, y, n.data), u.zero_terms)
+      head = lambda: u.head(  # noqa: E731  (the fsdp gathers only on the last chunk)
+          u.gather_ends({k: self.ends[k] for k in self.head_keys}), y, n.data)
+      terms = _cond(SCOPE_LAST, n.last, head, u.zero_terms)
       return accumulate(c, n.r, stats, terms, u.moe_loss(stats)), col.vary(y, u.axes)
 
     return _cond(SCOPE_F, n.valid, run, self._idle, c)
@@ -224,13 +225,10 @@ class _Ticks:
     idle unit writes zeros to the scratch slot `stash_size`): a loop-carried buffer updated
     inside a conditional may be copied whole."""
     u, n, res = self.u, self.unit("f", t), self.residuals
-    zero_stats = lambda: jax.tree.map(  # noqa: E731
-        lambda a: col.vary(jnp.zeros(a.shape, a.dtype), tuple(a.manual_axis_type.varying)),
-        res.aux)
-    zero = col.vary(jnp.zeros((), jnp.float32), u.axes)
+    no_stats = lambda: res_lib.zeros_like_types((res.aux, res.out[1]))  # noqa: E731
 
     def keep_input(x):
-      return jnp.zeros_like(x), x, res.zeros(), zero_stats(), zero
+      return jnp.zeros_like(x), x, res.zeros(), *no_stats()
 
     def store(x):
       (y, moe), stats, found = res_lib.vjp(self._middle(n), self._middle_params(n), x)
@@ -240,7 +238,7 @@ class _Ticks:
       return _cond(SCOPE_SKIP, n.last, keep_input, store, self._embed_or(x, n))
 
     def idle(x):
-      return jnp.zeros_like(x), jnp.zeros_like(x), res.zeros(), zero_stats(), zero
+      return jnp.zeros_like(x), jnp.zeros_like(x), res.zeros(), *no_stats()
 
     y, kept, leaves, stats, moe = _cond(SCOPE_F, n.valid, run, idle, c.fwd)
     scratch = self.sched.stash_size

@@ -82,10 +82,10 @@ def _swiglu_ragged_fwd(rows, group_sizes, w_gate, w_up, w_down):
 
 def _swiglu_ragged_bwd(res, dy):
   rows, group_sizes, w_gate, w_up, w_down, gate, up = res
-  h, act_pull = jax.vjp(_swiglu, gate, up)
-  dh, d_down = jax.vjp(functools.partial(_ragged, group_sizes=group_sizes), h, w_down)[1](dy)
-  d_gate, d_up = act_pull(dh)
   product = functools.partial(_ragged, group_sizes=group_sizes)
+  h, act_pull = jax.vjp(_swiglu, gate, up)
+  dh, d_down = jax.vjp(product, h, w_down)[1](dy)
+  d_gate, d_up = act_pull(dh)
   dx_g, dw_gate = jax.vjp(product, rows, w_gate)[1](d_gate)
   dx_u, dw_up = jax.vjp(product, rows, w_up)[1](d_up)
   grads = (dx_g + dx_u, dw_gate, dw_up, d_down)

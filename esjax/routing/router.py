@@ -184,8 +184,7 @@ def balance_sums(probs: jax.Array, indices: jax.Array, weights: jax.Array
   """The sums the Switch loss is made of, over tokens with `weights` [T] (1: counts):
   (scores summed per expert [E], assignments per expert [E])."""
   probs_sum = jnp.sum(probs.astype(jnp.float32) * weights[:, None], axis=0)
-  onehot = jax.nn.one_hot(indices, probs.shape[-1], dtype=jnp.float32)  # [T, k, E]
-  return probs_sum, jnp.sum(onehot * weights[:, None, None], axis=(0, 1))
+  return probs_sum, expert_counts(indices, probs.shape[-1], weights)
 
 
 def seq_balance_sums(probs: jax.Array, indices: jax.Array, weights: jax.Array
