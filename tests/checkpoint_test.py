@@ -16,6 +16,7 @@ import pytest
 
 from esjax.configs import common
 from esjax.models.presets import get_preset
+from esjax.parallel import stages
 from esjax.parallel.pipeline import Engine
 from esjax.sharding.layout import Layout
 from esjax.sharding.plan import make_plan
@@ -56,16 +57,38 @@ def test_roundtrip_keeps_last_k_and_restores_exactly(tmp_path):
                state_lib.params_from_state(state.params, engine))
 
 
-def test_resume_with_another_pipeline_layout_is_refused(tmp_path):
-  state, tx = make_state()
-  engine = engine_for(CFG)
+def test_a_state_restores_into_another_layout_each_device_reading_its_shards(tmp_path):
+  """Saved from one device, read into pp2 x tp2 x dp2 with ZeRO-1 (8 devices): the same
+  values (the host unstacking of both states agrees), every array on the target's sharding."""
+  cfg = dataclasses.replace(CFG, n_layers=4)
+  state, tx = make_state(cfg)
+  one = engine_for(cfg)
+  state = state.replace(step=jnp.asarray(1, jnp.int32),
+                        opt_state=jax.tree.map(lambda x: x + jnp.asarray(3, x.dtype),
+                                                state.opt_state))
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, async_save=False)
-  ckpt.save(state.replace(step=jnp.asarray(1, jnp.int32)), {"position": 1}, CFG, engine.fmt)
-  other = dataclasses.replace(engine.fmt, pp=2)
-  with pytest.raises(ValueError, match=r"stacks its layers for pp=1, virtual_stages=1 but this "
-                                       r"run uses pp=2.*checkpoint.init_from="):
-    ckpt.restore(1, state_lib.abstract_train_state(engine, tx), other)
+  ckpt.save(state, {"position": 1}, cfg, one.fmt)
+  other = Engine.build(cfg, make_plan(Layout(pp=2, tp=2, dp=2, microbatches=2,
+                                             distributed_optimizer=True)))
+  target = state_lib.abstract_train_state(other, tx)
+  restored, data = ckpt.restore(1, target, other.fmt)
   ckpt.close()
+  assert data == {"position": 1} and int(restored.step) == 1
+  jax.tree.map(lambda x, t: x.sharding.is_equivalent_to(t.sharding, x.ndim) or pytest.fail(
+      f"{x.sharding} is not {t.sharding}"), restored, target)
+  host = lambda tree, fmt: jax.tree.map(np.asarray, stages.unstack(tree, fmt))  # noqa: E731
+  jax.tree.map(np.testing.assert_array_equal, host(restored.params, other.fmt),
+               host(state.params, one.fmt))
+  for got, want in zip(jax.tree.leaves(restored.opt_state, is_leaf=_is_params),
+                       jax.tree.leaves(state.opt_state, is_leaf=_is_params)):
+    if _is_params(want):
+      jax.tree.map(np.testing.assert_array_equal, host(got, other.fmt), host(want, one.fmt))
+    else:
+      np.testing.assert_array_equal(got, want)
+
+
+def _is_params(x):
+  return isinstance(x, dict) and stages.STAGES in x
 
 
 _SAVER = textwrap.dedent("""

@@ -188,8 +188,31 @@ def test_iterator_refuses_a_position_from_other_data():
   state = dataset.BatchIterator(windows, 2, 0).state()
   with pytest.raises(ValueError, match="fingerprint"):
     dataset.BatchIterator(windows + 1, 2, 0).restore(state)
-  with pytest.raises(ValueError, match="batch_size"):
-    dataset.BatchIterator(windows, 4, 0).restore(state)
+  with pytest.raises(ValueError, match="seed=0 but this run has seed=1"):
+    dataset.BatchIterator(windows, 2, 1).restore(state)
+
+
+def test_a_changed_batch_size_continues_the_stream_at_the_same_example():
+  """4 batches of 3 (examples 0-11), resumed with batches of 5: examples 12-16, 17-21, ...
+  of the same stream (read one example at a time), none skipped or repeated; then a resume
+  of that with batches of 2 continues at example 22."""
+  windows = np.arange(7 * 5, dtype=np.int32).reshape(7, 5)
+  one = dataset.BatchIterator(windows, batch_size=1, seed=1)
+  stream = np.concatenate([one.batch(e)["inputs"] for e in range(40)])
+  first = dataset.BatchIterator(windows, batch_size=3, seed=1)
+  for _ in range(4):
+    next(first)
+  second = dataset.BatchIterator(windows, batch_size=5, seed=1)
+  note = second.restore(first.state())
+  assert "batch size changed from 3 to 5" in note and "example 12" in note
+  assert second.position == 4  # steps, as the checkpoint's step
+  for start in (12, 17):
+    np.testing.assert_array_equal(next(second)["inputs"], stream[start:start + 5])
+  third = dataset.BatchIterator(windows, batch_size=2, seed=1)
+  third.restore(second.state())
+  assert third.position == 6
+  np.testing.assert_array_equal(next(third)["inputs"], stream[22:24])
+  np.testing.assert_array_equal(third.batch(7)["inputs"], stream[24:26])
 
 
 def _doc(i):

@@ -133,6 +133,39 @@ def test_local_two_processes_equal_one_process(tmp_path, single_process_losses):
     assert "every checkpoint in" in log and "failed verification" in log, log[-2000:]
 
 
+@pytest.mark.slow
+def test_a_two_process_pipeline_checkpoint_resumes_on_one_process_with_another_layout(
+    tmp_path):
+  """3 steps of pp2 x dp2 x tp2 (ep4) on 2 processes x 4 devices, each stage on its own
+  process, then 2 more on 1 process x 8 devices as dp8 x ep8: the 5 losses are those of an
+  uninterrupted dp8 run (a constant learning rate, so the shorter first run has the same
+  schedule)."""
+  base = ["train.log_every=1", "train.eval_every=0", "train.seq_len=32",
+          "train.batch_size=16", "data.max_bytes=200000", "checkpoint.every=1",
+          "optim.schedule=constant", "optim.warmup_steps=0", "parallel.microbatches=2",
+          "parallel.etp=1"]
+  dp8 = base + ["parallel.dp=8", "parallel.ep=8", "train.steps=5"]
+  env8 = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+
+  def one_process(workdir):
+    proc = subprocess.run([sys.executable, "-m", "esjax.main", f"--config={CONFIG}",
+                           f"--workdir={workdir}", *[f"--config.{o}" for o in dp8]],
+                          cwd=ROOT, env=env8, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+  one_process(tmp_path / "straight")
+  work = tmp_path / "moved"
+  two = subprocess.run(["launch/local.sh", "2", CONFIG, str(work), *base, "parallel.pp=2",
+                        "parallel.dp=2", "parallel.tp=2", "parallel.ep=4", "train.steps=3"],
+                       cwd=ROOT, env=_env(ESJAX_CPU_DEVICES="4", ESJAX_PORT=_free_port()),
+                       capture_output=True, text=True, timeout=600)
+  assert two.returncode == 0, two.stderr[-3000:]
+  one_process(work)
+  got, want = _losses(work), _losses(tmp_path / "straight")
+  assert len(got) == len(want) == 5
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def _stand_in(directory, name, body):
   path = directory / name
   path.write_text("#!/usr/bin/env bash\n" + body)

@@ -23,9 +23,14 @@ Batches. Example e of the endless training stream is, by `sampling.Blend`, examp
 source s, which is window `permute(r % N, N, key=(seed, s, r // N))` of that source's N
 windows: every epoch of every source is a fresh permutation, computed in O(1) memory.
 Batch i is examples i*B .. i*B + B - 1. The iterator's whole state is therefore the number
-of batches it has produced (saved with each checkpoint), any process can read any rows of
-any batch, and a run resumed on any number of processes sees exactly the batches of an
-uninterrupted one.
+of batches it has produced and the examples they hold (saved with each checkpoint), any
+process can read any rows of any batch, and a run resumed on any number of processes sees
+exactly the batches of an uninterrupted one. A run resumed with another batch size B'
+continues the same stream where it stopped: its batch i >= k (k the step it resumed at,
+after e examples) is examples e + (i - k)*B' .. + B' - 1, so no example is skipped or seen
+twice; the learning-rate schedule stays in steps. The data is identified by its content (the
+shards' sizes and checksums, the blend, the window length), not its paths, so a corpus moved
+or copied to another cluster resumes too.
 """
 
 from __future__ import annotations
@@ -175,6 +180,7 @@ class BatchIterator:
     self.parts = [ArrayWindows(p) if isinstance(p, np.ndarray) else p for p in parts]
     self.blend = sampling.Blend(weights or [1.0] * len(self.parts))
     self.batch_size, self.seed, self.position = batch_size, seed, 0
+    self.origin = (0, 0)  # (batch, example): batch i starts at example e0 + (i - i0) * B
     if fingerprint is None:
       arrays = [p.array for p in self.parts if isinstance(p, ArrayWindows)]
       if len(arrays) != len(self.parts):
@@ -208,7 +214,8 @@ class BatchIterator:
     rows = np.arange(self.batch_size) if rows is None else np.asarray(rows, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
       raise ValueError(f"rows must lie in [0, batch size {self.batch_size})")
-    return to_batch(self.examples(i * self.batch_size + rows))
+    first, example = self.origin
+    return to_batch(self.examples(example + (i - first) * self.batch_size + rows))
 
   def next_rows(self, rows: np.ndarray | None) -> Batch:
     """The given rows of the next batch (all with None); advances by one batch."""
@@ -230,19 +237,47 @@ class BatchIterator:
       raise ValueError("train.windows: a blend has no single window order")
     return self.parts[0].read(np.arange(len(self.parts[0])))
 
-  def state(self) -> dict[str, Any]:
-    return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-            "fingerprint": self.fingerprint}
+  @property
+  def examples_seen(self) -> int:
+    first, example = self.origin
+    return example + (self.position - first) * self.batch_size
 
-  def restore(self, state: dict[str, Any]) -> None:
-    """Continues from a saved `state()`; refuses one saved for different data or batching."""
-    for key in ("seed", "batch_size", "fingerprint"):
+  def state(self) -> dict[str, Any]:
+    return {"position": self.position, "examples": self.examples_seen, "seed": self.seed,
+            "batch_size": self.batch_size, "fingerprint": self.fingerprint}
+
+  def restore(self, state: dict[str, Any]) -> str | None:
+    """Continues from a saved `state()`, at its example even if the batch size changed;
+    refuses one saved for other data, windows or seed. Returns a note for what the caller
+    should know (a changed batch size, a position saved before content fingerprints)."""
+    notes = []
+    earlier = "examples" not in state  # saved before content fingerprints: its digest named
+    if earlier and state["fingerprint"] != self.fingerprint:  # input paths and times
+      if state["fingerprint"].split("-")[-1] != self.fingerprint.split("-")[-1]:
+        state = {**state, "fingerprint": state["fingerprint"] + " (windows x length)"}
+      else:
+        notes.append("the data position predates content fingerprints, so only the data's "
+                     f"size was checked ({self.fingerprint.split('-')[-1]} windows x length)")
+        state = {**state, "fingerprint": self.fingerprint}
+    for key in ("seed", "fingerprint"):
       if state[key] != getattr(self, key):
         raise ValueError(
             f"cannot resume the data iterator: checkpoint has {key}={state[key]!r} but this run "
-            f"has {key}={getattr(self, key)!r} (the data, tokenizer, seq_len, batch size or seed "
-            "changed; start a new workdir, with checkpoint.init_from to keep the weights)")
-    self.position = int(state["position"])
+            f"has {key}={getattr(self, key)!r} (the data, tokenizer, seq_len or seed changed; "
+            "start a new workdir, with checkpoint.init_from to keep the weights)")
+    position = int(state["position"])
+    examples = int(state.get("examples", position * int(state["batch_size"])))
+    self.position, self.origin = position, (position, examples)
+    if int(state["batch_size"]) != self.batch_size:
+      notes.append(f"the batch size changed from {state['batch_size']} to {self.batch_size}: "
+                   f"the data continues at example {examples} of the same stream (step "
+                   f"{position}); the learning-rate schedule stays in steps")
+    return "; ".join(notes) or None
+
+
+def _digest(shards: Any, weights: list[float], length: int, data_cfg: Any) -> str:
+  identity = json.dumps([shards, weights, length, data_cfg.val_fraction])
+  return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def eval_batches(parts: Sequence[np.ndarray], blend: sampling.Blend, batch_size: int,
@@ -363,12 +398,12 @@ def build(data_cfg: Any, seq_len: int, batch_size: int, seed: int, n_eval_batche
     weights.append(len(train) if weight is None else weight)
     vals.append(val)
     corpora.append(corpus)
-  identity = json.dumps([[c.manifest["shards"] for c in corpora], weights, length,
-                         data_cfg.val_fraction])
-  print_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
-  blend = sampling.Blend(weights)
+  content = [[[r[k] for k in ("tokens", "documents", "idx_crc32", "block_crc32")]
+              for r in c.manifest["shards"]] for c in corpora]
+  shape = f"{sum(map(len, parts))}x{length}"
   iterator = BatchIterator(parts, batch_size, seed, weights,
-                           fingerprint=f"{print_id}-{sum(map(len, parts))}x{length}")
+                           fingerprint=f"{_digest(content, weights, length, data_cfg)}-{shape}")
+  blend = sampling.Blend(weights)
   return Data(tokenizer=tokenizer, train=iterator,
               val=eval_batches(vals, blend, batch_size, n_eval_batches),
               n_tokens=sum(c.n_tokens for c in corpora),

@@ -1,14 +1,23 @@
 """Checkpoints: orbax `CheckpointManager` (args API) in `<workdir>/checkpoints/<step>/`.
 
-Each checkpoint is a Composite of five items:
-  `params`        the parameter tree (pure dict, layers stacked per pipeline stage, see
-                  `esjax.train.state` and `esjax.parallel.stages`),
-  `opt_state`     the optax state,
+Each checkpoint is a Composite of these items:
+  `params`        the model's own tree (`layers.{i}`: one array per layer and parameter),
+                  whatever layout wrote it,
+  `opt_state`     the optax state, its moments in the same per-layer tree,
+  `buffers`       the model's buffers (DeepSeek-V3's expert biases), per layer too,
   `data`          the data iterator's position (JSON),
   `model_config`  the `ModelConfig` as JSON, so a checkpoint says what it holds,
-  `stage_format`  how the layers are stacked (JSON; `restore_params` unstacks them),
+  `layout`        the format (JSON) and, for the record, the layout that wrote it,
   `health`        the saved step's loss, gradient norm and largest |parameter| (JSON; a
                   resume near a collapse says so, `esjax.train.guard.resume_warning`).
+
+Layout-free. The train state stacks the layers by pipeline stage; `esjax.train.relayout`
+converts on the devices that hold them, both ways, so saving gathers nothing (each process
+writes its own shards) and a restore reads straight into the run's shardings (each device
+reads its own shard). A run therefore resumes, optimizer and data position included, under
+any other pp, virtual_stages, tp, ep, cp, dp, fsdp or ZeRO-1 setting, on any number of
+devices and processes. Checkpoints written before this format (item `stage_format`, layers
+stacked for the pp of the run that wrote them) are converted on read, with a one-line note.
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed at any moment leaves either a whole checkpoint or one that is never listed (leftover
 temporary directories are removed the next time the manager opens). The last `keep` are kept.
@@ -39,10 +48,11 @@ from jax.experimental import multihost_utils
 from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.parallel import stages
-from esjax.train import integrity, state as state_lib
+from esjax.train import integrity, relayout, state as state_lib
 from esjax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+FORMAT = "layers"  # the `layout` item's format: the model's own tree, one array per layer
 
 
 class Checkpointer:
@@ -66,8 +76,8 @@ class Checkpointer:
         cleanup_tmp_directories=False, enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options,
-        item_names=("params", "opt_state", "data", "model_config", "stage_format",
-                    "buffers", "health"))
+        item_names=("params", "opt_state", "data", "model_config", "layout", "buffers",
+                    "health", "stage_format"))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -141,28 +151,27 @@ class Checkpointer:
     """Saves `state` as step `state.step` (async when configured), with `health` (numbers
     about it) when given; returns the step."""
     step = int(jax.device_get(state.step))
-    items = dict(params=ocp.args.StandardSave(state.params),
-                 opt_state=ocp.args.StandardSave(state.opt_state),
-                 data=ocp.args.JsonSave(data_state),
-                 model_config=ocp.args.JsonSave(model_cfg.to_dict()),
-                 stage_format=ocp.args.JsonSave(fmt.to_dict()))
-    if jax.tree.leaves(state.buffers):
-      items["buffers"] = ocp.args.StandardSave(state.buffers)
-    if health:
-      items["health"] = ocp.args.JsonSave(health)
     self.wait()
     self._check_space(step, sum(x.nbytes for x in jax.tree.leaves(
         (state.params, state.opt_state, state.buffers))))
+    items = dict(params=ocp.args.StandardSave(relayout.split(state.params, fmt)),
+                 opt_state=ocp.args.StandardSave(relayout.split(state.opt_state, fmt)),
+                 data=ocp.args.JsonSave(data_state),
+                 model_config=ocp.args.JsonSave(model_cfg.to_dict()),
+                 layout=ocp.args.JsonSave(_layout_record(fmt)))
+    if jax.tree.leaves(state.buffers):
+      items["buffers"] = ocp.args.StandardSave(relayout.split(state.buffers, fmt))
+    if health:
+      items["health"] = ocp.args.JsonSave(health)
     return self._write(step, items)
 
   def save_params(self, step: int, params: Any, model_cfg: ModelConfig) -> int:
     """Saves only parameters (the model's own tree) and model config: a checkpoint to start
     runs from (`checkpoint.init_from`) or to evaluate, not to resume (no optimizer state)."""
-    fmt = stages.StageFormat.of(model_cfg)
     self.wait()
-    return self._write(step, dict(params=ocp.args.StandardSave(stages.stack(params, fmt)),
+    return self._write(step, dict(params=ocp.args.StandardSave(_str_layers(params)),
                                   model_config=ocp.args.JsonSave(model_cfg.to_dict()),
-                                  stage_format=ocp.args.JsonSave(fmt.to_dict())))
+                                  layout=ocp.args.JsonSave({"format": FORMAT})))
 
   def _write(self, step: int, items: dict[str, Any]) -> int:
     """Starts the save of `items` as `step` (the previous save finished); returns the step."""
@@ -173,36 +182,43 @@ class Checkpointer:
       raise self._save_failed(e) from e
     return step
 
-  def stage_format(self, step: int) -> stages.StageFormat:
+  def legacy_format(self, step: int) -> stages.StageFormat | None:
+    """How a checkpoint of the earlier format stacks its layers; None for this format."""
+    if not os.path.isdir(os.path.join(self.step_dir(step), "stage_format")):
+      return None
     out = self._mngr.restore(step, args=ocp.args.Composite(stage_format=ocp.args.JsonRestore()))
     return stages.StageFormat(**dict(out.stage_format))
 
   def restore(self, step: int, target: TrainState, fmt: stages.StageFormat
               ) -> tuple[TrainState, dict[str, Any]]:
-    """The train state at `step` laid out like `target` (abstract, with shardings), and the
-    data position saved with it. The checkpoint must stack its layers as `fmt` does."""
-    saved = self.stage_format(step)
-    if saved != fmt:
-      raise ValueError(
-          f"checkpoint {self.directory}/{step} stacks its layers for pp={saved.pp}, "
-          f"virtual_stages={saved.virtual} but this run uses pp={fmt.pp}, "
-          f"virtual_stages={fmt.virtual}: resume with the same parallel.pp and "
-          f"parallel.virtual_stages, or start a new run from its weights with "
-          f"checkpoint.init_from={self.directory}/{step}")
-    items = dict(params=ocp.args.StandardRestore(target.params),
-                 opt_state=ocp.args.StandardRestore(target.opt_state),
-                 data=ocp.args.JsonRestore())
+    """The train state at `step` laid out like `target` (abstract, with shardings, its layers
+    stacked as `fmt` says), and the data position saved with it."""
+    legacy = self.legacy_format(step)
+    parts = dict(params=target.params, opt_state=target.opt_state)
     if jax.tree.leaves(target.buffers):
-      items["buffers"] = ocp.args.StandardRestore(target.buffers)
+      parts["buffers"] = target.buffers
+    if legacy is None:
+      reads = {k: relayout.layer_targets(v, fmt) for k, v in parts.items()}
+    else:
+      reads = {k: _legacy_targets(v, legacy, fmt) for k, v in parts.items()}
+    items = {k: ocp.args.StandardRestore(v) for k, v in reads.items()}
+    items["data"] = ocp.args.JsonRestore()
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
       raise ValueError(f"checkpoint {self.step_dir(step)} could not be read "
                        f"({type(e).__name__}: {first})") from e
-    state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=out.params,
-                       opt_state=out.opt_state,
-                       buffers=out.buffers if "buffers" in items else target.buffers)
+    if legacy is None:
+      got = {k: relayout.join(out[k], v, fmt) for k, v in parts.items()}
+    else:
+      if jax.process_index() == 0:
+        print(f"esjax: note: {self.step_dir(step)} has the earlier checkpoint format (layers "
+              f"stacked for pp={legacy.pp}, virtual_stages={legacy.virtual}); converting it "
+              "on read", file=sys.stderr, flush=True)
+      got = {k: _from_legacy(out[k], legacy, fmt, v) for k, v in parts.items()}
+    state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=got["params"],
+                       opt_state=got["opt_state"], buffers=got.get("buffers", target.buffers))
     if target.step.sharding is not None:
       state = state.replace(step=jax.device_put(state.step, target.step.sharding))
     return state, dict(out.data)
@@ -219,15 +235,11 @@ class Checkpointer:
     out = self._mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
     return ModelConfig.from_dict(dict(out.model_config))
 
-  def restore_params(self, step: int, target: Any) -> Any:
+  def restore_item(self, step: int, name: str, target: Any) -> Any:
+    """Item `name` ("params", "buffers") of `step`, read into `target` (abstract arrays)."""
     out = self._mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))
-    return out.params
-
-  def restore_buffers(self, step: int, target: Any) -> Any:
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        buffers=ocp.args.StandardRestore(target)))
-    return out.buffers
+        **{name: ocp.args.StandardRestore(target)}))
+    return out[name]
 
   def _check_space(self, step: int, need: int) -> None:
     """Refuses a save of about `need` bytes that the filesystem has no room for, before
@@ -331,9 +343,8 @@ def restore_params(path: str, shardings: Any = None) -> tuple[ModelConfig, Any]:
   workdir, its checkpoints directory or a step directory), without optimizer state.
 
   `shardings` (NamedShardings of the model's tree, or a function of the checkpoint's model
-  config that returns them) places them: each device reads only its shards of the stacked
-  layers, and the unstacking runs under jit with those output shardings. By default they are
-  built on the default device."""
+  config that returns them) places them: each device reads only its shards. By default they
+  are placed on the default device."""
   directory, step = _locate(path)
   why = verify(os.path.join(directory, str(step)))
   if why is not None:
@@ -341,42 +352,15 @@ def restore_params(path: str, shardings: Any = None) -> tuple[ModelConfig, Any]:
   ckpt = Checkpointer(directory, keep=0, async_save=False, read_only=True)
   try:
     model_cfg = ckpt.model_config(step)
-    fmt = ckpt.stage_format(step)
     if callable(shardings):
       shardings = shardings(model_cfg)
     if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shapes = _model_shapes(model_cfg)
-      shardings = jax.tree.map(lambda _: device, shapes)
-    target = _stacked_target(model_cfg, fmt, shardings)
-    stacked = ckpt.restore_params(step, target)
-    return model_cfg, jax.jit(lambda p: stages.unstack(p, fmt), out_shardings=shardings)(
-        stacked)
+      shardings = jax.tree.map(lambda _: device, _model_shapes(model_cfg))
+    return model_cfg, _read_model_tree(ckpt, step, "params", _model_shapes(model_cfg),
+                                       shardings)
   finally:
     ckpt.close()
-
-
-def _model_shapes(model_cfg: ModelConfig) -> Any:
-  return jax.eval_shape(lambda: state_lib.init_params(model_cfg, jax.random.key(0)))
-
-
-def _stacked_target(model_cfg: ModelConfig, fmt: stages.StageFormat, shardings: Any) -> Any:
-  """Abstract stacked params whose layer stacks are placed like one layer of `shardings`
-  (the model tree's), unsplit over the stack dimensions."""
-  shapes = jax.eval_shape(lambda p: stages.stack(p, fmt), _model_shapes(model_cfg))
-
-  def stacked(sh):
-    if isinstance(sh, jax.sharding.NamedSharding):
-      spec = jax.sharding.PartitionSpec(None, None, None, *sh.spec)
-      return jax.sharding.NamedSharding(sh.mesh, spec)
-    return sh
-
-  index = fmt.layer_index()
-  sh = {k: v for k, v in shardings.items() if k != "layers"}
-  sh[stages.STAGES] = {p: jax.tree.map(stacked, shardings["layers"][int(index[p, 0, 0, 0])])
-                       for p in range(fmt.period)}
-  return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
-                      shapes, sh)
 
 
 def restore_buffers(path: str) -> Any:
@@ -385,13 +369,114 @@ def restore_buffers(path: str) -> Any:
   directory, step = _locate(path)
   ckpt = Checkpointer(directory, keep=0, async_save=False, read_only=True)
   try:
-    model_cfg, fmt = ckpt.model_config(step), ckpt.stage_format(step)
-    shapes = params_lib.buffer_shapes(model_cfg)
+    shapes = params_lib.buffer_shapes(ckpt.model_config(step))
     if not jax.tree.leaves(shapes):
       return {}
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          jax.eval_shape(lambda b: stages.stack(b, fmt), shapes))
-    return stages.unstack(ckpt.restore_buffers(step, target), fmt)
+    return _read_model_tree(ckpt, step, "buffers", shapes,
+                            jax.tree.map(lambda _: device, shapes))
   finally:
     ckpt.close()
+
+
+def _read_model_tree(ckpt: Checkpointer, step: int, item: str, shapes: Any, shardings: Any
+                     ) -> Any:
+  """Item `item` of `step` as the model's own tree (`shapes`) placed by `shardings`."""
+  target = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
+                        shapes, shardings)
+  legacy = ckpt.legacy_format(step)
+  if legacy is None:
+    return _int_layers(ckpt.restore_item(step, item, _str_layers(target)))
+  stacked = ckpt.restore_item(step, item, _stacked_target(target, legacy))
+  return jax.jit(lambda p: stages.unstack(p, legacy), out_shardings=shardings)(stacked)
+
+
+def _model_shapes(model_cfg: ModelConfig) -> Any:
+  return jax.eval_shape(lambda: state_lib.init_params(model_cfg, jax.random.key(0)))
+
+
+def _str_layers(tree: dict[str, Any]) -> dict[str, Any]:
+  """The model's tree with its layers keyed "0", "1", ... as checkpoints store them."""
+  if relayout.LAYERS not in tree:
+    return tree
+  return {**tree, relayout.LAYERS: {str(i): v for i, v in tree[relayout.LAYERS].items()}}
+
+
+def _int_layers(tree: dict[str, Any]) -> dict[str, Any]:
+  if relayout.LAYERS not in tree:
+    return tree
+  layers = {int(i): v for i, v in tree[relayout.LAYERS].items()}
+  return {**tree, relayout.LAYERS: dict(sorted(layers.items()))}
+
+
+def _layout_record(fmt: stages.StageFormat) -> dict[str, Any]:
+  return {"format": FORMAT, "written_with": fmt.to_dict()}
+
+
+def _stacked_target(model_target: Any, fmt: stages.StageFormat) -> Any:
+  """Abstract layers stacked as `fmt` (the earlier format), read from a model-tree target:
+  each stack placed like its first layer, unsplit over the stack dimensions."""
+  shapes = jax.eval_shape(lambda p: stages.stack(p, fmt), model_target)
+
+  def stacked(t):
+    sh = t.sharding
+    if isinstance(sh, jax.sharding.NamedSharding):
+      sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, None, None,
+                                                                           *sh.spec))
+    return sh
+
+  index = fmt.layer_index()
+  layers = model_target.get(relayout.LAYERS, {})
+  sh = {k: jax.tree.map(lambda t: t.sharding, v) for k, v in model_target.items()
+        if k != relayout.LAYERS}
+  sh[stages.STAGES] = {p: (jax.tree.map(stacked, layers[int(index[p, 0, 0, 0])])
+                           if int(index[p, 0, 0, 0]) in layers else {})
+                       for p in range(fmt.period)}
+  return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
+                      shapes, sh)
+
+
+def _legacy_targets(target: Any, legacy: stages.StageFormat, fmt: stages.StageFormat) -> Any:
+  """What to read a checkpoint of the earlier format (layers stacked as `legacy`) into, for
+  a state stacked as `fmt` (`target`)."""
+
+  def one(d):
+    model = jax.eval_shape(lambda t: stages.unstack(t, fmt), d)
+    placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          model, _model_shardings(d, fmt))
+    return _stacked_target(placed, legacy)
+
+  return relayout.map_stacked(one, target)
+
+
+def _model_shardings(stacked: Any, fmt: stages.StageFormat) -> Any:
+  """The shardings of a stacked tree's layers as one layer's (the stack dims dropped)."""
+
+  def layer(t):
+    spec = tuple(t.sharding.spec) + (None,) * (len(t.shape) - len(t.sharding.spec))
+    return jax.sharding.NamedSharding(t.sharding.mesh, jax.sharding.PartitionSpec(*spec[3:]))
+
+  out = {k: jax.tree.map(lambda t: t.sharding, v) for k, v in stacked.items()
+         if k != stages.STAGES}
+  index = fmt.layer_index()
+  layers = {}
+  for p, tree in stacked[stages.STAGES].items():
+    if tree:
+      one = stages.map_dicts(layer, tree)
+      for i in index[int(p)].reshape(-1):
+        layers[int(i)] = one
+  if layers:
+    out[relayout.LAYERS] = dict(sorted(layers.items()))
+  return out
+
+
+def _from_legacy(read: Any, legacy: stages.StageFormat, fmt: stages.StageFormat, target: Any
+                 ) -> Any:
+  """A tree read as `_legacy_targets` -> `target`'s layout."""
+
+  def one(saved, want):
+    shardings = jax.tree.map(lambda t: t.sharding, want)
+    return jax.jit(lambda t: stages.stack(stages.unstack(t, legacy), fmt),
+                   out_shardings=shardings)(saved)
+
+  return relayout.map_pair(one, read, target)

@@ -116,7 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       except ValueError as e:  # orbax's tree mismatch: say which setting made it
         raise ValueError(_optimizer_change(workdir, config, ckpt.step_dir(latest)) or str(e)
                          ) from e
-      data.train.restore(data_state)
+      note = data.train.restore(data_state)
+      if note and is_main:
+        print(f"esjax: note: {note}", file=sys.stderr, flush=True)
       health = ckpt.health(latest)
       tqdm.tqdm.write(f"resumed from {ckpt.step_dir(latest)}" + (
           f" (loss {health['loss']:.4g}, gradient norm {health['grad_norm']:.3g}, largest "

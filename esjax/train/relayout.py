@@ -1,0 +1,197 @@
+"""The train state's stacked layers <-> one array per layer, on the devices that hold them.
+
+A checkpoint stores the model's logical tree (`layers.{i}`, any layout can read it), while the
+train state stacks the layers by pipeline stage (`esjax.parallel.stages`): leaf [pp, v, R, ...]
+split over the mesh. Converting with `stages.unstack` under jit would gather every layer onto
+every stage; here each conversion stays on the devices that hold the data:
+
+- `split`: layer (s, r, j) of a stacked leaf becomes an array on the sub-mesh of the devices
+  that hold it (the mesh with the axes that split dims 0-2 fixed at its block), sharded over
+  the rest like the stacked leaf's trailing dims; each device slices its own shard.
+- `layer_targets`: the abstract per-layer arrays a stacked target needs, with the same
+  sub-mesh shardings, so orbax reads into each device exactly the pieces it will hold.
+- `join`: those arrays -> the stacked target; each device stacks its own pieces.
+
+No data crosses devices or hosts either way. Trees are walked wherever a dict holds the
+`stages` key, so an optimizer state's moments convert with the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from esjax.parallel import stages
+
+LAYERS = "layers"
+
+
+def _entries(spec: P, ndim: int) -> list[tuple[str, ...]]:
+  out = []
+  for e in tuple(spec) + (None,) * (ndim - len(spec)):
+    out.append(() if e is None else (e,) if isinstance(e, str) else tuple(e))
+  return out
+
+
+def layer_sharding(sharding: NamedSharding, shape: tuple[int, ...], pos: tuple[int, ...]
+                   ) -> NamedSharding:
+  """Where stacked position `pos` (dims 0-2) of an array of `shape` placed by `sharding`
+  lives: the sub-mesh whose coordinates on the axes splitting dims 0-2 select `pos`'s block,
+  split over the trailing dims as the stacked array is."""
+  if not isinstance(sharding, NamedSharding):  # e.g. a state built on one device
+    if not sharding.is_fully_replicated:
+      raise ValueError(f"cannot place the layers of an array sharded by {sharding}: expected a "
+                       "NamedSharding or a replicated array")
+    devices = np.asarray(sorted(sharding.device_set, key=lambda d: d.id))
+    return NamedSharding(Mesh(devices, ("replica",)), P())
+  mesh, entries = sharding.mesh, _entries(sharding.spec, len(shape))
+  fixed: dict[str, int] = {}
+  for dim in range(len(pos)):
+    axes = entries[dim]
+    block = pos[dim] // (shape[dim] // math.prod(mesh.shape[a] for a in axes))
+    for a in reversed(axes):  # the first axis is the major one
+      fixed[a], block = block % mesh.shape[a], block // mesh.shape[a]
+  names = tuple(a for a in mesh.axis_names if a not in fixed)
+  devices = mesh.devices[tuple(fixed.get(a, slice(None)) for a in mesh.axis_names)]
+  types = tuple(t for a, t in zip(mesh.axis_names, mesh.axis_types) if a not in fixed)
+  sub = Mesh(np.asarray(devices).reshape([mesh.shape[a] for a in names]), names,
+             axis_types=types)
+  return NamedSharding(sub, P(*(e or None for e in entries[len(pos):])))
+
+
+def _start(index: tuple[slice, ...], dim: int) -> int:
+  return index[dim].start or 0
+
+
+def _split_leaf(x: jax.Array) -> list[jax.Array]:
+  """Stacked leaf -> each layer's array on the devices that hold it, in (s, r, j) order."""
+  shards = {s.device: s for s in x.addressable_shards}
+  out = []
+  for pos in np.ndindex(x.shape[:3]):
+    sharding = layer_sharding(x.sharding, x.shape, pos)
+    pieces = []
+    for device in sharding.addressable_devices:
+      shard = shards[device]
+      local = tuple(p - _start(shard.index, d) for d, p in enumerate(pos))
+      pieces.append(shard.data[local])
+    out.append(jax.make_array_from_single_device_arrays(x.shape[3:], sharding, pieces))
+  return out
+
+
+def _join_leaf(target: jax.ShapeDtypeStruct, layers: dict[tuple[int, ...], jax.Array]
+               ) -> jax.Array:
+  """{(s, r, j): layer array placed by `layer_sharding`} -> the stacked array `target`."""
+  pieces = {pos: {s.device: s.data for s in a.addressable_shards} for pos, a in layers.items()}
+  arrays = []
+  for device, index in target.sharding.addressable_devices_indices_map(target.shape).items():
+    block = [range(*index[d].indices(target.shape[d])) for d in range(3)]
+    mine = [pieces[(s, r, j)][device] for s in block[0] for r in block[1] for j in block[2]]
+    local = jnp.stack(mine).reshape(tuple(map(len, block)) + mine[0].shape)
+    arrays.append(local)
+  out = jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays)
+  for a in layers.values():
+    a.delete()
+  return out
+
+
+def map_stacked(fn: Callable[[dict[str, Any]], Any], tree: Any) -> Any:
+  """`tree` with every dict that holds the `stages` key replaced by `fn(dict)` (the
+  parameters, and the optimizer moments shaped like them)."""
+  if isinstance(tree, dict):
+    if stages.STAGES in tree:
+      return fn(tree)
+    return {k: map_stacked(fn, v) for k, v in tree.items()}
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple (optax states)
+    return type(tree)(*(map_stacked(fn, v) for v in tree))
+  if isinstance(tree, (tuple, list)):
+    return type(tree)(map_stacked(fn, v) for v in tree)
+  return tree
+
+
+def _per_layer(stacked: dict[str, Any], fmt: stages.StageFormat, leaf_fn) -> dict[str, Any]:
+  """A stacked dict -> {..., "layers": {"i": block tree}}, each stacked leaf through
+  `leaf_fn` (-> a list of values, one per layer in (s, r, j) order)."""
+  out = {k: v for k, v in stacked.items() if k != stages.STAGES}
+  layers: dict[int, Any] = {}
+  for p, tree in stacked[stages.STAGES].items():
+    if not tree:
+      continue
+    split = stages.map_dicts(leaf_fn, tree)
+    for n, (s, r, j) in enumerate(np.ndindex(fmt.pp, fmt.virtual, fmt.repeats)):
+      layers[fmt.layer(s, r, j, int(p))] = stages.map_dicts(lambda x, n=n: x[n], split)
+  if layers:
+    out[LAYERS] = {str(i): layers[i] for i in sorted(layers)}
+  return out
+
+
+def split(tree: Any, fmt: stages.StageFormat) -> Any:
+  """The state's stacked dicts -> per-layer dicts of arrays on the devices that hold them."""
+  return map_stacked(lambda d: _per_layer(d, fmt, _split_leaf), tree)
+
+
+def layer_targets(target: Any, fmt: stages.StageFormat) -> Any:
+  """Abstract per-layer arrays (with their shardings) from which `join` builds `target` (the
+  abstract stacked state)."""
+
+  def leaf(t):
+    return [jax.ShapeDtypeStruct(t.shape[3:], t.dtype,
+                                 sharding=layer_sharding(t.sharding, t.shape, pos))
+            for pos in np.ndindex(t.shape[:3])]
+
+  return map_stacked(lambda d: _per_layer(d, fmt, leaf), target)
+
+
+def join(per_layer: Any, target: Any, fmt: stages.StageFormat) -> Any:
+  """Per-layer arrays read into `layer_targets(target, fmt)` -> the stacked state `target`.
+  Each per-layer array is deleted once stacked, so the devices hold the state plus one
+  stacked leaf, not two states."""
+
+  def one(layers_dict, stacked):
+    out = {k: layers_dict[k] for k in stacked if k != stages.STAGES}
+    slots = {}
+    for p, tree in stacked[stages.STAGES].items():
+      if not tree:
+        slots[p] = {}
+        continue
+      index = fmt.layer_index()[int(p)]
+
+      def leaf(t, *path, p=p, index=index):
+        return _join_leaf(t, {pos: _get(layers_dict[LAYERS][str(int(index[pos]))], path)
+                              for pos in np.ndindex(t.shape[:3])})
+
+      slots[p] = _map_with_path(leaf, tree)
+    out[stages.STAGES] = slots
+    return out
+
+  return map_pair(one, per_layer, target)
+
+
+def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _map_with_path(fn, tree: Any, path: tuple[str, ...] = ()) -> Any:
+  if isinstance(tree, dict):
+    return {k: _map_with_path(fn, v, path + (k,)) for k, v in tree.items()}
+  return fn(tree, *path)
+
+
+def map_pair(fn, a: Any, target: Any) -> Any:
+  """`fn(a_dict, target_dict)` at every dict of `target` that holds `stages`; elsewhere
+  `a`'s value, in `target`'s structure."""
+  if isinstance(target, dict):
+    if stages.STAGES in target:
+      return fn(a, target)
+    return {k: map_pair(fn, a[k], v) for k, v in target.items()}
+  if isinstance(target, tuple) and hasattr(target, "_fields"):
+    return type(target)(*(map_pair(fn, x, t) for x, t in zip(a, target)))
+  if isinstance(target, (tuple, list)):
+    return type(target)(map_pair(fn, x, t) for x, t in zip(a, target))
+  return a
