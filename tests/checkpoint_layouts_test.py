@@ -1,5 +1,5 @@
 """Checkpoints outlive their layout: a run resumed under another parallel layout (pp,
-virtual stages, tp, ep, dp, number of devices, ZeRO-1, fsdp) continues exactly, optimizer
+virtual stages, tp, ep, cp, dp, number of devices, ZeRO-1, fsdp) continues exactly, optimizer
 state and data position included, as an uninterrupted run; and a checkpoint written before
 the per-layer format (tests/fixtures/legacy_checkpoint, made with commit 697efe8) resumes."""
 
@@ -45,6 +45,7 @@ CHAIN = [
     dict(pp=1),
     dict(pp=2, virtual_stages=2, schedule="interleaved"),
     dict(tp=2, ep=4, etp=1, dp=2),
+    dict(cp=2, dp=4),
     dict(dp=8),
     dict(dp=4),  # 4 of the 8 devices
     dict(dp=8, distributed_optimizer=True),  # ZeRO-1

@@ -7,7 +7,7 @@ Each checkpoint is a Composite of these items:
   `buffers`       the model's buffers (DeepSeek-V3's expert biases), per layer too,
   `data`          the data iterator's position (JSON),
   `model_config`  the `ModelConfig` as JSON, so a checkpoint says what it holds,
-  `layout`        the format (JSON) and, for the record, the layout that wrote it,
+  `layout`        the format (JSON) and how the writing run stacked its layers,
   `health`        the saved step's loss, gradient norm and largest |parameter| (JSON; a
                   resume near a collapse says so, `esjax.train.guard.resume_warning`).
 
@@ -16,8 +16,14 @@ converts on the devices that hold them, both ways, so saving gathers nothing (ea
 writes its own shards) and a restore reads straight into the run's shardings (each device
 reads its own shard). A run therefore resumes, optimizer and data position included, under
 any other pp, virtual_stages, tp, ep, cp, dp, fsdp or ZeRO-1 setting, on any number of
-devices and processes. Checkpoints written before this format (item `stage_format`, layers
-stacked for the pp of the run that wrote them) are converted on read, with a one-line note.
+devices and processes. One exception to the per-layer tree: orbax writes only arrays that
+span processes, so a multi-process run whose layers each lie on one process (a pipeline
+stage per host) writes the stacked tree (`layout.format` "stacked", with its stacking). A
+stacked checkpoint restores straight into a run stacked the same way (tp, dp, fsdp, ZeRO-1
+and device-count changes); into another pp or virtual_stages it is converted on read, each
+device reading the whole stack of its shard of every layer (the memory of pp times its
+share of the layers, while converting). Checkpoints written before the `layout` item (item
+`stage_format`) are stacked checkpoints too, converted with a one-line note.
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed at any moment leaves either a whole checkpoint or one that is never listed (leftover
 temporary directories are removed the next time the manager opens). The last `keep` are kept.
@@ -53,6 +59,7 @@ from esjax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "layers"  # the `layout` item's format: the model's own tree, one array per layer
+STACKED = "stacked"  # or the train state's stacked tree (`layout.stacking` says how)
 
 
 class Checkpointer:
@@ -154,13 +161,18 @@ class Checkpointer:
     self.wait()
     self._check_space(step, sum(x.nbytes for x in jax.tree.leaves(
         (state.params, state.opt_state, state.buffers))))
-    items = dict(params=ocp.args.StandardSave(relayout.split(state.params, fmt)),
-                 opt_state=ocp.args.StandardSave(relayout.split(state.opt_state, fmt)),
+    # orbax cannot write an array held by one process of many: where a layer lies within one
+    # process (a stage per host), the stacked tree is written instead (restored the same).
+    stacked = relayout.has_process_local_layers(state.params, fmt)
+    put = (lambda t: t) if stacked else (lambda t: relayout.split(t, fmt))  # noqa: E731
+    record = {"format": STACKED if stacked else FORMAT, "stacking": fmt.to_dict()}
+    items = dict(params=ocp.args.StandardSave(put(state.params)),
+                 opt_state=ocp.args.StandardSave(put(state.opt_state)),
                  data=ocp.args.JsonSave(data_state),
                  model_config=ocp.args.JsonSave(model_cfg.to_dict()),
-                 layout=ocp.args.JsonSave(_layout_record(fmt)))
+                 layout=ocp.args.JsonSave(record))
     if jax.tree.leaves(state.buffers):
-      items["buffers"] = ocp.args.StandardSave(relayout.split(state.buffers, fmt))
+      items["buffers"] = ocp.args.StandardSave(put(state.buffers))
     if health:
       items["health"] = ocp.args.JsonSave(health)
     return self._write(step, items)
@@ -182,18 +194,23 @@ class Checkpointer:
       raise self._save_failed(e) from e
     return step
 
-  def legacy_format(self, step: int) -> stages.StageFormat | None:
-    """How a checkpoint of the earlier format stacks its layers; None for this format."""
-    if not os.path.isdir(os.path.join(self.step_dir(step), "stage_format")):
-      return None
-    out = self._mngr.restore(step, args=ocp.args.Composite(stage_format=ocp.args.JsonRestore()))
-    return stages.StageFormat(**dict(out.stage_format))
+  def stacking(self, step: int) -> tuple[stages.StageFormat | None, bool]:
+    """(how `step` stacks its layers, None for one array per layer; whether it is of the
+    earlier format, which had no `layout` item)."""
+    if os.path.isdir(os.path.join(self.step_dir(step), "stage_format")):
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          stage_format=ocp.args.JsonRestore()))
+      return stages.StageFormat(**dict(out.stage_format)), True
+    out = self._mngr.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))
+    if out.layout.get("format") == STACKED:
+      return stages.StageFormat(**dict(out.layout["stacking"])), False
+    return None, False
 
   def restore(self, step: int, target: TrainState, fmt: stages.StageFormat
               ) -> tuple[TrainState, dict[str, Any]]:
     """The train state at `step` laid out like `target` (abstract, with shardings, its layers
     stacked as `fmt` says), and the data position saved with it."""
-    legacy = self.legacy_format(step)
+    legacy, earlier = self.stacking(step)
     parts = dict(params=target.params, opt_state=target.opt_state)
     if jax.tree.leaves(target.buffers):
       parts["buffers"] = target.buffers
@@ -212,7 +229,7 @@ class Checkpointer:
     if legacy is None:
       got = {k: relayout.join(out[k], v, fmt) for k, v in parts.items()}
     else:
-      if jax.process_index() == 0:
+      if earlier and jax.process_index() == 0:
         print(f"esjax: note: {self.step_dir(step)} has the earlier checkpoint format (layers "
               f"stacked for pp={legacy.pp}, virtual_stages={legacy.virtual}); converting it "
               "on read", file=sys.stderr, flush=True)
@@ -384,7 +401,7 @@ def _read_model_tree(ckpt: Checkpointer, step: int, item: str, shapes: Any, shar
   """Item `item` of `step` as the model's own tree (`shapes`) placed by `shardings`."""
   target = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
                         shapes, shardings)
-  legacy = ckpt.legacy_format(step)
+  legacy, _ = ckpt.stacking(step)
   if legacy is None:
     return _int_layers(ckpt.restore_item(step, item, _str_layers(target)))
   stacked = ckpt.restore_item(step, item, _stacked_target(target, legacy))
@@ -407,10 +424,6 @@ def _int_layers(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
   layers = {int(i): v for i, v in tree[relayout.LAYERS].items()}
   return {**tree, relayout.LAYERS: dict(sorted(layers.items()))}
-
-
-def _layout_record(fmt: stages.StageFormat) -> dict[str, Any]:
-  return {"format": FORMAT, "written_with": fmt.to_dict()}
 
 
 def _stacked_target(model_target: Any, fmt: stages.StageFormat) -> Any:
@@ -439,6 +452,9 @@ def _stacked_target(model_target: Any, fmt: stages.StageFormat) -> Any:
 def _legacy_targets(target: Any, legacy: stages.StageFormat, fmt: stages.StageFormat) -> Any:
   """What to read a checkpoint of the earlier format (layers stacked as `legacy`) into, for
   a state stacked as `fmt` (`target`)."""
+
+  if legacy == fmt:  # stacked as this run stacks them: read straight into its shardings
+    return target
 
   def one(d):
     model = jax.eval_shape(lambda t: stages.unstack(t, fmt), d)
@@ -473,6 +489,8 @@ def _model_shardings(stacked: Any, fmt: stages.StageFormat) -> Any:
 def _from_legacy(read: Any, legacy: stages.StageFormat, fmt: stages.StageFormat, target: Any
                  ) -> Any:
   """A tree read as `_legacy_targets` -> `target`'s layout."""
+  if legacy == fmt:
+    return read
 
   def one(saved, want):
     shardings = jax.tree.map(lambda t: t.sharding, want)

@@ -79,7 +79,8 @@ def _split_leaf(x: jax.Array) -> list[jax.Array]:
       shard = shards[device]
       local = tuple(p - _start(shard.index, d) for d, p in enumerate(pos))
       pieces.append(shard.data[local])
-    out.append(jax.make_array_from_single_device_arrays(x.shape[3:], sharding, pieces))
+    out.append(jax.make_array_from_single_device_arrays(x.shape[3:], sharding, pieces,
+                                                        dtype=x.dtype))
   return out
 
 
@@ -93,7 +94,8 @@ def _join_leaf(target: jax.ShapeDtypeStruct, layers: dict[tuple[int, ...], jax.A
     mine = [pieces[(s, r, j)][device] for s in block[0] for r in block[1] for j in block[2]]
     local = jnp.stack(mine).reshape(tuple(map(len, block)) + mine[0].shape)
     arrays.append(local)
-  out = jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays)
+  out = jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays,
+                                                 dtype=target.dtype)
   for a in layers.values():
     a.delete()
   return out
@@ -127,6 +129,26 @@ def _per_layer(stacked: dict[str, Any], fmt: stages.StageFormat, leaf_fn) -> dic
   if layers:
     out[LAYERS] = {str(i): layers[i] for i in sorted(layers)}
   return out
+
+
+def has_process_local_layers(tree: Any, fmt: stages.StageFormat) -> bool:
+  """Whether, in a run of several processes, some layer of `tree` lies on the devices of one
+  process only (each pipeline stage on its own host, say; the same answer on every
+  process): orbax writes only arrays that span processes, so such a tree is saved stacked."""
+  if jax.process_count() == 1:
+    return False
+  found = []
+
+  def visit(d):
+    for tree_ in d[stages.STAGES].values():
+      for x in jax.tree.leaves(tree_):
+        found.extend(len({d.process_index for d in
+                          layer_sharding(x.sharding, x.shape, pos).device_set}) == 1
+                     for pos in np.ndindex(x.shape[:3]))
+    return d
+
+  map_stacked(visit, tree)
+  return any(found)
 
 
 def split(tree: Any, fmt: stages.StageFormat) -> Any:
