@@ -12,18 +12,17 @@ Each checkpoint is a Composite of these items:
                   resume near a collapse says so, `esjax.train.guard.resume_warning`).
 
 Layout-free. The train state stacks the layers by pipeline stage; `esjax.train.relayout`
-converts on the devices that hold them, both ways, so saving gathers nothing (each process
-writes its own shards) and a restore reads straight into the run's shardings (each device
-reads its own shard). A run therefore resumes, optimizer and data position included, under
-any other pp, virtual_stages, tp, ep, cp, dp, fsdp or ZeRO-1 setting, on any number of
-devices and processes. One exception to the per-layer tree: orbax writes only arrays that
-span processes, so a multi-process run whose layers each lie on one process (a pipeline
-stage per host) writes the stacked tree (`layout.format` "stacked", with its stacking). A
-stacked checkpoint restores straight into a run stacked the same way (tp, dp, fsdp, ZeRO-1
-and device-count changes); into another pp or virtual_stages it is converted on read, each
-device reading the whole stack of its shard of every layer (the memory of pp times its
-share of the layers, while converting). Checkpoints written before the `layout` item (item
-`stage_format`) are stacked checkpoints too, converted with a one-line note.
+splits them into per-layer arrays on the devices that hold them, so saving gathers nothing
+(each process writes its own shards), and `esjax.train.shard_reader` reads a checkpoint into
+any other layout, each device reading its own shard of each layer. A run therefore resumes,
+optimizer and data position included, under any other pp, virtual_stages, tp, ep, cp, dp,
+fsdp or ZeRO-1 setting, on any number of devices and processes. One exception to the
+per-layer tree: orbax writes only arrays that span processes, so a multi-process run whose
+layers each lie on one process (a pipeline stage per host) writes the stacked tree
+(`layout.format` "stacked", with its stacking), which orbax restores straight into a run
+stacked the same way and `shard_reader` into any other. Checkpoints written before the
+`layout` item (item `stage_format`) are stacked ones, converted with a one-line note.
+
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed at any moment leaves either a whole checkpoint or one that is never listed (leftover
 temporary directories are removed the next time the manager opens). The last `keep` are kept.
@@ -54,7 +53,7 @@ from jax.experimental import multihost_utils
 from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.parallel import stages
-from esjax.train import integrity, relayout, state as state_lib
+from esjax.train import integrity, relayout, shard_reader, state as state_lib
 from esjax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -209,31 +208,29 @@ class Checkpointer:
   def restore(self, step: int, target: TrainState, fmt: stages.StageFormat
               ) -> tuple[TrainState, dict[str, Any]]:
     """The train state at `step` laid out like `target` (abstract, with shardings, its layers
-    stacked as `fmt` says), and the data position saved with it."""
-    legacy, earlier = self.stacking(step)
+    stacked as `fmt` says), and the data position saved with it. A checkpoint stacked as
+    `fmt` is read by orbax straight into the shardings; any other, one array per layer or
+    stacked otherwise, by `shard_reader`: each device reads its own shard of each layer."""
+    saved, earlier = self.stacking(step)
     parts = dict(params=target.params, opt_state=target.opt_state)
     if jax.tree.leaves(target.buffers):
       parts["buffers"] = target.buffers
-    if legacy is None:
-      reads = {k: relayout.layer_targets(v, fmt) for k, v in parts.items()}
-    else:
-      reads = {k: _legacy_targets(v, legacy, fmt) for k, v in parts.items()}
-    items = {k: ocp.args.StandardRestore(v) for k, v in reads.items()}
-    items["data"] = ocp.args.JsonRestore()
+    direct = saved == fmt
+    items = {k: ocp.args.StandardRestore(v) for k, v in parts.items()} if direct else {}
+    if earlier and not direct and jax.process_index() == 0:
+      print(f"esjax: note: {self.step_dir(step)} has the earlier checkpoint format (layers "
+            f"stacked for pp={saved.pp}, virtual_stages={saved.virtual}); converting it on "
+            "read", file=sys.stderr, flush=True)
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+      out = self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore(),
+                                                              **items))
+      got = ({k: out[k] for k in parts} if direct else
+             {k: shard_reader.read(os.path.join(self.step_dir(step), k), saved, v, fmt)
+              for k, v in parts.items()})
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
       raise ValueError(f"checkpoint {self.step_dir(step)} could not be read "
                        f"({type(e).__name__}: {first})") from e
-    if legacy is None:
-      got = {k: relayout.join(out[k], v, fmt) for k, v in parts.items()}
-    else:
-      if earlier and jax.process_index() == 0:
-        print(f"esjax: note: {self.step_dir(step)} has the earlier checkpoint format (layers "
-              f"stacked for pp={legacy.pp}, virtual_stages={legacy.virtual}); converting it "
-              "on read", file=sys.stderr, flush=True)
-      got = {k: _from_legacy(out[k], legacy, fmt, v) for k, v in parts.items()}
     state = TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=got["params"],
                        opt_state=got["opt_state"], buffers=got.get("buffers", target.buffers))
     if target.step.sharding is not None:
@@ -401,11 +398,10 @@ def _read_model_tree(ckpt: Checkpointer, step: int, item: str, shapes: Any, shar
   """Item `item` of `step` as the model's own tree (`shapes`) placed by `shardings`."""
   target = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
                         shapes, shardings)
-  legacy, _ = ckpt.stacking(step)
-  if legacy is None:
+  saved, _ = ckpt.stacking(step)
+  if saved is None:
     return _int_layers(ckpt.restore_item(step, item, _str_layers(target)))
-  stacked = ckpt.restore_item(step, item, _stacked_target(target, legacy))
-  return jax.jit(lambda p: stages.unstack(p, legacy), out_shardings=shardings)(stacked)
+  return shard_reader.read(os.path.join(ckpt.step_dir(step), item), saved, target)
 
 
 def _model_shapes(model_cfg: ModelConfig) -> Any:
@@ -424,77 +420,3 @@ def _int_layers(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
   layers = {int(i): v for i, v in tree[relayout.LAYERS].items()}
   return {**tree, relayout.LAYERS: dict(sorted(layers.items()))}
-
-
-def _stacked_target(model_target: Any, fmt: stages.StageFormat) -> Any:
-  """Abstract layers stacked as `fmt` (the earlier format), read from a model-tree target:
-  each stack placed like its first layer, unsplit over the stack dimensions."""
-  shapes = jax.eval_shape(lambda p: stages.stack(p, fmt), model_target)
-
-  def stacked(t):
-    sh = t.sharding
-    if isinstance(sh, jax.sharding.NamedSharding):
-      sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(None, None, None,
-                                                                           *sh.spec))
-    return sh
-
-  index = fmt.layer_index()
-  layers = model_target.get(relayout.LAYERS, {})
-  sh = {k: jax.tree.map(lambda t: t.sharding, v) for k, v in model_target.items()
-        if k != relayout.LAYERS}
-  sh[stages.STAGES] = {p: (jax.tree.map(stacked, layers[int(index[p, 0, 0, 0])])
-                           if int(index[p, 0, 0, 0]) in layers else {})
-                       for p in range(fmt.period)}
-  return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d),
-                      shapes, sh)
-
-
-def _legacy_targets(target: Any, legacy: stages.StageFormat, fmt: stages.StageFormat) -> Any:
-  """What to read a checkpoint of the earlier format (layers stacked as `legacy`) into, for
-  a state stacked as `fmt` (`target`)."""
-
-  if legacy == fmt:  # stacked as this run stacks them: read straight into its shardings
-    return target
-
-  def one(d):
-    model = jax.eval_shape(lambda t: stages.unstack(t, fmt), d)
-    placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          model, _model_shardings(d, fmt))
-    return _stacked_target(placed, legacy)
-
-  return relayout.map_stacked(one, target)
-
-
-def _model_shardings(stacked: Any, fmt: stages.StageFormat) -> Any:
-  """The shardings of a stacked tree's layers as one layer's (the stack dims dropped)."""
-
-  def layer(t):
-    spec = tuple(t.sharding.spec) + (None,) * (len(t.shape) - len(t.sharding.spec))
-    return jax.sharding.NamedSharding(t.sharding.mesh, jax.sharding.PartitionSpec(*spec[3:]))
-
-  out = {k: jax.tree.map(lambda t: t.sharding, v) for k, v in stacked.items()
-         if k != stages.STAGES}
-  index = fmt.layer_index()
-  layers = {}
-  for p, tree in stacked[stages.STAGES].items():
-    if tree:
-      one = stages.map_dicts(layer, tree)
-      for i in index[int(p)].reshape(-1):
-        layers[int(i)] = one
-  if layers:
-    out[relayout.LAYERS] = dict(sorted(layers.items()))
-  return out
-
-
-def _from_legacy(read: Any, legacy: stages.StageFormat, fmt: stages.StageFormat, target: Any
-                 ) -> Any:
-  """A tree read as `_legacy_targets` -> `target`'s layout."""
-  if legacy == fmt:
-    return read
-
-  def one(saved, want):
-    shardings = jax.tree.map(lambda t: t.sharding, want)
-    return jax.jit(lambda t: stages.stack(stages.unstack(t, legacy), fmt),
-                   out_shardings=shardings)(saved)
-
-  return relayout.map_pair(one, read, target)

@@ -1,19 +1,14 @@
-"""The train state's stacked layers <-> one array per layer, on the devices that hold them.
+"""The train state's stacked layers -> one array per layer, on the devices that hold them.
 
 A checkpoint stores the model's logical tree (`layers.{i}`, any layout can read it), while the
 train state stacks the layers by pipeline stage (`esjax.parallel.stages`): leaf [pp, v, R, ...]
 split over the mesh. Converting with `stages.unstack` under jit would gather every layer onto
-every stage; here each conversion stays on the devices that hold the data:
-
-- `split`: layer (s, r, j) of a stacked leaf becomes an array on the sub-mesh of the devices
-  that hold it (the mesh with the axes that split dims 0-2 fixed at its block), sharded over
-  the rest like the stacked leaf's trailing dims; each device slices its own shard.
-- `layer_targets`: the abstract per-layer arrays a stacked target needs, with the same
-  sub-mesh shardings, so orbax reads into each device exactly the pieces it will hold.
-- `join`: those arrays -> the stacked target; each device stacks its own pieces.
-
-No data crosses devices or hosts either way. Trees are walked wherever a dict holds the
-`stages` key, so an optimizer state's moments convert with the parameters.
+every stage; `split` stays on the devices that hold the data: layer (s, r, j) of a stacked
+leaf becomes an array on the sub-mesh of the devices that hold it (the mesh with the axes
+that split dims 0-2 fixed at its block), sharded over the rest like the stacked leaf's
+trailing dims; each device slices its own shard, and no data crosses devices or hosts.
+Trees are walked wherever a dict holds the `stages` key, so an optimizer state's moments
+convert with the parameters. Reading back into any layout: `esjax.train.shard_reader`.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import math
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -84,23 +78,6 @@ def _split_leaf(x: jax.Array) -> list[jax.Array]:
   return out
 
 
-def _join_leaf(target: jax.ShapeDtypeStruct, layers: dict[tuple[int, ...], jax.Array]
-               ) -> jax.Array:
-  """{(s, r, j): layer array placed by `layer_sharding`} -> the stacked array `target`."""
-  pieces = {pos: {s.device: s.data for s in a.addressable_shards} for pos, a in layers.items()}
-  arrays = []
-  for device, index in target.sharding.addressable_devices_indices_map(target.shape).items():
-    block = [range(*index[d].indices(target.shape[d])) for d in range(3)]
-    mine = [pieces[(s, r, j)][device] for s in block[0] for r in block[1] for j in block[2]]
-    local = jnp.stack(mine).reshape(tuple(map(len, block)) + mine[0].shape)
-    arrays.append(local)
-  out = jax.make_array_from_single_device_arrays(target.shape, target.sharding, arrays,
-                                                 dtype=target.dtype)
-  for a in layers.values():
-    a.delete()
-  return out
-
-
 def map_stacked(fn: Callable[[dict[str, Any]], Any], tree: Any) -> Any:
   """`tree` with every dict that holds the `stages` key replaced by `fn(dict)` (the
   parameters, and the optimizer moments shaped like them)."""
@@ -154,66 +131,3 @@ def has_process_local_layers(tree: Any, fmt: stages.StageFormat) -> bool:
 def split(tree: Any, fmt: stages.StageFormat) -> Any:
   """The state's stacked dicts -> per-layer dicts of arrays on the devices that hold them."""
   return map_stacked(lambda d: _per_layer(d, fmt, _split_leaf), tree)
-
-
-def layer_targets(target: Any, fmt: stages.StageFormat) -> Any:
-  """Abstract per-layer arrays (with their shardings) from which `join` builds `target` (the
-  abstract stacked state)."""
-
-  def leaf(t):
-    return [jax.ShapeDtypeStruct(t.shape[3:], t.dtype,
-                                 sharding=layer_sharding(t.sharding, t.shape, pos))
-            for pos in np.ndindex(t.shape[:3])]
-
-  return map_stacked(lambda d: _per_layer(d, fmt, leaf), target)
-
-
-def join(per_layer: Any, target: Any, fmt: stages.StageFormat) -> Any:
-  """Per-layer arrays read into `layer_targets(target, fmt)` -> the stacked state `target`.
-  Each per-layer array is deleted once stacked, so the devices hold the state plus one
-  stacked leaf, not two states."""
-
-  def one(layers_dict, stacked):
-    out = {k: layers_dict[k] for k in stacked if k != stages.STAGES}
-    slots = {}
-    for p, tree in stacked[stages.STAGES].items():
-      if not tree:
-        slots[p] = {}
-        continue
-      index = fmt.layer_index()[int(p)]
-
-      def leaf(t, *path, p=p, index=index):
-        return _join_leaf(t, {pos: _get(layers_dict[LAYERS][str(int(index[pos]))], path)
-                              for pos in np.ndindex(t.shape[:3])})
-
-      slots[p] = _map_with_path(leaf, tree)
-    out[stages.STAGES] = slots
-    return out
-
-  return map_pair(one, per_layer, target)
-
-
-def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _map_with_path(fn, tree: Any, path: tuple[str, ...] = ()) -> Any:
-  if isinstance(tree, dict):
-    return {k: _map_with_path(fn, v, path + (k,)) for k, v in tree.items()}
-  return fn(tree, *path)
-
-
-def map_pair(fn, a: Any, target: Any) -> Any:
-  """`fn(a_dict, target_dict)` at every dict of `target` that holds `stages`; elsewhere
-  `a`'s value, in `target`'s structure."""
-  if isinstance(target, dict):
-    if stages.STAGES in target:
-      return fn(a, target)
-    return {k: map_pair(fn, a[k], v) for k, v in target.items()}
-  if isinstance(target, tuple) and hasattr(target, "_fields"):
-    return type(target)(*(map_pair(fn, x, t) for x, t in zip(a, target)))
-  if isinstance(target, (tuple, list)):
-    return type(target)(map_pair(fn, x, t) for x, t in zip(a, target))
-  return a

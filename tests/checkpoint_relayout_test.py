@@ -1,13 +1,15 @@
-"""esjax.train.relayout: stacked layers <-> one array per layer, without moving data, checked
-against numpy slicing of the same values, on 8 fake devices."""
+"""esjax.train.relayout (stacked layers -> one array per layer, without moving data) and
+esjax.train.shard_reader (a saved item -> any layout), checked against numpy slicing and
+stacking of the same values, on 8 fake devices."""
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from esjax.parallel import stages
-from esjax.train import relayout
+from esjax.train import relayout, shard_reader
 
 L, D, F = 8, 4, 6
 
@@ -68,22 +70,29 @@ def test_split_gives_each_layer_on_the_devices_that_hold_it(axes, fmt, specs):
   np.testing.assert_array_equal(np.asarray(out["embed"]), tree["embed"])
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-layer", "stacked"])
 @pytest.mark.parametrize("src,dst", [(0, 1), (1, 2), (2, 3), (3, 0)])
-def test_join_reads_layers_into_another_layout(src, dst):
-  """Layers split from layout `src` and read into layout `dst`'s per-layer targets (as a
-  restore does) join into `dst`'s stacked state: the numpy stack of the same values."""
+def test_a_saved_item_reads_into_another_layout(tmp_path, src, dst, stacked):
+  """Layout `src`'s tree saved by orbax (one array per layer from `split`, or stacked as
+  `src` stacks it) and read by `shard_reader` into layout `dst`: the numpy stack of the same
+  values for `dst`, on `dst`'s shardings; and into the model's own tree."""
   tree = model_tree(1)
   a_axes, a_fmt, a_specs = CASES[src]
   b_axes, b_fmt, b_specs = CASES[dst]
-  per_layer = relayout.split(placed(stages.stack(tree, a_fmt), mesh(**a_axes), a_specs), a_fmt)
+  state = placed(stages.stack(tree, a_fmt), mesh(**a_axes), a_specs)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "item", state if stacked else relayout.split(state, a_fmt))
   want = stages.stack(tree, b_fmt)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         placed(want, mesh(**b_axes), b_specs))
-  reads = relayout.layer_targets(target, b_fmt)
-  moved = jax.tree.map(lambda x, t: jax.device_put(np.asarray(x), t.sharding), per_layer, reads)
-  got = relayout.join(moved, target, b_fmt)
+  saved = a_fmt if stacked else None
+  got = shard_reader.read(str(tmp_path / "item"), saved, target, b_fmt)
   jax.tree.map(lambda g, w, t: (np.testing.assert_array_equal(np.asarray(g), w),
                                 assert_sharding(g, t)), got, want, target)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  model = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)
+  got = shard_reader.read(str(tmp_path / "item"), saved, model)
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), w), got, tree)
 
 
 def assert_sharding(got, target):
