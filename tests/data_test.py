@@ -215,6 +215,33 @@ def test_a_changed_batch_size_continues_the_stream_at_the_same_example():
   np.testing.assert_array_equal(third.batch(7)["inputs"], stream[24:26])
 
 
+def test_a_changed_window_length_continues_at_the_same_token_count(tmp_path):
+  """6 batches of 4 windows of 17 tokens (408 tokens) resumed with windows of 33: example
+  408 // 33 = 12 of the 33-token stream; the same corpus at another path is the same data,
+  other text is refused."""
+  text = tmp_path / "a.txt"
+  text.write_text("".join(f"line {i} of the corpus\n" for i in range(3000)))
+  cfg = data_cfg(str(text), max_bytes=0, val_fraction=0.0)
+  short = dataset.build(cfg, seq_len=16, batch_size=4, seed=3, n_eval_batches=0).train
+  for _ in range(6):
+    next(short)
+  moved = tmp_path / "moved" / "b.txt"
+  moved.parent.mkdir()
+  moved.write_text(text.read_text())
+  long = dataset.build(data_cfg(str(moved), max_bytes=0, val_fraction=0.0), seq_len=32,
+                       batch_size=4, seed=3, n_eval_batches=0).train
+  note = long.restore(short.state())
+  assert "window length changed from 17 to 33 tokens" in note and "example 12 instead of 24" in note
+  one = dataset.build(cfg, seq_len=32, batch_size=1, seed=3, n_eval_batches=0).train
+  np.testing.assert_array_equal(next(long)["inputs"],
+                                np.concatenate([one.batch(e)["inputs"] for e in range(12, 16)]))
+  other = tmp_path / "c.txt"
+  other.write_text(text.read_text().replace("corpus", "CORPUS"))
+  with pytest.raises(ValueError, match="fingerprint"):
+    dataset.build(data_cfg(str(other), max_bytes=0, val_fraction=0.0), seq_len=16,
+                  batch_size=4, seed=3, n_eval_batches=0).train.restore(short.state())
+
+
 def _doc(i):
   return f"<doc {i:03d}> " + "lorem ipsum " * (i % 5 + 2)
 

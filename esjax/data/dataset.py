@@ -28,9 +28,11 @@ process can read any rows of any batch, and a run resumed on any number of proce
 exactly the batches of an uninterrupted one. A run resumed with another batch size B'
 continues the same stream where it stopped: its batch i >= k (k the step it resumed at,
 after e examples) is examples e + (i - k)*B' .. + B' - 1, so no example is skipped or seen
-twice; the learning-rate schedule stays in steps. The data is identified by its content (the
-shards' sizes and checksums, the blend, the window length), not its paths, so a corpus moved
-or copied to another cluster resumes too.
+twice; the learning-rate schedule stays in steps. A resume with another window length
+(seq_len) continues at the same number of tokens, e * L / L' examples of the new windows:
+their permutation is another, so within the current epoch some text is seen again and some
+skipped. The data is identified by its content (the shards' sizes and checksums, the
+blend), not its paths, so a corpus moved or copied to another cluster resumes too.
 """
 
 from __future__ import annotations
@@ -247,26 +249,34 @@ class BatchIterator:
             "batch_size": self.batch_size, "fingerprint": self.fingerprint}
 
   def restore(self, state: dict[str, Any]) -> str | None:
-    """Continues from a saved `state()`, at its example even if the batch size changed;
-    refuses one saved for other data, windows or seed. Returns a note for what the caller
-    should know (a changed batch size, a position saved before content fingerprints)."""
+    """Continues from a saved `state()` at its place in the stream, even with another batch
+    size or window length; refuses one saved for other data or seed. Returns a note for what
+    the caller should know (what changed, and what it means for the data)."""
     notes = []
-    earlier = "examples" not in state  # saved before content fingerprints: its digest named
-    if earlier and state["fingerprint"] != self.fingerprint:  # input paths and times
-      if state["fingerprint"].split("-")[-1] != self.fingerprint.split("-")[-1]:
-        state = {**state, "fingerprint": state["fingerprint"] + " (windows x length)"}
-      else:
+    saved_id, _, saved_shape = str(state["fingerprint"]).rpartition("-")
+    my_id, _, my_shape = self.fingerprint.rpartition("-")
+    if "examples" not in state and state["fingerprint"] != self.fingerprint:
+      # Saved before content fingerprints (whose digest named input paths and times).
+      if saved_shape == my_shape:
         notes.append("the data position predates content fingerprints, so only the data's "
-                     f"size was checked ({self.fingerprint.split('-')[-1]} windows x length)")
-        state = {**state, "fingerprint": self.fingerprint}
-    for key in ("seed", "fingerprint"):
-      if state[key] != getattr(self, key):
-        raise ValueError(
-            f"cannot resume the data iterator: checkpoint has {key}={state[key]!r} but this run "
-            f"has {key}={getattr(self, key)!r} (the data, tokenizer, seq_len or seed changed; "
-            "start a new workdir, with checkpoint.init_from to keep the weights)")
+                     f"size was checked ({my_shape} windows x length)")
+        saved_id = my_id
+    if state["seed"] != self.seed or saved_id != my_id:
+      key = "seed" if state["seed"] != self.seed else "fingerprint"
+      raise ValueError(
+          f"cannot resume the data iterator: checkpoint has {key}={state[key]!r} but this run "
+          f"has {key}={getattr(self, key)!r} (the data, tokenizer or seed changed; start a new "
+          "workdir, with checkpoint.init_from to keep the weights)")
     position = int(state["position"])
     examples = int(state.get("examples", position * int(state["batch_size"])))
+    if saved_shape != my_shape:  # another window length: continue at the same token count
+      (_, old_len), (_, new_len) = (map(int, x.split("x")) for x in (saved_shape, my_shape))
+      moved = examples * old_len // new_len
+      notes.append(f"the window length changed from {old_len} to {new_len} tokens: the data "
+                   f"continues at the same number of tokens (example {moved} instead of "
+                   f"{examples}), in a new order within the current epoch, so part of that "
+                   "epoch's text may be seen again and part not at all")
+      examples = moved
     self.position, self.origin = position, (position, examples)
     if int(state["batch_size"]) != self.batch_size:
       notes.append(f"the batch size changed from {state['batch_size']} to {self.batch_size}: "
@@ -275,8 +285,9 @@ class BatchIterator:
     return "; ".join(notes) or None
 
 
-def _digest(shards: Any, weights: list[float], length: int, data_cfg: Any) -> str:
-  identity = json.dumps([shards, weights, length, data_cfg.val_fraction])
+def _digest(shards: Any, weights: list[float | None], data_cfg: Any) -> str:
+  """The data's identity apart from the window length: shard contents, blend, split."""
+  identity = json.dumps([shards, weights, data_cfg.val_fraction])
   return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -380,7 +391,7 @@ def build(data_cfg: Any, seq_len: int, batch_size: int, seed: int, n_eval_batche
   length = seq_len + 1
   needed = "one training window" + (" and one validation window" if data_cfg.val_fraction
                                     else "")
-  parts, weights, vals, corpora = [], [], [], []
+  parts, weights, given, vals, corpora = [], [], [], [], []
   for weight, entry in parse_source(data_cfg.source):
     path = os.path.expanduser(entry)
     if not shards.is_prepared(path):
@@ -396,13 +407,14 @@ def build(data_cfg: Any, seq_len: int, batch_size: int, seed: int, n_eval_batche
           "are needed")
     parts.append(train)
     weights.append(len(train) if weight is None else weight)
+    given.append(weight)  # None: weighted by size
     vals.append(val)
     corpora.append(corpus)
   content = [[[r[k] for k in ("tokens", "documents", "idx_crc32", "block_crc32")]
               for r in c.manifest["shards"]] for c in corpora]
   shape = f"{sum(map(len, parts))}x{length}"
   iterator = BatchIterator(parts, batch_size, seed, weights,
-                           fingerprint=f"{_digest(content, weights, length, data_cfg)}-{shape}")
+                           fingerprint=f"{_digest(content, given, data_cfg)}-{shape}")
   blend = sampling.Blend(weights)
   return Data(tokenizer=tokenizer, train=iterator,
               val=eval_batches(vals, blend, batch_size, n_eval_batches),
