@@ -125,10 +125,11 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {first}"
 
 
-def _not_orbax_error(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's error logs: it logs a failed save's traceback in each of its threads and
-  raises the failure to the loop too, which reports it in one line (--verbosity shows all)."""
-  return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+def _not_orbax(record: std_logging.LogRecord) -> bool:
+  """Drops orbax's logs (--verbosity shows them): its errors (a failed save's traceback in
+  each of its threads, a failure it also raises to the loop, which reports it in one line)
+  and its warnings (two lines on every read-only open: before each init_from error)."""
+  return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def _exit(message: str) -> None:
@@ -150,7 +151,7 @@ def main(argv: list[str]) -> None:
   jax.config.config_with_absl()
   if not flags.FLAGS["verbosity"].present:  # Keep orbax's per-save INFO lines out of the log.
     logging.set_verbosity(logging.WARNING)
-    logging.get_absl_handler().addFilter(_not_orbax_error)
+    logging.get_absl_handler().addFilter(_not_orbax)
   stop = StopSignals()
   try:
     if multihost.initialize_from_env():  # a no-op unless a launcher (launch/) set ESJAX_*

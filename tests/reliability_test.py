@@ -456,6 +456,17 @@ def test_truncated_safetensors_in_init_from_is_one_line(hf_folder, tmp_path):
   assert "(truncated?)" in line
 
 
+def test_init_from_a_misfit_esjax_checkpoint_is_one_line(tmp_path):
+  """orbax's two read-only warnings came before every init_from error (issue 30 item 7)."""
+  fixture = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_checkpoint")
+  out = run_main(*SMALL, f"--config.checkpoint.init_from={fixture}",
+                 workdir=str(tmp_path / "run"))
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode == 1 and len(lines) == 1, out.stderr[-3000:]
+  assert lines[0].startswith(f"esjax: error: checkpoint.init_from='{fixture}': parameter "
+                             "'embed' has shape (256, 16) but the model expects (256, 64)")
+
+
 @pytest.mark.parametrize("header, message", [
     (b'{"w": "\xff"}', "header does not parse: UnicodeDecodeError"),
     (b"\x00garbage", "header does not parse: JSONDecodeError"),
