@@ -1,6 +1,7 @@
 """Checkpoint save and restore across layouts: time and host memory, on fake CPU devices.
 
     python -m benchmarks.checkpoint                      # ~1.2 GB train state, 8 devices
+    python -m benchmarks.checkpoint --stacked             # the multi-process stacked format
     python -m benchmarks.checkpoint --d-model 256 --layers 2 --vocab 1024 --rounds 1
 
 Saves the same train state (a dense model, ~1.2 GB with Adam's moments) twice: laid out as
@@ -64,12 +65,14 @@ def _rss() -> int:
 
 def child_save(args, layout: str) -> dict:
   import jax
-  from esjax.train import checkpoint, state as state_lib
+  from esjax.train import checkpoint, relayout, state as state_lib
   cfg, engine, tx, _ = _setup(args, layout)
   state = state_lib.create_train_state(engine, tx, jax.random.key(0))
   state = state.replace(step=jax.numpy.asarray(1, jax.numpy.int32))
   jax.block_until_ready(state)
   ckpt = checkpoint.Checkpointer(os.path.join(args.dir, layout), keep=1, async_save=False)
+  if args.stacked:  # the format a multi-process run with a stage per process writes
+    relayout.has_process_local_layers = lambda tree, fmt: True
   t0 = time.perf_counter()
   ckpt.save(state, {"position": 1}, cfg, engine.fmt)
   ckpt.close()
@@ -103,7 +106,8 @@ def _child(args, what: str) -> dict:
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   cmd = [sys.executable, "-m", "benchmarks.checkpoint", "--child", what, "--dir", args.dir,
          "--save", args.save, "--restore", args.restore, "--d-model", str(args.d_model),
-         "--layers", str(args.layers), "--vocab", str(args.vocab)]
+         "--layers", str(args.layers), "--vocab", str(args.vocab)] + (
+             ["--stacked"] if args.stacked else [])
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   if out.returncode:
     raise SystemExit(f"benchmarks.checkpoint {what} failed:\n{out.stderr[-3000:]}")
@@ -118,6 +122,9 @@ def main(argv=None):
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--vocab", type=int, default=16384)
   ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--stacked", action="store_true",
+                  help="save stacked by stage (as a multi-process run with a stage per process "
+                       "does): the unchanged restore is then orbax's own")
   ap.add_argument("--dir", default="")
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -140,6 +147,7 @@ def main(argv=None):
   best = lambda rs, k: min(r[k] for r in rs)  # noqa: E731
   print(json.dumps({
       "summary": f"{args.save} -> {args.restore} vs {args.restore} -> {args.restore}",
+      "format": "stacked" if args.stacked else "layers",
       "unchanged_restore_s": best(same, "restore_s"),
       "changed_restore_s": best(moved, "restore_s"),
       "time_ratio": best(moved, "restore_s") / best(same, "restore_s"),
