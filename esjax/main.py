@@ -127,9 +127,24 @@ def _one_line(e: BaseException) -> str:
 
 def _not_orbax(record: std_logging.LogRecord) -> bool:
   """Drops orbax's logs (--verbosity shows them): its errors (a failed save's traceback in
-  each of its threads, a failure it also raises to the loop, which reports it in one line)
-  and its warnings (two lines on every read-only open: before each init_from error)."""
-  return f"{os.sep}orbax{os.sep}" not in record.pathname
+  each of its threads, a failure it also raises to the loop, which reports it in one line),
+  its warnings (two lines on every read-only open: before each init_from error) and the
+  "Future exception was never retrieved" of each write a failed save abandoned (asyncio's)."""
+  return f"{os.sep}orbax{os.sep}" not in record.pathname and record.name != "asyncio"
+
+
+def _without_closed_loop_errors(hook):
+  """`hook` (sys.unraisablehook) except for "Event loop is closed": a save that fails (a
+  full disk) closes orbax's event loop while tensorstore still completes its other writes,
+  and each completion's callback printed that traceback (~170 lines above the run's
+  one-line error)."""
+
+  def unraisablehook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+
+  return unraisablehook
 
 
 def _exit(message: str) -> None:
@@ -152,6 +167,7 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:  # Keep orbax's per-save INFO lines out of the log.
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_not_orbax)
+    sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
   stop = StopSignals()
   try:
     if multihost.initialize_from_env():  # a no-op unless a launcher (launch/) set ESJAX_*
