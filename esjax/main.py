@@ -12,7 +12,6 @@ Errors are one line on stderr (`--verbosity=1` logs the traceback).
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import re
 import signal
@@ -25,6 +24,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from esjax import console
 from esjax.eval import hook
 from esjax.parallel import multihost
 from esjax.train import guard, loop
@@ -125,28 +125,6 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {first}"
 
 
-def _not_orbax(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's logs (--verbosity shows them): its errors (a failed save's traceback in
-  each of its threads, a failure it also raises to the loop, which reports it in one line),
-  its warnings (two lines on every read-only open: before each init_from error) and the
-  "Future exception was never retrieved" of each write a failed save abandoned (asyncio's)."""
-  return f"{os.sep}orbax{os.sep}" not in record.pathname and record.name != "asyncio"
-
-
-def _without_closed_loop_errors(hook):
-  """`hook` (sys.unraisablehook) except for "Event loop is closed": a save that fails (a
-  full disk) closes orbax's event loop while tensorstore still completes its other writes,
-  and each completion's callback printed that traceback (~170 lines above the run's
-  one-line error)."""
-
-  def unraisablehook(unraisable):
-    if not (unraisable.exc_type is RuntimeError and
-            str(unraisable.exc_value) == "Event loop is closed"):
-      hook(unraisable)
-
-  return unraisablehook
-
-
 def _exit(message: str) -> None:
   """Exits with status 1 after `message`, without waiting for the threads a failed
   checkpoint save leaves behind (orbax's, blocked on a signal that never comes: the
@@ -164,10 +142,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   jax.config.config_with_absl()
-  if not flags.FLAGS["verbosity"].present:  # Keep orbax's per-save INFO lines out of the log.
-    logging.set_verbosity(logging.WARNING)
-    logging.get_absl_handler().addFilter(_not_orbax)
-    sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
+  console.quiet_libraries()
   stop = StopSignals()
   try:
     if multihost.initialize_from_env():  # a no-op unless a launcher (launch/) set ESJAX_*

@@ -3,6 +3,9 @@
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -120,3 +123,47 @@ def test_dead_server_stops_the_run_in_one_line_and_the_rerun_resumes(tmp_path):
       ray.get(actor.run.remote(1), timeout=60)
   again = runtime.AsyncTraining(config, str(tmp_path))
   assert again._initial_params()[1] >= saved  # pylint: disable=protected-access
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+  while pid > 1:
+    if pid == ancestor:
+      return True
+    with open(f"/proc/{pid}/stat") as f:
+      pid = int(f.read().rsplit(")", 1)[1].split()[1])
+  return False
+
+
+@pytest.mark.slow
+def test_the_command_line_says_a_dead_server_in_one_line(tmp_path):
+  """`python -m esjax.distributed.main` with its server killed (kill -9): stderr is the error
+  line alone (a 14-line traceback came before it, and Ray's start-up lines; issue 30 item 7);
+  stdout has Ray's own one-line notice of the dead process."""
+  workdir = tmp_path / "run"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "esjax.distributed.main", f"--config={CONFIG}:dgs,test=1",
+       "--config.train.steps_per_worker=100000", "--config.train.eval_every=10",
+       f"--workdir={workdir}"], cwd=root, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 180
+    server = None
+    while server is None:
+      assert time.time() < deadline and proc.poll() is None, "no server with a checkpoint"
+      time.sleep(1)
+      ckpts = workdir / "checkpoints"
+      if not (ckpts.is_dir() and any(n.isdigit() for n in os.listdir(ckpts))):
+        continue
+      found = subprocess.run(["pgrep", "-f", "ray::ParameterServer"], capture_output=True,
+                             text=True).stdout.split()
+      server = next((int(p) for p in found if _descends_from(int(p), proc.pid)), None)
+    os.kill(server, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert proc.returncode == 1 and len(lines) == 1, err[-3000:]
+  assert lines[0].startswith("esjax.distributed: error: the parameter server died ("), lines

@@ -17,6 +17,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from esjax import console
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/dgs/tiny_lm.py:dgs.",
     lock_config=True)
@@ -40,6 +42,7 @@ def runtime():
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.quiet_libraries()  # the failure's traceback is logged at INFO: --verbosity=0
   AsyncTraining, ServerDied = runtime()
   try:
     summary = AsyncTraining(_CONFIG.value, _WORKDIR.value).run()

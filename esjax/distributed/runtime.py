@@ -17,8 +17,10 @@ others). Workers are spread over the cluster's CPUs by Ray's scheduler.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -51,7 +53,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     runtime_env = {"py_modules": [_PACKAGE_DIR]} if ship_code else {}
   # "local": always a fresh instance here, never a cluster `ray start` left running.
   kwargs = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
-  ray.init(address=address or "local", runtime_env=runtime_env, log_to_driver=True, **kwargs)
+  with warnings.catch_warnings():  # Ray starts its processes with fork + exec: safe here
+    warnings.filterwarnings("ignore", r"os\.fork\(\) was called", RuntimeWarning)
+    ray.init(address=address or "local", runtime_env=runtime_env, log_to_driver=True,
+             logging_level=std_logging.ERROR, **kwargs)  # its start-up lines are noise
 
 
 class ServerDied(RuntimeError):
@@ -156,9 +161,10 @@ class AsyncTraining:
       try:
         self.finished[k] = ray.get(ref)
       except ray.exceptions.RayActorError as e:  # killed, crashed, or its node went away
+        version = self.server_version()  # ServerDied if the server is what the worker lost
         self.dead[k] = type(e).__name__
         logging.warning("worker %d died (%s); the others go on", k, type(e).__name__)
-        self.writer.write({"step": self.server_version(), "event": "worker_died", "worker": k})
+        self.writer.write({"step": version, "event": "worker_died", "worker": k})
     self._log_records()
     every = self.config.train.eval_every
     if every and self.server_version() // every > self.last_eval // every:
