@@ -10,6 +10,8 @@ import re
 import shutil
 import subprocess
 import sys
+import signal
+import time
 
 import jax.numpy as jnp
 import ml_collections
@@ -434,6 +436,26 @@ def test_eval_report_goes_beside_the_checkpoint_by_default(tmp_path, model):
   assert os.listdir(elsewhere) == []
   assert json.loads((run / "eval_report.json").read_text())["results"]["tiny_mc"]["n"] == 1
   assert f"report written to {run / 'eval_report.json'}" in out.stdout
+
+
+def test_ctrl_c_during_eval_is_one_line(tmp_path, model):
+  """SIGINT 1 s in (esjax.eval is importing jax; the whole evaluation takes ~5 s): one line,
+  status 130, no report. It was a KeyboardInterrupt traceback or, landing in jax's
+  garbage-collection callback, printed as ignored while the evaluation went on to write its
+  report with status 0 (issue 30 item 7)."""
+  _make_run(str(tmp_path), model)
+  tasks_arg = ",".join(["val"] + [os.path.join(TESTDATA, "tiny_mc")] * 40)
+  proc = subprocess.Popen([sys.executable, "-m", "esjax.eval", f"--checkpoint={tmp_path}",
+                           f"--tasks={tasks_arg}", "--batch_size=1"], cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert [l for l in err.splitlines() if l.strip()] == [
+      "esjax.eval: interrupted; no report written"]
+  assert not (tmp_path / "eval_report.json").exists()
 
 
 @pytest.mark.parametrize("cli, args, message", [

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -68,7 +69,17 @@ def _write_report(report: dict, path: str) -> str:
     return fallback
 
 
+def _interrupted(signum, frame) -> None:
+  """Ctrl-C ends the evaluation at once in one line (nothing is written before the end). A
+  KeyboardInterrupt raised where it falls could land in a garbage-collection callback, be
+  printed as ignored, and the evaluation went on."""
+  del signum, frame
+  print("esjax.eval: interrupted; no report written", file=sys.stderr, flush=True)
+  os._exit(130)
+
+
 def main(argv: list[str]) -> None:
+  signal.signal(signal.SIGINT, _interrupted)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
@@ -96,9 +107,6 @@ def main(argv: list[str]) -> None:
   except (ValueError, FileNotFoundError) as e:
     logging.debug("full traceback (shown with --verbosity=1):", exc_info=True)
     sys.exit(f"esjax.eval: error: {e}")
-  except KeyboardInterrupt:
-    print("esjax.eval: interrupted; no report written", file=sys.stderr)
-    sys.exit(130)
   report = {"checkpoint": _CHECKPOINT.value, "tasks": names,
             "model_config": model.cfg.to_dict(),
             "settings": {"num_fewshot": _NUM_FEWSHOT.value, "limit": _LIMIT.value,
