@@ -206,6 +206,7 @@ def test_resume_with_another_model_names_every_differing_field():
     ("optim.grad_clip", float("nan"), "optim.grad_clip=nan"),
     ("checkpoint.every", -1, "checkpoint.every=-1"),
     ("checkpoint.keep", -1, "checkpoint.keep=-1"),
+    ("checkpoint.upcycle_drop", 1.5, "checkpoint.upcycle_drop=1.5, expected in [0, 1]"),
     ("data.max_bytes", -5, "data.max_bytes=-5"),
     ("train.eval_every", -3, "train.eval_every=-3"),
     ("train.seed", 2**64, "train.seed=18446744073709551616, expected a 64-bit signed integer"),

@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
   # init_from a dense model into an MoE: where the upcycling output scale s goes, "down" (all
   # on w_down: exact) or "balanced" (s^(1/3) on gate, up and down: Megatron's rule).
   c.checkpoint.upcycle_scale = "down"
+  # ... and drop-upcycling: the fraction of each expert's hidden units re-initialized from
+  # the replaced weights' statistics, a different set per expert (0: sparse upcycling).
+  c.checkpoint.upcycle_drop = 0.0
   c.checkpoint.async_save = True
 
   c.parallel = ml_collections.ConfigDict()
@@ -160,6 +163,7 @@ _RANGES = (
     ("train.spike_window", lambda v: v > 0, "> 0"),
     ("checkpoint.every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("checkpoint.keep", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("checkpoint.upcycle_drop", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("eval.every", lambda v: v > 0, "> 0"),
     ("eval.limit", lambda v: v >= 0, ">= 0 (0: every item)"),
     ("eval.batch_size", lambda v: v > 0, "> 0"),

@@ -41,12 +41,15 @@ def convert(src_cfg: ModelConfig, params: Any, dst_cfg: ModelConfig, config: Any
   """Load-time conversion hook (see module docstring). `shardings`: pure dict of the target
   parameters' shardings (None on one device). `esjax.transforms.online.convert`: identity when
   the shapes match, else growth (recipe `checkpoint.grow`) and/or upcycling (its output
-  scale placed by `checkpoint.upcycle_scale`), built by one jit with the target shardings;
+  scale placed by `checkpoint.upcycle_scale`, a fraction `checkpoint.upcycle_drop` of each
+  expert's hidden units re-initialized: drop-upcycling), built by one jit with the target
+  shardings;
   `check_fit` verifies the result."""
   grow = config.checkpoint.get("grow", "aki_pro")
   scale = config.checkpoint.get("upcycle_scale", "down")
+  drop = float(config.checkpoint.get("upcycle_drop", 0.0))
   return online.convert(src_cfg, params, dst_cfg, grow=grow, seed=config.train.seed,
-                        shardings=shardings, scale_placement=scale)
+                        shardings=shardings, scale_placement=scale, drop=drop)
 
 
 def source_shardings(src_cfg: ModelConfig, plan: ParallelPlan) -> Any:

@@ -43,11 +43,12 @@ def plan(src: ModelConfig, dst: ModelConfig) -> tuple[str, ...]:
 
 def convert(src: ModelConfig, params: Params, dst: ModelConfig, *, grow: str = "aki_pro",
             seed: int = 0, shardings: Any = None, zero_new_layers: bool = False,
-            scale_placement: str = "down") -> Params:
+            scale_placement: str = "down", drop: float = 0.0) -> Params:
   """`dst` parameters from a `src` checkpoint's `params` (see module docstring).
 
   `shardings`: pure dict of the target parameters' shardings (None: default device).
-  `scale_placement`: where upcycling puts the output scale, `upcycle.SCALE_PLACEMENTS`.
+  `scale_placement`: where upcycling puts the output scale, `upcycle.SCALE_PLACEMENTS`;
+  `drop`: drop-upcycling's re-initialized fraction of each expert's hidden units.
   """
   if scale_placement not in upcycle.SCALE_PLACEMENTS:
     raise ValueError(f"upcycle scale_placement={scale_placement!r}, expected one of "
@@ -68,7 +69,7 @@ def convert(src: ModelConfig, params: Params, dst: ModelConfig, *, grow: str = "
                              zero_new_layers=zero_new_layers)
       cfg = dense_dst
     if "upcycle" in steps:
-      p = upcycle.upcycle_params(cfg, p, dst, k, scale_placement=scale_placement)
+      p = upcycle.upcycle_params(cfg, p, dst, k, scale_placement=scale_placement, drop=drop)
     return p
 
   return build.jit_transform(dst, fn, shardings)(params, key)

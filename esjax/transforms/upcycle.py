@@ -23,6 +23,15 @@ layers) is copied. With `F_sh = n_shared_experts * d_ff_shared` and `F_e = d_ff_
 Exactness at init (tested): top-k then softmax gives the dense logits for any router;
 softmax then top-k only when all router logits are equal (`router_std=0`). Token dropping
 (capacity_factor > 0) breaks it for the dropped tokens.
+
+Drop-upcycling (Nakamura et al., ICLR 2025, `drop=r`): each expert then re-initializes a
+random fraction r of its intermediate dimensions, round(r * F_e) of them, a different set per
+expert: those columns of w_gate and w_up and rows of w_down are drawn from a normal with
+the mean and standard deviation of the weights they replace (per expert and matrix, as the
+authors' conversion does), so the experts start diverse instead of identical. r = 0 is the
+upcycling above, exactly; r = 1 keeps only the statistics. (The authors also permute each
+expert's hidden units first; a permutation of hidden units leaves an MLP's function
+unchanged, so it is left out.)
 """
 
 from __future__ import annotations
@@ -81,12 +90,37 @@ def output_scale(moe: ModelConfig, g: int) -> float:
   return g / weight
 
 
+def drop_mask(key: jax.Array, n: int, fe: int, drop: float) -> jax.Array:
+  """[n, fe] bool: round(drop * fe) re-initialized hidden units per expert, each expert's set
+  drawn independently."""
+  k = int(round(drop * fe))
+  ranks = jnp.argsort(jax.random.uniform(key, (n, fe)), axis=1)  # a permutation per expert
+  return ranks < k
+
+
+def _redraw(w: jax.Array, mask: jax.Array, key: jax.Array, axis: int) -> jax.Array:
+  """`w` ([N, D, F_e] with `axis`=2, or [N, F_e, D] with `axis`=1) with the hidden units
+  `mask` [N, F_e] drawn again from a normal with the replaced weights' mean and (unbiased)
+  standard deviation, per expert."""
+  x = w.astype(jnp.float32)
+  m = jnp.broadcast_to(jnp.expand_dims(mask, 3 - axis), x.shape).astype(jnp.float32)
+  count = jnp.maximum(m.sum(axis=(1, 2), keepdims=True), 1.0)
+  mean = jnp.sum(x * m, axis=(1, 2), keepdims=True) / count
+  var = jnp.sum(((x - mean) * m) ** 2, axis=(1, 2), keepdims=True) / jnp.maximum(count - 1, 1)
+  fresh = mean + jnp.sqrt(var) * jax.random.normal(key, x.shape, jnp.float32)
+  return jnp.where(m > 0, fresh, x).astype(w.dtype)
+
+
 def upcycle_mlp(dense_mlp: Params, moe: ModelConfig, g: int, key: jax.Array, *,
-                router_std: float, scale_placement: str = "down") -> Params:
-  """MoE block parameters from one dense MLP {w_gate [D, F], w_up [D, F], w_down [F, D]}."""
+                router_std: float, scale_placement: str = "down", drop: float = 0.0
+                ) -> Params:
+  """MoE block parameters from one dense MLP {w_gate [D, F], w_up [D, F], w_down [F, D]};
+  `drop`: drop-upcycling's re-initialized fraction (module docstring)."""
   if scale_placement not in SCALE_PLACEMENTS:
     raise ValueError(f"upcycle: scale_placement={scale_placement!r}, expected one of "
                      f"{SCALE_PLACEMENTS}")
+  if not 0.0 <= drop <= 1.0:
+    raise ValueError(f"upcycle: drop={drop} must be in [0, 1]")
   n, fe = moe.n_experts, moe.effective_d_ff_expert
   shared = moe.n_shared_experts * moe.effective_d_ff_shared if moe.n_shared_experts else 0
   w_gate, w_up, w_down = dense_mlp["w_gate"], dense_mlp["w_up"], dense_mlp["w_down"]
@@ -111,6 +145,12 @@ def upcycle_mlp(dense_mlp: Params, moe: ModelConfig, g: int, key: jax.Array, *,
       "w_up": experts_in(w_up, s_up),
       "w_down": (jnp.take(down_shards, shard_of_expert, axis=0) * s_down).astype(w_down.dtype),
   }
+  if drop > 0:
+    k_mask, k_gate, k_up, k_down = jax.random.split(jax.random.fold_in(key, 1), 4)
+    mask = drop_mask(k_mask, n, fe, drop)
+    out["w_gate"] = _redraw(out["w_gate"], mask, k_gate, axis=2)
+    out["w_up"] = _redraw(out["w_up"], mask, k_up, axis=2)
+    out["w_down"] = _redraw(out["w_down"], mask, k_down, axis=1)
   if shared:
     gate_factor = 2.0 if moe.shared_expert_gate else 1.0  # sigmoid(0) = 1/2
     out["shared"] = {"w_gate": w_gate[:, :shared], "w_up": w_up[:, :shared],
@@ -121,7 +161,8 @@ def upcycle_mlp(dense_mlp: Params, moe: ModelConfig, g: int, key: jax.Array, *,
 
 
 def upcycle_params(dense: ModelConfig, params: Params, moe: ModelConfig, key: jax.Array, *,
-                   router_std: float | None = None, scale_placement: str = "down") -> Params:
+                   router_std: float | None = None, scale_placement: str = "down",
+                   drop: float = 0.0) -> Params:
   """The MoE `moe`'s parameters from the dense `params`; layer i's router uses fold_in(key, i).
 
   `router_std` defaults to `moe.router_init_std`. Runs under jit (the key may be traced).
@@ -132,15 +173,15 @@ def upcycle_params(dense: ModelConfig, params: Params, moe: ModelConfig, key: ja
   for i, layer in params["layers"].items():
     if moe.is_moe_layer(i):
       mlp = upcycle_mlp(layer["mlp"], moe, g, jax.random.fold_in(key, i), router_std=std,
-                        scale_placement=scale_placement)
+                        scale_placement=scale_placement, drop=drop)
       layer = {**layer, "mlp": mlp}
     layers[i] = layer
   return {**params, "layers": layers}
 
 
 def upcycle(model, moe_cfg: ModelConfig, key: jax.Array | None = None, *,
-            router_std: float | None = None, scale_placement: str = "down", mesh=None,
-            rules=None):
+            router_std: float | None = None, scale_placement: str = "down", drop: float = 0.0,
+            mesh=None, rules=None):
   """The upcycled `Transformer(moe_cfg)`; with `mesh`/`rules`, built directly sharded (each
   device computes only its own experts' shards)."""
   from esjax.transforms import build  # pylint: disable=g-import-not-at-top
@@ -151,6 +192,6 @@ def upcycle(model, moe_cfg: ModelConfig, key: jax.Array | None = None, *,
 
   def fn(params, k):
     return upcycle_params(src, params, moe_cfg, k, router_std=router_std,
-                          scale_placement=scale_placement)
+                          scale_placement=scale_placement, drop=drop)
 
   return build.build_model(moe_cfg, fn, build.params_of(model), key, mesh=mesh, rules=rules)
