@@ -2,8 +2,11 @@
 
   python -m esjax.convert --src=/models/Meta-Llama-3.1-8B --dst=/ckpt/llama31   # HF -> esjax
   python -m esjax.convert --src=/runs/moe --dst=/export/moe-hf [--dtype=bfloat16]  # esjax -> HF
+  python -m esjax.convert --src=/models/smollm2.Q4_1.gguf --dst=/models/smollm2   # GGUF -> HF
 
-The direction follows `--src`. A Hugging Face folder (config.json + safetensors of a
+The direction follows `--src`. A GGUF file (llama.cpp's, Llama architecture) becomes a
+Hugging Face folder of its dequantized weights and tokenizer (esjax/interop/gguf_file.py),
+which eval, generate and init_from read. A Hugging Face folder (config.json + safetensors of a
 supported architecture, see esjax/interop) becomes the esjax checkpoint `DST/checkpoints/0`:
 parameters and model config, no optimizer state, so runs start from it with
 `checkpoint.init_from=DST` (and eval / generate read it), but none resumes from it. An esjax
@@ -31,6 +34,7 @@ from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from esjax import interop
+from esjax.interop import gguf_file
 from esjax.data import tokenizer
 from esjax.eval import loading
 from esjax.parallel import multihost
@@ -60,6 +64,9 @@ def convert(src: str, dst: str, dtype: str | None = None, max_shard_gb: float = 
   """Converts `src` into `dst` (see module docstring); returns what was written."""
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
   overrides = {} if dtype is None else {"dtype": dtype, "param_dtype": dtype}
+  if gguf_file.is_gguf(src):
+    folder = gguf_file.to_hf_folder(src, dst)
+    return sorted(os.listdir(folder))
   if interop.is_hf_folder(src):
     placed = lambda cfg: spread(interop.abstract_params(cfg), mesh)  # noqa: E731
     cfg, params = interop.read_params(src, placed, **overrides)

@@ -2,7 +2,8 @@
 state: continued pretraining, and the hook where a checkpoint is converted while it loads.
 
 The path: `checkpoint.restore_params` (an esjax run) or `interop.load.read_params` (a Hugging
-Face folder) reads the source's model config and params, `convert` turns them into
+Face folder, or a GGUF file dequantized into one first: `interop.gguf_file`) reads the
+source's model config and params, `convert` turns them into
 parameters of this run's model config (identity when the two configs have the same parameter
 shapes), and `check_fit` refuses anything whose tree or shapes do not match the model, naming
 the parameter.
@@ -16,11 +17,12 @@ run under jit with the target's shardings.
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import jax
 
-from esjax.interop import load as hf_load
+from esjax.interop import gguf_file, load as hf_load
 from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.parallel import rules, stages
@@ -64,11 +66,18 @@ def source_shardings(src_cfg: ModelConfig, plan: ParallelPlan) -> Any:
 
 def load(config: Any, model_cfg: ModelConfig, plan: ParallelPlan) -> Any:
   """Parameters of the model's own tree for this run from `config.checkpoint.init_from` (an
-  esjax run or a Hugging Face folder), cast to the model's parameter dtypes and placed by the
-  plan's model specs; the source is read sharded over the same mesh, tensor by tensor."""
+  esjax run, a Hugging Face folder or a GGUF file), cast to the model's parameter dtypes and
+  placed by the plan's model specs; the source is read sharded over the same mesh, tensor by
+  tensor."""
   source = config.checkpoint.init_from
-  reader = hf_load.read_params if hf_load.is_hf_folder(source) else checkpoint.restore_params
-  src_cfg, params = reader(source, lambda c: source_shardings(c, plan))
+  if gguf_file.is_gguf(source):
+    with tempfile.TemporaryDirectory(prefix="esjax_gguf_") as tmp:
+      folder = gguf_file.to_hf_folder(source, tmp)
+      src_cfg, params = hf_load.read_params(folder, lambda c: source_shardings(c, plan))
+      jax.block_until_ready(params)  # read before the folder goes
+  else:
+    reader = hf_load.read_params if hf_load.is_hf_folder(source) else checkpoint.restore_params
+    src_cfg, params = reader(source, lambda c: source_shardings(c, plan))
   abstract = params_lib.shapes(model_cfg)
   shardings = rules.named(plan, rules.model_specs(plan, model_cfg))
   try:
