@@ -53,7 +53,7 @@ from jax.experimental import multihost_utils
 from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.parallel import stages
-from esjax.train import integrity, relayout, shard_reader, state as state_lib
+from esjax.train import integrity, relayout, shard_reader
 from esjax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -370,8 +370,8 @@ def restore_params(path: str, shardings: Any = None) -> tuple[ModelConfig, Any]:
       shardings = shardings(model_cfg)
     if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: device, _model_shapes(model_cfg))
-    return model_cfg, _read_model_tree(ckpt, step, "params", _model_shapes(model_cfg),
+      shardings = jax.tree.map(lambda _: device, params_lib.shapes(model_cfg))
+    return model_cfg, _read_model_tree(ckpt, step, "params", params_lib.shapes(model_cfg),
                                        shardings)
   finally:
     ckpt.close()
@@ -402,10 +402,6 @@ def _read_model_tree(ckpt: Checkpointer, step: int, item: str, shapes: Any, shar
   if saved is None:
     return _int_layers(ckpt.restore_item(step, item, _str_layers(target)))
   return shard_reader.read(os.path.join(ckpt.step_dir(step), item), saved, target)
-
-
-def _model_shapes(model_cfg: ModelConfig) -> Any:
-  return jax.eval_shape(lambda: state_lib.init_params(model_cfg, jax.random.key(0)))
 
 
 def _str_layers(tree: dict[str, Any]) -> dict[str, Any]:
