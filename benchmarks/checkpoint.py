@@ -13,8 +13,10 @@ layout change, the second the unchanged restore it is compared with. Per restore
 resident memory above its resident memory just before the restore, minus the restored
 state's bytes: on fake CPU devices the state itself lives in host memory, so what is left
 is the restore's own overhead (orbax's read buffers, the relayout's per-layer arrays). The
-largest single parameter's bytes are printed beside it. One JSON line per measurement and a
-summary line with the changed/unchanged ratios.
+largest single parameter's bytes are printed beside it, and the floor: the same measure for
+building the state from host arrays shard by shard with no checkpoint (JAX's own
+allocation). One JSON line per measurement and a summary line with the changed/unchanged
+ratios.
 """
 
 from __future__ import annotations
@@ -101,6 +103,26 @@ def child_restore(args, saved_by: str) -> dict:
           "largest_param_bytes": largest}
 
 
+def child_floor(args) -> dict:
+  """The same measure for building the target state from host arrays, shard by shard, with
+  no checkpoint at all: the floor of JAX's own allocation (a restore's overhead above it is
+  the checkpoint's)."""
+  import jax
+  import numpy as np
+  _, _, _, target = _setup(args, args.restore)
+
+  def build(t):
+    def shard(idx):
+      return np.ones(tuple(len(range(*s.indices(d))) for s, d in zip(idx, t.shape)), t.dtype)
+    return jax.make_array_from_callback(t.shape, t.sharding, shard)
+
+  before = _rss()
+  state = jax.tree.map(build, target)
+  jax.block_until_ready(state)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return {"floor": args.restore, "overhead_bytes": max(0, peak - before - _device_bytes(state))}
+
+
 def _child(args, what: str) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -130,7 +152,8 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.child:
     what, layout = args.child.split(":", 1)
-    result = child_save(args, layout) if what == "save" else child_restore(args, layout)
+    result = (child_floor(args) if what == "floor" else
+              child_save(args, layout) if what == "save" else child_restore(args, layout))
     print(json.dumps(result))
     return
   with tempfile.TemporaryDirectory(prefix="esjax_ckpt_bench_") as tmp:
@@ -138,7 +161,10 @@ def main(argv=None):
     for layout in (args.save, args.restore):
       print(json.dumps(_child(args, f"save:{layout}")), flush=True)
     runs = {args.save: [], args.restore: []}
+    floors = []
     for _ in range(args.rounds):
+      floors.append(_child(args, "floor:-"))
+      print(json.dumps(floors[-1]), flush=True)
       for layout in (args.save, args.restore):
         r = _child(args, f"restore:{layout}")
         runs[layout].append(r)
@@ -153,6 +179,7 @@ def main(argv=None):
       "time_ratio": best(moved, "restore_s") / best(same, "restore_s"),
       "unchanged_overhead_bytes": best(same, "overhead_bytes"),
       "changed_overhead_bytes": best(moved, "overhead_bytes"),
+      "floor_overhead_bytes": min(f["overhead_bytes"] for f in floors),
       "largest_param_bytes": moved[0]["largest_param_bytes"],
       "state_bytes": moved[0]["state_bytes"]}), flush=True)
 

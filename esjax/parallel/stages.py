@@ -25,6 +25,7 @@ import numpy as np
 from esjax.models.config import ModelConfig
 
 STAGES = "stages"
+LAYERS = "layers"  # the model's own tree: {"layers": {i: block tree}, "embed", ...}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +90,9 @@ def stack(params: dict[str, Any], fmt: StageFormat) -> dict[str, Any]:
   """Canonical model tree -> the train state's stacked tree (numpy or jax arrays). A tree
   that holds only some layers (buffers: MoE layers only) stacks the slots it has; the others
   are {}."""
-  layers = params.get("layers", {})
+  layers = params.get(LAYERS, {})
   index = fmt.layer_index()
-  out = {k: v for k, v in params.items() if k != "layers"}
+  out = {k: v for k, v in params.items() if k != LAYERS}
   slots = {}
   for p in range(fmt.period):
     order = index[p].reshape(-1)
@@ -116,5 +117,5 @@ def unstack(params: dict[str, Any], fmt: StageFormat) -> dict[str, Any]:
     for pos in np.ndindex(index.shape[1:]):
       layers[int(index[(int(p), *pos)])] = map_dicts(lambda x, pos=pos: x[pos], tree)
   if layers:
-    out["layers"] = {i: layers[i] for i in sorted(layers)}
+    out[LAYERS] = {i: layers[i] for i in sorted(layers)}
   return out

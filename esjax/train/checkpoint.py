@@ -406,13 +406,13 @@ def _read_model_tree(ckpt: Checkpointer, step: int, item: str, shapes: Any, shar
 
 def _str_layers(tree: dict[str, Any]) -> dict[str, Any]:
   """The model's tree with its layers keyed "0", "1", ... as checkpoints store them."""
-  if relayout.LAYERS not in tree:
+  if stages.LAYERS not in tree:
     return tree
-  return {**tree, relayout.LAYERS: {str(i): v for i, v in tree[relayout.LAYERS].items()}}
+  return {**tree, stages.LAYERS: {str(i): v for i, v in tree[stages.LAYERS].items()}}
 
 
 def _int_layers(tree: dict[str, Any]) -> dict[str, Any]:
-  if relayout.LAYERS not in tree:
+  if stages.LAYERS not in tree:
     return tree
-  layers = {int(i): v for i, v in tree[relayout.LAYERS].items()}
-  return {**tree, relayout.LAYERS: dict(sorted(layers.items()))}
+  layers = {int(i): v for i, v in tree[stages.LAYERS].items()}
+  return {**tree, stages.LAYERS: dict(sorted(layers.items()))}

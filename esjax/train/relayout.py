@@ -22,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from esjax.parallel import stages
 
-LAYERS = "layers"
 
 
 def _entries(spec: P, ndim: int) -> list[tuple[str, ...]]:
@@ -104,7 +103,7 @@ def _per_layer(stacked: dict[str, Any], fmt: stages.StageFormat, leaf_fn) -> dic
     for n, (s, r, j) in enumerate(np.ndindex(fmt.pp, fmt.virtual, fmt.repeats)):
       layers[fmt.layer(s, r, j, int(p))] = stages.map_dicts(lambda x, n=n: x[n], split)
   if layers:
-    out[LAYERS] = {str(i): layers[i] for i in sorted(layers)}
+    out[stages.LAYERS] = {str(i): layers[i] for i in sorted(layers)}
   return out
 
 

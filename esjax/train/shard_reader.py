@@ -25,7 +25,6 @@ import tensorstore as ts
 
 from esjax.parallel import stages
 
-LAYERS = "layers"
 
 
 def _name(key: Any) -> str:
@@ -73,8 +72,8 @@ def read(item_dir: str, saved: stages.StageFormat | None, target: Any,
       i = names.index(stages.STAGES)
       index = fmt.layer_index()[int(names[i + 1])]
       read_block = _stacked_reader(arrays, names[:i], names[i + 2:], index, where)
-    elif LAYERS in names and names.index(LAYERS) + 1 < len(names):
-      i = names.index(LAYERS)
+    elif stages.LAYERS in names and names.index(stages.LAYERS) + 1 < len(names):
+      i = names.index(stages.LAYERS)
       layer = np.full((1, 1, 1), int(names[i + 1]))
       read_block = _layer_reader(arrays, names[:i], names[i + 2:], layer, where)
     else:
@@ -89,7 +88,7 @@ def read(item_dir: str, saved: stages.StageFormat | None, target: Any,
 def _source(prefix, inner, layer, where) -> tuple[str, tuple[int, ...]]:
   """(saved array name, position in it) of canonical `layer`'s leaf `inner`."""
   if where is None:
-    return ".".join([*prefix, LAYERS, str(layer), *inner]), ()
+    return ".".join([*prefix, stages.LAYERS, str(layer), *inner]), ()
   p, s, r, j = where[layer]
   return ".".join([*prefix, stages.STAGES, str(p), *inner]), (s, r, j)
 
