@@ -14,8 +14,8 @@ resident memory above its resident memory just before the restore, minus the res
 state's bytes: on fake CPU devices the state itself lives in host memory, so what is left
 is the restore's own overhead (orbax's read buffers, the relayout's per-layer arrays). The
 largest single parameter's bytes are printed beside it, and the floor: the same measure for
-building the state from host arrays shard by shard with no checkpoint (JAX's own
-allocation). One JSON line per measurement and a summary line with the changed/unchanged
+building the state from host arrays block by block as the reader does, with no checkpoint
+(JAX's own allocation). One JSON line per measurement and a summary line with the changed/unchanged
 ratios.
 """
 
@@ -104,20 +104,19 @@ def child_restore(args, saved_by: str) -> dict:
 
 
 def child_floor(args) -> dict:
-  """The same measure for building the target state from host arrays, shard by shard, with
-  no checkpoint at all: the floor of JAX's own allocation (a restore's overhead above it is
-  the checkpoint's)."""
+  """The same measure for building the target state from host arrays block by block as the
+  reader does (`shard_reader.build`), with no checkpoint: the floor of JAX's own allocation
+  (a restore's overhead above it is the checkpoint's)."""
   import jax
   import numpy as np
+  from esjax.train import shard_reader
   _, _, _, target = _setup(args, args.restore)
 
-  def build(t):
-    def shard(idx):
-      return np.ones(tuple(len(range(*s.indices(d))) for s, d in zip(idx, t.shape)), t.dtype)
-    return jax.make_array_from_callback(t.shape, t.sharding, shard)
+  def ones(t):
+    return lambda idx: np.ones([len(range(*s.indices(d))) for s, d in zip(idx, t.shape)])
 
   before = _rss()
-  state = jax.tree.map(build, target)
+  state = jax.tree.map(lambda t: shard_reader.build(t, ones(t)), target)
   jax.block_until_ready(state)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return {"floor": args.restore, "overhead_bytes": max(0, peak - before - _device_bytes(state))}

@@ -79,10 +79,26 @@ def read(item_dir: str, saved: stages.StageFormat | None, target: Any,
     else:
       store = arrays[".".join(names)]
       read_block = lambda idx, store=store: store[idx].read().result()  # noqa: E731
-    out.append(jax.make_array_from_callback(
-        leaf.shape, leaf.sharding,
-        lambda idx, f=read_block, dt=leaf.dtype: np.asarray(f(idx), dt), dtype=leaf.dtype))
+    out.append(build(leaf, read_block))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def build(leaf: jax.ShapeDtypeStruct, read_block) -> jax.Array:
+  """`leaf`'s array from `read_block(index)`: each local device's block read once per
+  distinct index (replicas share it) and put on the device before the next is read, so the
+  host holds one block at a time (make_array_from_callback holds every local block until
+  it builds the array)."""
+  by_index: dict[str, list[Any]] = {}
+  for device, idx in leaf.sharding.addressable_devices_indices_map(leaf.shape).items():
+    by_index.setdefault(repr(idx), [idx]).append(device)
+  pieces = []
+  for idx, *devices in by_index.values():
+    block = np.asarray(read_block(idx), leaf.dtype)
+    pieces += [jax.device_put(block, d) for d in devices]
+    jax.block_until_ready(pieces[-len(devices):])
+    del block
+  return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, pieces,
+                                                  dtype=leaf.dtype)
 
 
 def _source(prefix, inner, layer, where) -> tuple[str, tuple[int, ...]]:
