@@ -6,13 +6,13 @@ or stacked by pipeline stage (leaves [pp, v, R, ...] as the writing run's `Stage
 multi-process run with a stage per host, or the earlier format). A run stacked another way
 needs, on each device, pieces of several layers that are no block of any one saved array,
 so orbax (which reads one block of each array per device) would need every layer read in
-full on device and stacked there. Here each target array is built with
-`jax.make_array_from_callback`: for its block of stacked positions a device reads, per
-layer, that layer's saved array (or position in a saved stack) sliced to its shard of the
-trailing dimensions, straight from the item's tensorstore arrays (orbax writes each leaf as
-a zarr array in an OCDBT database, named by its tree path joined with "."), and stacks the
-pieces on the host: the host holds one device's shard of one leaf at a time. The target is
-a stacked tree (`stages`) or the model's own tree (`layers.{i}`).
+full on device and stacked there. Here each target array is built device by device
+(`build`): for its block of stacked positions a device reads, per layer, that layer's saved
+array (or position in a saved stack) sliced to its shard of the trailing dimensions,
+straight from the item's tensorstore arrays (orbax writes each leaf as a zarr array in an
+OCDBT database, named by its tree path joined with "."), stacks the pieces on the host and
+puts the block on the device before the next is read: the host holds one block at a time.
+The target is a stacked tree (`stages`) or the model's own tree (`layers.{i}`).
 """
 
 from __future__ import annotations
