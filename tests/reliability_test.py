@@ -541,35 +541,47 @@ def shutil_usage(free):
   return shutil._ntuple_diskusage(free * 4, free * 3, free)  # pylint: disable=protected-access
 
 
-def _mount_tmpfs(path, size):
+def _mount_tmpfs(path, options):
   path.mkdir()
-  out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+  out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                        capture_output=True, text=True)
   if out.returncode != 0:
     pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()[:80]})")
 
 
+def _fill_then_make_room(tmp_path, options, room, async_save, left):
+  """The 6-step tiny run (checkpoints every 2 steps) on a tmpfs mounted with `options`, which
+  holds step 2's checkpoint but not step 4's: the run must stop in one stderr line, leaving
+  `left` in its checkpoints directory; remounted with `room`, the same command resumes from
+  step 2 and finishes. Returns the line and the directory the checkpoints are in."""
+  mnt = tmp_path / "small"
+  _mount_tmpfs(mnt, options)
+  args = (*SMALL, f"--config.checkpoint.async_save={str(async_save).lower()}")
+  run = dict(config="esjax/configs/tiny.py:steps=6", workdir=str(mnt / "run"))
+  try:
+    out = run_main(*args, **run)
+    lines = [l for l in re.split(r"[\r\n]", out.stderr) if l.strip() and "train:" not in l]
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-3000:]
+    saved = mnt / "run" / "checkpoints"
+    assert sorted(os.listdir(saved)) == left
+    subprocess.run(["mount", "-o", f"remount,{room}", str(mnt)], check=True)
+    again = run_main(*args, **run)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {saved}/2" in again.stdout
+    assert sorted(os.listdir(saved)) == ["2", "4", "6"]
+    return lines[0], saved
+  finally:
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 def test_full_disk_stops_in_one_line_and_the_run_resumes_once_there_is_room(tmp_path):
   """A real full filesystem: an 8 MB tmpfs holds the tiny run's first checkpoint (5 MB), not
   the second; the run stops in one line naming what is intact, and resumes from it."""
-  mnt = tmp_path / "small"
-  _mount_tmpfs(mnt, "8m")
-  try:
-    out = run_main(*SMALL, "--config.checkpoint.async_save=false",
-                   config="esjax/configs/tiny.py:steps=6", workdir=str(mnt / "run"))
-    lines = [l for l in re.split(r"[\r\n]", out.stderr) if l.strip() and "train:" not in l]
-    assert out.returncode == 1 and len(lines) == 1, out.stderr[-3000:]
-    assert re.fullmatch(r"esjax: error: checkpoint step 4 needs about [\d.]+ MiB but .* has "
-                        r"[\d.]+ MiB free; the checkpoints of steps \[2\] are intact: free "
-                        r"space \(or move --workdir\) and rerun to resume", lines[0]), lines
-    assert sorted(os.listdir(mnt / "run" / "checkpoints")) == ["2"]
-    subprocess.run(["mount", "-o", "remount,size=32m", str(mnt)], check=True)  # room made
-    again = run_main(*SMALL, "--config.checkpoint.async_save=false",
-                     config="esjax/configs/tiny.py:steps=6", workdir=str(mnt / "run"))
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resumed from {mnt}/run/checkpoints/2" in again.stdout
-  finally:
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+  line, _ = _fill_then_make_room(tmp_path, "size=8m", "size=32m", async_save=False,
+                                 left=["2"])
+  assert re.fullmatch(r"esjax: error: checkpoint step 4 needs about [\d.]+ MiB but .* has "
+                      r"[\d.]+ MiB free; the checkpoints of steps \[2\] are intact: free "
+                      r"space \(or move --workdir\) and rerun to resume", line), line
 
 
 def test_a_disk_that_fills_during_an_async_save_is_one_line_and_the_run_resumes(tmp_path):
@@ -577,24 +589,12 @@ def test_a_disk_that_fills_during_an_async_save_is_one_line_and_the_run_resumes(
   and step 2's checkpoint, not all of step 4's files; the free bytes pass the check before
   the save), in orbax's background writes: one line naming what is intact, not orbax's and
   tensorstore's ~200 lines of tracebacks (issue 30 item 7); room made, the run resumes."""
-  mnt = tmp_path / "few_inodes"
-  _mount_tmpfs(mnt, "64m,nr_inodes=95")
-  try:
-    out = run_main(*SMALL, "--config.checkpoint.async_save=true",
-                   config="esjax/configs/tiny.py:steps=6", workdir=str(mnt / "run"))
-    lines = [l for l in re.split(r"[\r\n]", out.stderr) if l.strip() and "train:" not in l]
-    assert out.returncode == 1 and len(lines) == 1, out.stderr[-3000:]
-    assert lines[0] == (f"esjax: error: no space left on device while saving checkpoint step 4 "
-                        f"in {mnt}/run/checkpoints; the checkpoints of steps [2] are intact: "
-                        "free space (or move --workdir) and rerun to resume")
-    subprocess.run(["mount", "-o", "remount,nr_inodes=100000", str(mnt)], check=True)
-    again = run_main(*SMALL, "--config.checkpoint.async_save=true",
-                     config="esjax/configs/tiny.py:steps=6", workdir=str(mnt / "run"))
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resumed from {mnt}/run/checkpoints/2" in again.stdout
-    assert sorted(os.listdir(mnt / "run" / "checkpoints")) == ["2", "4", "6"]
-  finally:
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+  line, saved = _fill_then_make_room(  # step 4's partial save is removed at the next start
+      tmp_path, "size=64m,nr_inodes=95", "nr_inodes=100000", async_save=True,
+      left=["2", "4.orbax-checkpoint-tmp"])
+  assert line == (f"esjax: error: no space left on device while saving checkpoint step 4 in "
+                  f"{saved}; the checkpoints of steps [2] are intact: free space (or move "
+                  "--workdir) and rerun to resume")
 
 
 def test_a_manifest_another_process_is_still_writing_is_not_checksummed(tmp_path):
