@@ -74,7 +74,7 @@ def child_save(args, layout: str) -> dict:
   jax.block_until_ready(state)
   ckpt = checkpoint.Checkpointer(os.path.join(args.dir, layout), keep=1, async_save=False)
   if args.stacked:  # the format a multi-process run with a stage per process writes
-    relayout.has_process_local_layers = lambda tree, fmt: True
+    relayout.has_process_local_layers = lambda params: True
   t0 = time.perf_counter()
   ckpt.save(state, {"position": 1}, cfg, engine.fmt)
   ckpt.close()

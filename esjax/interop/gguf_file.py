@@ -122,10 +122,9 @@ def _tensors(reader: Any, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
       raise ValueError(f"GGUF tensor {t.name!r} has no Llama counterpart")
     w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
-    if parts[-2:-1] == ["attn_q"]:
-      w = unpermute(w, cfg["num_attention_heads"])
-    elif parts[-2:-1] == ["attn_k"]:
-      w = unpermute(w, cfg["num_key_value_heads"])
+    heads = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}.get(parts[-2])
+    if heads:  # llama.cpp's rotary row order
+      w = unpermute(w, cfg[heads])
     out[name] = w
   return out
 

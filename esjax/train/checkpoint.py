@@ -162,7 +162,7 @@ class Checkpointer:
         (state.params, state.opt_state, state.buffers))))
     # orbax cannot write an array held by one process of many: where a layer lies within one
     # process (a stage per host), the stacked tree is written instead (restored the same).
-    stacked = relayout.has_process_local_layers(state.params, fmt)
+    stacked = relayout.has_process_local_layers(state.params)
     put = (lambda t: t) if stacked else (lambda t: relayout.split(t, fmt))  # noqa: E731
     record = {"format": STACKED if stacked else FORMAT, "stacking": fmt.to_dict()}
     items = dict(params=ocp.args.StandardSave(put(state.params)),

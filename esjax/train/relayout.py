@@ -23,7 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from esjax.parallel import stages
 
 
-
 def _entries(spec: P, ndim: int) -> list[tuple[str, ...]]:
   out = []
   for e in tuple(spec) + (None,) * (ndim - len(spec)):
@@ -61,10 +60,10 @@ def _start(index: tuple[slice, ...], dim: int) -> int:
   return index[dim].start or 0
 
 
-def _split_leaf(x: jax.Array) -> list[jax.Array]:
-  """Stacked leaf -> each layer's array on the devices that hold it, in (s, r, j) order."""
+def _split_leaf(x: jax.Array) -> np.ndarray:
+  """Stacked leaf -> [pp, v, R] (object) of each layer's array on the devices that hold it."""
   shards = {s.device: s for s in x.addressable_shards}
-  out = []
+  out = np.empty(x.shape[:3], object)
   for pos in np.ndindex(x.shape[:3]):
     sharding = layer_sharding(x.sharding, x.shape, pos)
     pieces = []
@@ -72,8 +71,8 @@ def _split_leaf(x: jax.Array) -> list[jax.Array]:
       shard = shards[device]
       local = tuple(p - _start(shard.index, d) for d, p in enumerate(pos))
       pieces.append(shard.data[local])
-    out.append(jax.make_array_from_single_device_arrays(x.shape[3:], sharding, pieces,
-                                                        dtype=x.dtype))
+    out[pos] = jax.make_array_from_single_device_arrays(x.shape[3:], sharding, pieces,
+                                                        dtype=x.dtype)
   return out
 
 
@@ -91,42 +90,28 @@ def map_stacked(fn: Callable[[dict[str, Any]], Any], tree: Any) -> Any:
   return tree
 
 
-def _per_layer(stacked: dict[str, Any], fmt: stages.StageFormat, leaf_fn) -> dict[str, Any]:
-  """A stacked dict -> {..., "layers": {"i": block tree}}, each stacked leaf through
-  `leaf_fn` (-> a list of values, one per layer in (s, r, j) order)."""
-  out = {k: v for k, v in stacked.items() if k != stages.STAGES}
-  layers: dict[int, Any] = {}
-  for p, tree in stacked[stages.STAGES].items():
-    if not tree:
-      continue
-    split = stages.map_dicts(leaf_fn, tree)
-    for n, (s, r, j) in enumerate(np.ndindex(fmt.pp, fmt.virtual, fmt.repeats)):
-      layers[fmt.layer(s, r, j, int(p))] = stages.map_dicts(lambda x, n=n: x[n], split)
-  if layers:
-    out[stages.LAYERS] = {str(i): layers[i] for i in sorted(layers)}
-  return out
-
-
-def has_process_local_layers(tree: Any, fmt: stages.StageFormat) -> bool:
-  """Whether, in a run of several processes, some layer of `tree` lies on the devices of one
-  process only (each pipeline stage on its own host, say; the same answer on every
-  process): orbax writes only arrays that span processes, so such a tree is saved stacked."""
+def has_process_local_layers(params: dict[str, Any]) -> bool:
+  """Whether, in a run of several processes, some layer of the stacked `params` lies on the
+  devices of one process only (each pipeline stage on its own host, say; the same answer on
+  every process): orbax writes only arrays that span processes, so such a state is saved
+  stacked."""
   if jax.process_count() == 1:
     return False
-  found = []
-
-  def visit(d):
-    for tree_ in d[stages.STAGES].values():
-      for x in jax.tree.leaves(tree_):
-        found.extend(len({d.process_index for d in
-                          layer_sharding(x.sharding, x.shape, pos).device_set}) == 1
-                     for pos in np.ndindex(x.shape[:3]))
-    return d
-
-  map_stacked(visit, tree)
-  return any(found)
+  return any(len({d.process_index for d in
+                  layer_sharding(x.sharding, x.shape, pos).device_set}) == 1
+             for x in jax.tree.leaves(params[stages.STAGES]) for pos in np.ndindex(x.shape[:3]))
 
 
 def split(tree: Any, fmt: stages.StageFormat) -> Any:
-  """The state's stacked dicts -> per-layer dicts of arrays on the devices that hold them."""
-  return map_stacked(lambda d: _per_layer(d, fmt, _split_leaf), tree)
+  """The state's stacked dicts -> the model's own trees (layers keyed "0", "1", ... as
+  checkpoints store them) of arrays on the devices that hold them: `stages.unstack` of the
+  per-position arrays `_split_leaf` makes."""
+
+  def one(stacked):
+    slots = {p: stages.map_dicts(_split_leaf, t) for p, t in stacked[stages.STAGES].items()}
+    tree = stages.unstack({**stacked, stages.STAGES: slots}, fmt)
+    if stages.LAYERS in tree:
+      tree[stages.LAYERS] = {str(i): v for i, v in tree[stages.LAYERS].items()}
+    return tree
+
+  return map_stacked(one, tree)

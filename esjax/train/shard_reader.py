@@ -26,7 +26,6 @@ import tensorstore as ts
 from esjax.parallel import stages
 
 
-
 def _name(key: Any) -> str:
   for attr in ("key", "idx", "name"):
     if hasattr(key, attr):
@@ -74,8 +73,7 @@ def read(item_dir: str, saved: stages.StageFormat | None, target: Any,
       read_block = _stacked_reader(arrays, names[:i], names[i + 2:], index, where)
     elif stages.LAYERS in names and names.index(stages.LAYERS) + 1 < len(names):
       i = names.index(stages.LAYERS)
-      layer = np.full((1, 1, 1), int(names[i + 1]))
-      read_block = _layer_reader(arrays, names[:i], names[i + 2:], layer, where)
+      read_block = _layer_reader(arrays, names[:i], names[i + 2:], int(names[i + 1]), where)
     else:
       store = arrays[".".join(names)]
       read_block = lambda idx, store=store: store[idx].read().result()  # noqa: E731
@@ -125,7 +123,7 @@ def _stacked_reader(arrays, prefix, inner, index, where):
   return read_block
 
 
-def _layer_reader(arrays, prefix, inner, layer, where):
+def _layer_reader(arrays, prefix, inner, layer: int, where):
   """Reads the block `idx` of one layer's leaf in the model's own tree."""
-  name, at = _source(prefix, inner, int(layer.reshape(-1)[0]), where)
+  name, at = _source(prefix, inner, layer, where)
   return lambda idx: arrays[name][at + tuple(idx)].read().result()
