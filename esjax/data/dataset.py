@@ -216,8 +216,7 @@ class BatchIterator:
     rows = np.arange(self.batch_size) if rows is None else np.asarray(rows, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
       raise ValueError(f"rows must lie in [0, batch size {self.batch_size})")
-    first, example = self.origin
-    return to_batch(self.examples(example + (i - first) * self.batch_size + rows))
+    return to_batch(self.examples(self._first_example(i) + rows))
 
   def next_rows(self, rows: np.ndarray | None) -> Batch:
     """The given rows of the next batch (all with None); advances by one batch."""
@@ -239,10 +238,14 @@ class BatchIterator:
       raise ValueError("train.windows: a blend has no single window order")
     return self.parts[0].read(np.arange(len(self.parts[0])))
 
+  def _first_example(self, i: int) -> int:
+    """The stream's example that training batch `i` starts with."""
+    first, example = self.origin
+    return example + (i - first) * self.batch_size
+
   @property
   def examples_seen(self) -> int:
-    first, example = self.origin
-    return example + (self.position - first) * self.batch_size
+    return self._first_example(self.position)
 
   def state(self) -> dict[str, Any]:
     return {"position": self.position, "examples": self.examples_seen, "seed": self.seed,
