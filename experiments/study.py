@@ -16,8 +16,8 @@ import numpy as np
 from esjax.configs import common
 from esjax.data import dataset
 from esjax.models import loss, params as params_lib
-from esjax.train import checkpoint, loop, metrics, state as state_lib
-from esjax.transforms import online
+from esjax.sharding import layout, plan as plan_lib
+from esjax.train import init_from, loop, metrics, state as state_lib
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -40,14 +40,14 @@ def train_runs(configs: dict[str, ml_collections.ConfigDict], workdir: Callable[
   return final, {name: val_curve(workdir(name), c) for name, c in configs.items()}
 
 
-def val_loss_at_init(config: ml_collections.ConfigDict, source: str = "") -> float:
-  """Validation loss of `config`'s model right after its init: converted from the checkpoint
-  at `source` (default: config.checkpoint.init_from) as init_from converts it, or random."""
+def val_loss_at_init(config: ml_collections.ConfigDict) -> float:
+  """Validation loss of `config`'s model right after its init: loaded and converted from
+  config.checkpoint.init_from (a run, a Hugging Face folder or a GGUF file) by the training
+  loop's own `init_from.load`, else random."""
   cfg, tc = common.model_config(config), config.train
-  source = source or config.checkpoint.init_from
-  if source:
-    src_cfg, params = checkpoint.restore_params(source)
-    params = online.convert(src_cfg, params, cfg, grow=config.checkpoint.grow, seed=tc.seed)
+  if config.checkpoint.init_from:
+    plan = plan_lib.make_plan(layout.Layout(dp=1), jax.devices()[:1])
+    params = init_from.load(config, cfg, plan)
   else:
     params = state_lib.init_params(cfg, jax.random.key(tc.seed))
   data = dataset.build(config.data, tc.seq_len, tc.batch_size, tc.seed, tc.eval_batches)
