@@ -169,25 +169,34 @@ def arm_summary(arm: str, root: str, run: dict) -> dict:
 
 
 def plot(results: dict, path: str) -> None:
+  """Validation loss against tokens (every arm; log scale for the from-scratch run) and, without
+  the from-scratch run, against tokens and against training FLOPs (the ledger)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  fig, (by_tokens, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for arm, r in results["arms"].items():
     tokens = [0] + r["tokens"]
     val = [r["val_at_init"]] + r["val_loss"]
-    by_tokens.plot(tokens, val, marker="o", ms=3, label=arm)
-    by_flops.plot([t * r["flops_per_token"] for t in tokens], val, marker="o", ms=3, label=arm)
-  for ax, xlabel in ((by_tokens, "training tokens"), (by_flops, "training FLOPs (ledger)")):
+    axes[0].plot(tokens, val, marker="o", ms=3, label=arm)
+    if arm != "scratch":
+      axes[1].plot(tokens, val, marker="o", ms=3, label=arm)
+      axes[2].plot([t * r["flops_per_token"] for t in tokens], val, marker="o", ms=3, label=arm)
+    else:
+      for ax in axes[1:]:
+        ax.plot([], [])  # keep each arm's colour in every panel
+  axes[0].set_yscale("log")
+  titles = ("every arm", "without the from-scratch MoE", "the same, against compute")
+  for ax, title, xlabel in zip(axes, titles, ("training tokens",) * 2 + ("training FLOPs",)):
     ax.xaxis.set_major_formatter(ticker.EngFormatter())
     ax.set_xlabel(xlabel)
-    ax.set_yscale("log")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-  by_tokens.set_ylabel("validation loss (held-out stdlib code)")
-  by_tokens.legend()
-  fig.suptitle("SmolLM2-135M-Instruct, continued six ways on the same tokens")
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+    ax.legend()
+  axes[0].set_ylabel("validation loss (held-out standard-library code)")
+  fig.suptitle("SmolLM2-135M-Instruct continued six ways on the same tokens")
+  fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv):
