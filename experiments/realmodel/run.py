@@ -69,6 +69,17 @@ def convert(gguf: str, root: str) -> float:
   return time.perf_counter() - t0
 
 
+def check_preset(root: str) -> None:
+  """The converted folder is the model the arms are configured for (arms.PRESET)."""
+  from esjax.interop import hf_config  # pylint: disable=g-import-not-at-top
+  from esjax.models import presets  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(arms_lib.hf_folder(root), "config.json"), encoding="utf-8") as f:
+    folder = hf_config.config_from_hf(json.load(f))
+  if folder != presets.get_preset(arms_lib.PRESET):
+    raise SystemExit(f"realmodel: {arms_lib.hf_folder(root)} holds {folder}, not the preset "
+                     f"{arms_lib.PRESET!r} the arms are configured for")
+
+
 def import_check(gguf: str, root: str) -> dict:
   """Largest |esjax - transformers| / max |transformers| of the logits on a code prompt:
   esjax on the converted folder against transformers on the folder and on the GGUF file
@@ -204,14 +215,15 @@ def main(argv):
   root = _ROOT.value
   os.makedirs(root, exist_ok=True)
   gguf = _GGUF.value or fetch_gguf(root)
-  results = {"gguf": os.path.basename(gguf), "convert_s": convert(gguf, root),
-             "import_rel_err": import_check(gguf, root),
-             "budget": dict(steps=_STEPS.value or arms_lib.STEPS, batch=arms_lib.BATCH,
-                            seq_len=arms_lib.SEQ_LEN),
-             "before": {"perplexity": perplexity(arms_lib.hf_folder(root), "arm=dense,root="
-                                                 f"{root}", root),
-                        "completions": completions(arms_lib.hf_folder(root))},
-             "arms": {}}
+  results = {"gguf": os.path.basename(gguf), "convert_s": convert(gguf, root)}
+  check_preset(root)
+  results["import_rel_err"] = import_check(gguf, root)
+  results["budget"] = dict(steps=_STEPS.value or arms_lib.STEPS, batch=arms_lib.BATCH,
+                           seq_len=arms_lib.SEQ_LEN)
+  results["before"] = {"perplexity": perplexity(arms_lib.hf_folder(root),
+                                                f"arm=dense,root={root}", root),
+                       "completions": completions(arms_lib.hf_folder(root))}
+  results["arms"] = {}
   print(json.dumps({k: results[k] for k in ("convert_s", "import_rel_err")}), flush=True)
   for arm in _ARMS.value:
     run = train_arm(arm, root, _STEPS.value)
