@@ -28,6 +28,7 @@ import zipfile
 
 from absl import app, flags
 
+from esjax import console
 from experiments.realmodel import arms as arms_lib
 
 _ROOT = flags.DEFINE_string("root", "/tmp/realmodel", "Where the model and the arms go.")
@@ -212,6 +213,7 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv):
   del argv
+  console.quiet_libraries()
   root = _ROOT.value
   os.makedirs(root, exist_ok=True)
   gguf = _GGUF.value or fetch_gguf(root)
