@@ -211,6 +211,28 @@ def plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+def report(results: dict) -> str:
+  """The README's table and first-step check, in markdown."""
+  before = results["before"]["perplexity"]
+  rows = ["| arm | params | GFLOP/token | val loss at init | first-step CE | val loss at end | "
+          "code ppl | prose ppl | wall s | peak RSS GiB |", "|---" * 10 + "|",
+          f"| (pretrained, before) | | | | | {before['val']['loss']:.4f} | "
+          f"{before['val']['token_perplexity']:.2f} | "
+          f"{before['prose']['token_perplexity']:.2f} | | |"]
+  for arm, r in results["arms"].items():
+    ppl = r["perplexity"]
+    rows.append(f"| {arm} | {r['params'] / 1e6:.0f}M | {r['flops_per_token'] / 1e9:.2f} | "
+                f"{r['val_at_init']:.4f} | {r['first_step_ce']:.7f} | {r['val_loss'][-1]:.4f} | "
+                f"{ppl['val']['token_perplexity']:.2f} | {ppl['prose']['token_perplexity']:.2f} | "
+                f"{r['wall_s']:.0f} | {r['peak_rss_gib']:.1f} |")
+  dense = results["arms"].get("dense")
+  if dense:
+    rows.append("")
+    rows += [f"- first-step CE, {arm} - dense: {r['first_step_ce'] - dense['first_step_ce']:+.2e}"
+             for arm, r in results["arms"].items() if arm != "dense"]
+  return "\n".join(rows)
+
+
 def main(argv):
   del argv
   console.quiet_libraries()
@@ -240,6 +262,9 @@ def main(argv):
   with open(os.path.join(root, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
   plot(results, os.path.join(root, "realmodel.png"))
+  with open(os.path.join(root, "results.md"), "w", encoding="utf-8") as f:
+    f.write(report(results) + "\n")
+  print(report(results))
 
 
 if __name__ == "__main__":
