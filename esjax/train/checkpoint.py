@@ -180,7 +180,7 @@ class Checkpointer:
     """Saves only parameters (the model's own tree) and model config: a checkpoint to start
     runs from (`checkpoint.init_from`) or to evaluate, not to resume (no optimizer state)."""
     self.wait()
-    return self._write(step, dict(params=ocp.args.StandardSave(_str_layers(params)),
+    return self._write(step, dict(params=ocp.args.StandardSave(relayout.str_layers(params)),
                                   model_config=ocp.args.JsonSave(model_cfg.to_dict()),
                                   layout=ocp.args.JsonSave({"format": FORMAT})))
 
@@ -400,19 +400,5 @@ def _read_model_tree(ckpt: Checkpointer, step: int, item: str, shapes: Any, shar
                         shapes, shardings)
   saved, _ = ckpt.stacking(step)
   if saved is None:
-    return _int_layers(ckpt.restore_item(step, item, _str_layers(target)))
+    return relayout.int_layers(ckpt.restore_item(step, item, relayout.str_layers(target)))
   return shard_reader.read(os.path.join(ckpt.step_dir(step), item), saved, target)
-
-
-def _str_layers(tree: dict[str, Any]) -> dict[str, Any]:
-  """The model's tree with its layers keyed "0", "1", ... as checkpoints store them."""
-  if stages.LAYERS not in tree:
-    return tree
-  return {**tree, stages.LAYERS: {str(i): v for i, v in tree[stages.LAYERS].items()}}
-
-
-def _int_layers(tree: dict[str, Any]) -> dict[str, Any]:
-  if stages.LAYERS not in tree:
-    return tree
-  layers = {int(i): v for i, v in tree[stages.LAYERS].items()}
-  return {**tree, stages.LAYERS: dict(sorted(layers.items()))}

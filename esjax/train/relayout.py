@@ -109,9 +109,21 @@ def split(tree: Any, fmt: stages.StageFormat) -> Any:
 
   def one(stacked):
     slots = {p: stages.map_dicts(_split_leaf, t) for p, t in stacked[stages.STAGES].items()}
-    tree = stages.unstack({**stacked, stages.STAGES: slots}, fmt)
-    if stages.LAYERS in tree:
-      tree[stages.LAYERS] = {str(i): v for i, v in tree[stages.LAYERS].items()}
-    return tree
+    return str_layers(stages.unstack({**stacked, stages.STAGES: slots}, fmt))
 
   return map_stacked(one, tree)
+
+
+def str_layers(tree: dict[str, Any]) -> dict[str, Any]:
+  """The model's tree with its layers keyed "0", "1", ... as checkpoints store them."""
+  if stages.LAYERS not in tree:
+    return tree
+  return {**tree, stages.LAYERS: {str(i): v for i, v in tree[stages.LAYERS].items()}}
+
+
+def int_layers(tree: dict[str, Any]) -> dict[str, Any]:
+  """`str_layers` undone: the layers keyed 0, 1, ... in order."""
+  if stages.LAYERS not in tree:
+    return tree
+  layers = {int(i): v for i, v in tree[stages.LAYERS].items()}
+  return {**tree, stages.LAYERS: dict(sorted(layers.items()))}
