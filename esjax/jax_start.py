@@ -49,7 +49,11 @@ def import_jax() -> None:
       import jax  # pylint: disable=g-import-not-at-top
       from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
       jax.config.update("jax_platforms", "cpu")
-      xla_bridge._discover_and_register_pjrt_plugins()  # pylint: disable=protected-access
+      # Private (jax has no public way to load plugins without starting a backend): where a
+      # jax lacks it, the plugin's line at backend start is simply not filtered.
+      register = getattr(xla_bridge, "_discover_and_register_pjrt_plugins", None)
+      if register is not None:
+        register()
     finally:
       sys.stderr.flush()
       os.dup2(saved, 2)
