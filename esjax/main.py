@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import jax
 from absl import app, flags, logging
@@ -128,8 +129,10 @@ def _one_line(e: BaseException) -> str:
 def _exit(message: str) -> None:
   """Exits with status 1 after `message`, without waiting for the threads a failed
   checkpoint save leaves behind (orbax's, blocked on a signal that never comes: the
-  interpreter would wait for them forever)."""
+  interpreter would wait for them forever), and without a warning for each write such a
+  save scheduled and never started (orbax stops its loop at the first failed write)."""
   print(message, file=sys.stderr, flush=True)
+  warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
   others = [t for t in threading.enumerate()
             if t is not threading.main_thread() and t.is_alive() and not t.daemon]
   if others:

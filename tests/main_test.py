@@ -99,6 +99,46 @@ def test_empty_dataset_and_bad_config_arg(tmp_path):
   assert len(out.stderr.strip().splitlines()) == 1
 
 
+# A save that fails the way orbax's can: each array's writer opens its file, then gathers its
+# writes, in a loop run to the first error and closed. The writer that opens in the step the
+# loop stops in schedules writes that never start (here the one with 3 opens' delay).
+_FAILED_SAVE = """
+import asyncio, sys
+from absl import app
+from esjax import main
+async def write():
+  await asyncio.sleep(1)
+async def serialize(delay):
+  for _ in range(delay):  # opening the array's file
+    await asyncio.sleep(0)
+  if delay == 0:
+    raise OSError("No space left on device")
+  await asyncio.gather(*[write() for _ in range(4)])
+async def save():
+  await asyncio.gather(*[serialize(delay) for delay in range(8)])
+def train_and_evaluate(*args, **kwargs):
+  loop = asyncio.new_event_loop()
+  try:
+    loop.run_until_complete(save())
+  except OSError as e:
+    raise ValueError("no space left on device while saving checkpoint step 4") from e
+  finally:
+    loop.close()
+main.loop.train_and_evaluate = train_and_evaluate
+sys.argv = [sys.argv[0], "--config=esjax/configs/tiny.py", "--workdir=/nonexistent"]
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_a_failed_save_with_writes_left_unstarted_is_still_one_line():
+  """The writes an abandoned save never started are collected without a warning each."""
+  out = subprocess.run([sys.executable, "-c", _FAILED_SAVE], cwd=ROOT, env=main_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert out.stderr == ("esjax: error: no space left on device while saving checkpoint "
+                        "step 4\n"), out.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tmp_path):
   """A run SIGKILLed mid-training (checkpointing every step, asynchronously, so the kill
