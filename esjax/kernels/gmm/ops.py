@@ -1,0 +1,120 @@
+"""The grouped SwiGLU on the Hopper grouped-matmul kernels, with its VJP (`swiglu_gmm`).
+
+Same contract as `esjax.routing.grouped.swiglu_ragged`: rows [N, D] sorted by group with
+`group_sizes` [G], weights w_gate, w_up [G, D, F] and w_down [G, F, D]; rows past
+`sum(group_sizes)` (finite, e.g. the zeros of an EP buffer's tail) come back as zeros. The
+work is the routed rows: forward 3 `gmm`, backward 3 `gmm` (the input gradients through the
+transposed weights) and 3 `tgmm` (the weight gradients). The residuals are those of
+`swiglu_ragged` (rows, gate and up products; the activation is recomputed).
+
+Each kernel call runs in a named scope `declared_flops_<n>` that the planner reads (Mosaic
+GPU drops a kernel's cost estimate in lowering): n is the kernel's work when the router
+sends `expected_rows` of the N rows (default N), each group adding at most one part-filled
+row block: 2 x tile rows x K x N per row block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from esjax.kernels.gmm import kernel
+from esjax.sharding import collectives as col
+
+DECLARED_FLOPS = "declared_flops_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Static options: tiles, the target's SM count, the interpreter (tests) and the rows a
+  balanced router sends (what the declared cost assumes; None: all rows)."""
+  tiles: kernel.Tiles = kernel.Tiles()
+  num_sms: int = kernel.H100_SMS
+  interpret: Any = None
+  expected_rows: int | None = None
+
+
+def _declared(opts: Options, n_rows: int, n_groups: int, k: int, n: int) -> int:
+  bm = opts.tiles.m
+  rows = n_rows if opts.expected_rows is None else min(opts.expected_rows, n_rows)
+  blocks = min(kernel.max_items(n_rows, n_groups, bm), math.ceil(rows / bm) + n_groups)
+  return 2 * blocks * bm * k * n
+
+
+def _gmm(x, w, sched, gs, opts: Options, transpose: bool = False):
+  n = w.shape[1] if transpose else w.shape[2]
+  with jax.named_scope(f"{DECLARED_FLOPS}{_declared(opts, x.shape[0], gs.shape[0], x.shape[1], n)}"):
+    return kernel.gmm(x, w.astype(x.dtype), sched, tiles=opts.tiles, transpose_rhs=transpose,
+                      num_sms=opts.num_sms, interpret=opts.interpret)
+
+
+def _tgmm(x, y, gs, opts: Options):
+  with jax.named_scope(f"{DECLARED_FLOPS}{_declared(opts, x.shape[0], gs.shape[0], x.shape[1], y.shape[1])}"):
+    return kernel.tgmm(x, y, gs, tiles=opts.tiles, num_sms=opts.num_sms,
+                       interpret=opts.interpret)
+
+
+def _swiglu(gate, up):
+  return jax.nn.silu(gate) * up
+
+
+def _routed(x, gs):
+  """x with the rows past sum(gs) zeroed (the kernels leave them unwritten)."""
+  return jnp.where((jnp.arange(x.shape[0]) < jnp.sum(gs))[:, None], x, jnp.zeros_like(x))
+
+
+def _pad(rows, block: int):
+  extra = -rows.shape[0] % block
+  return rows if not extra else jnp.pad(rows, ((0, extra), (0, 0)))
+
+
+def _forward(rows, gs, w_gate, w_up, w_down, opts: Options):
+  sched = kernel.schedule(gs, rows.shape[0], opts.tiles.m)
+  gate = _routed(_gmm(rows, w_gate, sched, gs, opts), gs)
+  up = _routed(_gmm(rows, w_up, sched, gs, opts), gs)
+  out = _routed(_gmm(_swiglu(gate, up), w_down, sched, gs, opts), gs)
+  return out, (gate, up, sched)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down, opts):
+  return _forward(rows, group_sizes, w_gate, w_up, w_down, opts)[0]
+
+
+def _fwd(rows, group_sizes, w_gate, w_up, w_down, opts):
+  out, (gate, up, _) = _forward(rows, group_sizes, w_gate, w_up, w_down, opts)
+  return out, (rows, group_sizes, w_gate, w_up, w_down, gate, up)
+
+
+def _bwd(opts, res, dy):
+  rows, gs, w_gate, w_up, w_down, gate, up = res
+  sched = kernel.schedule(gs, rows.shape[0], opts.tiles.m)
+  dy = _routed(dy.astype(rows.dtype), gs)
+  h, act_pull = jax.vjp(_swiglu, gate, up)
+  dh = _routed(_gmm(dy, w_down, sched, gs, opts, transpose=True), gs)
+  d_gate, d_up = act_pull(dh)
+  dx = _routed(_gmm(d_gate, w_gate, sched, gs, opts, transpose=True)
+               + _gmm(d_up, w_up, sched, gs, opts, transpose=True), gs)
+  grads = (dx, _tgmm(rows, d_gate, gs, opts), _tgmm(rows, d_up, gs, opts),
+           _tgmm(h, dy, gs, opts))
+  dx, dwg, dwu, dwd = (col.like_primal(g.astype(p.dtype), p) for g, p in
+                       zip(grads, (rows, w_gate, w_up, w_down)))
+  return dx, None, dwg, dwu, dwd
+
+
+_swiglu_gmm.defvjp(_fwd, _bwd)
+
+
+def swiglu_gmm(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+               w_down: jax.Array, opts: Options = Options()) -> jax.Array:
+  """Grouped SwiGLU of `rows` [N, D] on the kernels (see the module docstring). The rows are
+  padded to a multiple of the tile rows for the weight-gradient kernel where needed."""
+  n = rows.shape[0]
+  out = _swiglu_gmm(_pad(rows, opts.tiles.m), group_sizes.astype(jnp.int32), w_gate, w_up,
+                    w_down, opts)
+  return out[:n]

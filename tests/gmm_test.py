@@ -1,0 +1,94 @@
+"""The Hopper grouped-matmul kernels (esjax.kernels.gmm), run in Pallas' GPU interpreter on the
+CPU, against float64 numpy loops over the groups' rows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gmm_interpret
+from esjax.kernels.gmm import kernel, ops
+
+TILES = kernel.Tiles(m=64, k=64, n=64, stages=2)
+
+
+def _bf16(rng, *shape):
+  """Normal values, rounded to bfloat16 (so float64 products of them are exact references)."""
+  return jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+
+
+def _bounds(sizes):
+  ends = np.cumsum(sizes)
+  return ends - np.asarray(sizes), ends
+
+
+@pytest.mark.parametrize("sizes,m", [([70, 0, 50], 192), ([64, 64], 128), ([0, 0, 0], 64),
+                                     ([1, 127, 3, 0, 60], 256)])
+def test_schedule_lists_each_group_block_pair_once(sizes, m):
+  """Item by item, the (group, row block, row range) pairs a loop over groups and blocks
+  gives; the count is theirs and no row past the groups is in an item."""
+  want = []
+  for g, (lo, hi) in enumerate(zip(*_bounds(sizes))):
+    for block in range(m // TILES.m):
+      start, end = max(lo, block * TILES.m), min(hi, (block + 1) * TILES.m)
+      if start < end:
+        want.append((g, block, start, end))
+  got = jax.tree.map(np.asarray, kernel.schedule(jnp.asarray(sizes), m, TILES.m))
+  assert got.count[0] == len(want) <= kernel.max_items(m, len(sizes), TILES.m)
+  assert list(zip(got.group, got.block, got.start, got.end))[:len(want)] == want
+
+
+def _reference(rows, sizes, wg, wu, wd, dy):
+  """Output and gradients of the grouped SwiGLU in float64, one group's rows at a time."""
+  x, wg, wu, wd, dy = (np.asarray(a, np.float64) for a in (rows, wg, wu, wd, dy))
+  out, dx = np.zeros_like(x), np.zeros_like(x)
+  dwg, dwu, dwd = np.zeros_like(wg), np.zeros_like(wu), np.zeros_like(wd)
+  for g, (lo, hi) in enumerate(zip(*_bounds(sizes))):
+    xg, dyg = x[lo:hi], dy[lo:hi]
+    gate, up = xg @ wg[g], xg @ wu[g]
+    sig = 1 / (1 + np.exp(-gate))
+    h = gate * sig * up
+    out[lo:hi] = h @ wd[g]
+    dh = dyg @ wd[g].T
+    d_gate = dh * up * sig * (1 + gate * (1 - sig))
+    d_up = dh * gate * sig
+    dx[lo:hi] = d_gate @ wg[g].T + d_up @ wu[g].T
+    dwg[g], dwu[g], dwd[g] = xg.T @ d_gate, xg.T @ d_up, h.T @ dyg
+  return out, (dx, dwg, dwu, dwd)
+
+
+@pytest.mark.parametrize("sizes,n_rows", [([70, 0, 50], 150), ([0, 64, 64], 128)])
+def test_swiglu_gmm_matches_a_loop_over_groups(sizes, n_rows):
+  """Forward and VJP at bfloat16 (float32 accumulation): rows past the groups (150 - 120
+  here, NaN-free but nonzero) come back as zeros with zero gradients, an expert without rows
+  gets zero weight gradients, and a row count that is not a multiple of the tile is padded."""
+  rng = np.random.default_rng(0)
+  d, f, g = 64, 128, len(sizes)
+  rows = _bf16(rng, n_rows, d)
+  wg, wu, wd = _bf16(rng, g, d, f) * 0.2, _bf16(rng, g, d, f) * 0.2, _bf16(rng, g, f, d) * 0.2
+  dy = _bf16(rng, n_rows, d)
+  gs = jnp.asarray(sizes, jnp.int32)
+  with gmm_interpret.transposes_supported() as interpret:
+    opts = ops.Options(tiles=TILES, interpret=interpret)
+    out, pull = jax.vjp(lambda x, a, b, c: ops.swiglu_gmm(x, gs, a, b, c, opts), rows, wg, wu, wd)
+    grads = pull(dy)
+  want_out, want_grads = _reference(rows, sizes, wg, wu, wd, dy)
+  total = sum(sizes)
+  np.testing.assert_array_equal(np.asarray(out[total:], np.float32), 0)
+  np.testing.assert_array_equal(np.asarray(grads[0][total:], np.float32), 0)
+  for got, want in zip((out, *grads), (want_out, *want_grads)):
+    got = np.asarray(got, np.float64)
+    scale = np.abs(want).max() + 1e-9
+    assert np.abs(got - want).max() <= 2e-2 * scale, (np.abs(got - want).max(), scale)
+  for i, size in enumerate(sizes):
+    if size == 0:
+      for dw in grads[1:]:
+        np.testing.assert_array_equal(np.asarray(dw[i], np.float32), 0)
+
+
+def test_declared_cost_counts_the_routed_row_blocks():
+  """2 x tile rows x K x N per row block: the routed rows' blocks plus one per group, at most
+  every block plus one per group boundary."""
+  opts = ops.Options(tiles=TILES, expected_rows=300)
+  assert ops._declared(opts, 1024, 4, 64, 128) == 2 * 64 * 64 * 128 * (5 + 4)
+  assert ops._declared(ops.Options(tiles=TILES), 128, 4, 64, 128) == 2 * 64 * 64 * 128 * (2 + 3)
