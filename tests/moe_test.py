@@ -17,6 +17,7 @@ from flax import nnx
 from esjax.models import ModelConfig, Transformer
 from esjax.models import moe as moe_lib
 from esjax.models.presets import PRESETS
+from esjax.routing import expert_parallel
 from esjax.sharding.plan import ParallelPlan
 
 B, S, D, E, F, K = 2, 6, 8, 4, 6, 2
@@ -272,3 +273,10 @@ def test_bfloat16_blocked_matches_ragged():
   x64 = np.asarray(x.astype(jnp.float32), np.float64)
   ref = ref_forward(p, x64, cfg, *ref_decisions(p, x64, cfg), np)
   np.testing.assert_allclose(outs[1], ref, rtol=5e-2, atol=5e-2)
+
+
+def test_gmm_impl_off_a_gpu_is_a_one_line_error():
+  """The Hopper kernels of moe_impl='gmm' do not run on the CPU backend: said, not tried."""
+  with pytest.raises(ValueError, match=r"moe_impl='gmm' runs on Hopper GPUs, not on 'cpu'"):
+    expert_parallel.grouped_fn(BASE.replace(moe_impl="gmm"), ParallelPlan.single("cpu"),
+                               None, None, None)

@@ -91,6 +91,7 @@ _GPU_HLO = """HloModule m, entry_computation_layout={()->f32[]}
   %custom-call.5 = (bf16[64,512]{1,0}, s8[4194304]{0}) custom-call(%gte.1, %gte.2), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(f)/transpose(jvp(experts))/dot_general"}, backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
   %custom-call.6 = (f32[64,8], s8[16]{0}) custom-call(%gte.1), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(f)/attn"}
   %custom-call.7 = f32[64,8] custom-call(%gte.1), custom_call_target="my_kernel", backend_config={"cost_estimate": {"flops": "1000", "transcendentals": 0}}
+  %custom-call.8 = bf16[64,512]{1,0} custom-call(%gte.1, %gte.2), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(f)/experts/declared_flops_5000/pallas_call"}
   ROOT %t = (s32[], bf16[64,256]{1,0}, bf16[256,512]{1,0}) tuple(%gte.1, %gte.1, %gte.2)
 }
 
@@ -113,10 +114,11 @@ ENTRY %main () -> f32[] {
 def test_gpu_formats_split_k_fusions_cublas_calls_and_unpriced_kernels():
   """Compiled XLA:GPU text as the deviceless H100 compile prints it (trimmed): a Triton GEMM
   fusion with split-K 8 (K = 8 x 32), a cuBLASLt call in a loop of 3, a cuDNN call without a
-  cost, and a kernel that declares its cost."""
+  cost, a kernel that declares its cost in its backend config and one (Mosaic GPU's) that
+  declares it in its op name."""
   c = matmuls.count(_GPU_HLO, PARTS)
-  assert c.by_part == {"mlp": 2 * 64 * 256 * 256, "experts": 3 * 2 * 64 * 512 * 256,
-                       matmuls.OTHER: 3 * 1000}
+  assert c.by_part == {"mlp": 2 * 64 * 256 * 256,
+                       "experts": 3 * 2 * 64 * 512 * 256 + 3 * 5000, matmuls.OTHER: 3 * 1000}
   assert c.unpriced == {"__cudnn$fmhaSoftmax": 3}
 
 

@@ -5,11 +5,13 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 
 from esjax.configs import common, presets, tiny
-from esjax.plan import dryrun, search, table, targets
+from esjax.plan import dryrun, hlo, search, table, targets
+from esjax.routing import expert_parallel
 from esjax.sharding.layout import Layout, check_model
 
 
@@ -145,3 +147,48 @@ def test_long_context_step_memory_is_the_activations_that_must_live():
   r = dryrun.plan(c, targets.get("cpu"), 1)
   assert r.memory["temporaries"] <= 2 * per_token * 16384, (
       r.memory["temporaries"] / 2**20, per_token * 16384 / 2**20)
+
+
+def _expert_operand_widths(hlo_text: str) -> list[tuple[int, str]]:
+  """(last dimension, instruction) of each array of rank >= 2 that a matmul (dot or custom
+  call: cuBLAS, a kernel) in the routed experts' scope produces or reads."""
+  shapes = {}
+  found = []
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+(?: \S+)?) ", line)
+    if not m:
+      continue
+    shapes[m.group(1)] = m.group(2)
+    if (f"/{expert_parallel.SCOPE_EXPERTS}/" not in line
+        or not re.search(r" (dot|custom-call)\(", line)):
+      continue
+    for name in [m.group(1), *re.findall(r"%([\w.\-]+)", line.split("=", 1)[1])]:
+      for _, dims in hlo.dims(shapes.get(name, "")):
+        if len(dims) >= 2:
+          found.append((dims[-1], f"{name}: {line.strip()[:160]}"))
+  return found
+
+
+@needs_plugin
+def test_qwen2_experts_on_h100_read_no_operand_wider_than_a_weight():
+  """Qwen2-57B-A14B's MoE layer (64 experts, 16 per EP rank, D 3584, F 2560) compiled for 8
+  H100s deviceless: with the grouped-matmul kernels no array in the experts' scope is wider
+  than the widest weight (moe_impl='ragged' lowers to a dense dot over [rows, 16 x 3584])."""
+  c = presets.get_config("qwen2-57b-a14b")
+  c.model.n_layers, c.train.batch_size, c.train.seq_len = 1, 8, 1024
+  c.model.moe_impl = "gmm"
+  for k, v in dict(pp=1, dp=4, tp=2, ep=4, etp=1, schedule="1f1b", virtual_stages=1,
+                   microbatches=1).items():
+    c.parallel[k] = v
+  r = dryrun.plan(c, targets.get("h100"), 8)
+  cfg = common.model_config(c)
+  widest = max(cfg.d_model, cfg.effective_d_ff_expert)
+  widths = _expert_operand_widths(r.hlo)
+  assert widths, "no instruction in the experts' scope"
+  too_wide = [w for w in widths if w[0] > widest]
+  assert not too_wide, too_wide[:3]
+  experts = {x["part"]: x for x in r.flops}["experts"]
+  # The model's FLOPs times remat="full"'s recomputed forward (4/3) times the row blocks
+  # (1,024 tokens x top-8 in 128-row blocks, one more per local expert: 80 / 64); ragged_dot
+  # multiplies every row by all 16 local experts.
+  assert experts["ratio"] <= 4 / 3 * 80 / 64 + 1e-9, experts

@@ -16,7 +16,7 @@ from esjax.routing.router import resolve_renormalize
 SCORE_FNS = ("softmax", "sigmoid")
 ROUTING_ORDERS = ("topk_softmax", "softmax_topk")
 DROP_POLICIES = ("probs", "position")
-MOE_IMPLS = ("auto", "ragged", "blocked")
+MOE_IMPLS = ("auto", "ragged", "blocked", "gmm")
 ROUTER_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 # Activation checkpointing per decoder layer (esjax.models.transformer.REMAT_POLICIES):
@@ -117,7 +117,8 @@ class ModelConfig:
   # rows past it are dropped and counted (ep_overflow_fraction). 0: the worst case, exact.
   ep_buffer_factor: float = EP_BUFFER_FACTOR
   # Grouped matmul: "ragged" (lax.ragged_dot, GPU/TPU), "blocked" (tiles, fast on CPU),
-  # "auto" (blocked on the CPU backend, ragged elsewhere). Same numbers either way.
+  # "gmm" (esjax.kernels.gmm: Hopper kernels whose work is the routed rows), "auto" (blocked
+  # on the CPU backend, ragged elsewhere). Same numbers each way.
   moe_impl: str = "auto"
   moe_block_size: int = 128  # tile rows for moe_impl="blocked"
   router_impl: str = "xla"

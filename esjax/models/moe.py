@@ -21,6 +21,7 @@ from flax import nnx
 from esjax.models import layers
 from esjax.models.config import ModelConfig
 from esjax.models.mlp import MLP
+from esjax.kernels.gmm import ops as gmm_kernel
 from esjax.kernels.routing import ops as routing_kernel
 from esjax.routing import expert_parallel, router
 from esjax.sharding.plan import ParallelPlan
@@ -36,6 +37,12 @@ def routing_for(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None = No
     return routing_kernel.route(logits, cfg.top_k, **kwargs)
   return router.route(logits, cfg.top_k, bias=bias, n_groups=cfg.n_expert_groups,
                       top_k_groups=cfg.top_k_groups, **kwargs)
+
+
+def grouped_kernel(rows, group_sizes, w_gate, w_up, w_down, expected_rows: int | None):
+  """moe_impl='gmm': the grouped SwiGLU on the Hopper kernels (esjax.kernels.gmm)."""
+  return gmm_kernel.swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down,
+                               gmm_kernel.Options(expected_rows=expected_rows))
 
 
 class ExpertBias(nnx.Variable):
@@ -88,7 +95,7 @@ class MoE(nnx.Module):
     y, stats = expert_parallel.routed_experts(
         x, self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...],
         cfg=self.cfg, plan=self.plan, mask=mask,
-        route=functools.partial(routing_for, self.cfg, bias=bias))
+        route=functools.partial(routing_for, self.cfg, bias=bias), kernel=grouped_kernel)
     if self.cfg.n_shared_experts:
       y = y + self.shared_out(x)
     return y, stats

@@ -121,6 +121,7 @@ class Result:
   flops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   notes: list[str] = dataclasses.field(default_factory=list)
   xla_flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+  hlo: str = dataclasses.field(default="", repr=False)  # the optimized HLO (not in the JSON)
 
   @property
   def waste(self) -> dict[str, float]:
@@ -202,7 +203,7 @@ def plan(config: Any, target: targets_lib.Target, n_devices: int,
                 memory=memory, fits=memory["peak"] <= target.usable_bytes and not remat_failed,
                 collectives=collectives, analytic_bytes=work.minimum_bytes(),
                 prediction=prediction, compile_s={"lower": t1 - t0, "compile": t2 - t1},
-                flops=flops, notes=notes, xla_flags=dict(xla_flags))
+                flops=flops, notes=notes, xla_flags=dict(xla_flags), hlo=text)
 
 
 @contextlib.contextmanager

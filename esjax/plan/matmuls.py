@@ -8,11 +8,13 @@ Counted, per device and per step (each weighed by how many times its computation
   is a batch dimension of the dot): 2 x prod(result) x prod(lhs contracting dims);
 - cuBLAS / cuBLASLt GEMM custom calls, by the dimension numbers in their backend config;
 - `convolution` ops: 2 x prod(result) x (kernel elements per output feature);
-- kernels that declare a cost in their backend config (Pallas on TPU: `cost_estimate`).
+- kernels that declare a cost in their backend config (Pallas on TPU: `cost_estimate`), or
+  in a named scope `declared_flops_<n>` of their op name (Mosaic GPU drops the backend
+  config's: esjax's grouped-matmul kernels, `esjax.kernels.gmm.ops`).
 
 Other custom calls that may compute (cuDNN fused attention, Triton and Mosaic GPU Pallas
-kernels, which drop their declared cost in lowering) are listed in `unpriced` with their
-executions per step, never silently counted as zero.
+kernels without a declared cost) are listed in `unpriced` with their executions per step,
+never silently counted as zero.
 
 Each FLOP is given to the innermost model part whose named scope is in its op name
 (`parts`: scope -> part, e.g. the attention projections, core attention, MLP, routed
@@ -39,6 +41,7 @@ _NO_FLOPS = ("Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "Alloca
              "TopK")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _COST = re.compile(r'"cost_estimate":\s*\{[^}]*"flops":\s*"?(\d+)')
+_SCOPE_COST = re.compile(r'op_name="[^"]*\bdeclared_flops_(\d+)')
 _DIMS = re.compile(r"\b(lhs_contracting_dims|lhs_batch_dims)=\{([\d,]*)\}")
 _DIM_LABELS = re.compile(r"dim_labels=\w+_(\w+)->\w+")
 
@@ -109,7 +112,7 @@ def instruction_flops(opcode: str, shape_text: str, rest: str, shapes: dict[str,
     contracting = [int(x) for x in numbers["lhs_contracting_dimensions"]]
     return 2.0 * _result_size(shape_text) * _contracted(
         shapes.get(_operands(rest)[0], ""), contracting), None
-  cost = _COST.search(rest)
+  cost = _COST.search(rest) or _SCOPE_COST.search(rest)
   if cost:
     return float(cost.group(1)), None
   if name in _NO_FLOPS:

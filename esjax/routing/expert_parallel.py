@@ -51,11 +51,26 @@ def block_rows(cfg, n_rows: int, n_groups: int) -> int:
   return max(1, min(cfg.moe_block_size, 1 << (per_group - 1).bit_length()))
 
 
-def grouped_fn(cfg, plan: ParallelPlan, w_gate, w_up, w_down) -> dispatch.GroupedFn:
-  """The grouped SwiGLU `(rows, group_sizes) -> out` of `cfg.moe_impl` on `plan`'s platform."""
-  if plan.moe_impl(cfg.moe_impl) == "blocked":
+# The grouped SwiGLU of moe_impl="gmm", `(rows, group_sizes, w_gate, w_up, w_down,
+# expected_rows) -> out` (esjax.kernels.gmm.ops.swiglu_gmm, given by the model).
+KernelFn = Callable[..., jax.Array]
+
+
+def grouped_fn(cfg, plan: ParallelPlan, w_gate, w_up, w_down, kernel: KernelFn | None = None,
+               expected_rows: int | None = None) -> dispatch.GroupedFn:
+  """The grouped SwiGLU `(rows, group_sizes) -> out` of `cfg.moe_impl` on `plan`'s platform;
+  `expected_rows`: how many of the rows a balanced router fills (the kernel's declared cost)."""
+  impl = plan.moe_impl(cfg.moe_impl)
+  if impl == "blocked":
     return lambda rows, gs: grouped.swiglu_blocked(
         rows, gs, w_gate, w_up, w_down, block_rows(cfg, rows.shape[0], w_gate.shape[0]))
+  if impl == "gmm":
+    if plan.platform != "gpu":
+      raise ValueError(f"moe_impl='gmm' runs on Hopper GPUs, not on {plan.platform!r}: use "
+                       "'auto'")
+    if kernel is None:
+      raise ValueError("moe_impl='gmm': no grouped-matmul kernel was given to the MoE layer")
+    return lambda rows, gs: kernel(rows, gs, w_gate, w_up, w_down, expected_rows)
   return lambda rows, gs: grouped.swiglu_ragged(rows, gs, w_gate, w_up, w_down)
 
 
@@ -69,10 +84,12 @@ def swiglu_batched(buffers: jax.Array, w_gate, w_up, w_down) -> jax.Array:
 
 def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: ParallelPlan,
                    route: Callable[[jax.Array], router.Routing],
-                   mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   mask: jax.Array | None = None, kernel: KernelFn | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """x [B_l, S_l, D] this device's tokens -> (routed output [B_l, S_l, D], router stats of the
   micro-batch). Expert weights are this device's shards: [E/ep, D, F/etp] and [E/ep, F/etp, D].
-  `route(logits [T, E]) -> Routing` picks the experts (the XLA reference or the Pallas kernel).
+  `route(logits [T, E]) -> Routing` picks the experts (the XLA reference or the Pallas kernel);
+  `kernel` is moe_impl='gmm''s grouped SwiGLU (routing does not import the kernels).
   `mask` [B_l, S] (1: the token counts; S is the cp rank's sequence, of which this tp rank
   holds a slice) keeps padding out of the router losses and the expert load.
   """
@@ -93,13 +110,13 @@ def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: P
   overflow = jnp.zeros((), jnp.float32)
   with jax.named_scope(SCOPE_EXPERTS):
     if plan.ep or plan.etp:
-      y, overflow = _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan)
+      y, overflow = _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan, kernel)
     elif keep is not None and cfg.pad_to_capacity:
       y = dispatch.capacity_moe(tokens, r.indices, r.weights, cfg.n_experts, cap, positions,
                                 lambda b: swiglu_batched(b, *w))
     else:
       y = dispatch.grouped_moe(tokens, r.indices, r.weights, cfg.n_experts,
-                               grouped_fn(cfg, plan, *w), keep)
+                               grouped_fn(cfg, plan, *w, kernel), keep)
   token_mask = None if mask is None else mask.reshape(bl * sl)
   stats = router_stats(cfg, plan, logits, r, keep, bl, sl, token_mask)
   return y.reshape(bl, sl, d), {**stats, "ep_overflow_fraction": overflow}
@@ -204,7 +221,8 @@ def ep_block_rows(cfg, n_rows: int, ep: int, cap: int | None) -> int:
   return bound
 
 
-def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan):
+def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan,
+                     kernel: KernelFn | None):
   """(routed output [T_l, D], the share of routed rows that overflowed their EP block) with
   the experts spread over ep (and their width over etp)."""
   e, k = cfg.n_experts, cfg.top_k
@@ -255,7 +273,7 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
     def experts(rows, ids):
       return dispatch.grouped_moe(
           rows, jnp.minimum(ids, nle - 1)[:, None], jnp.ones(ids.shape + (1,), jnp.float32),
-          nle, grouped_fn(cfg, plan, *w), (ids < nle)[:, None])
+          nle, grouped_fn(cfg, plan, *w, kernel, n_rows * k), (ids < nle)[:, None])
 
   if plan.ep_dispatch == "ragged" and ep_axes and not padded:
     out = _ragged_exchange(rows, ids, nle, bound, ep_axes, experts)

@@ -49,14 +49,16 @@ def _declared(opts: Options, n_rows: int, n_groups: int, k: int, n: int) -> int:
 def _gmm(x, w, sched, gs, opts: Options, transpose: bool = False):
   n = w.shape[1] if transpose else w.shape[2]
   with jax.named_scope(f"{DECLARED_FLOPS}{_declared(opts, x.shape[0], gs.shape[0], x.shape[1], n)}"):
-    return kernel.gmm(x, w.astype(x.dtype), sched, tiles=opts.tiles, transpose_rhs=transpose,
-                      num_sms=opts.num_sms, interpret=opts.interpret)
+    out = kernel.gmm(x, w.astype(x.dtype), sched, tiles=opts.tiles, transpose_rhs=transpose,
+                     num_sms=opts.num_sms, interpret=opts.interpret)
+  return col.match_vma(out, x, w, gs)  # a kernel's result varies as its operands do
 
 
 def _tgmm(x, y, gs, opts: Options):
   with jax.named_scope(f"{DECLARED_FLOPS}{_declared(opts, x.shape[0], gs.shape[0], x.shape[1], y.shape[1])}"):
-    return kernel.tgmm(x, y, gs, tiles=opts.tiles, num_sms=opts.num_sms,
-                       interpret=opts.interpret)
+    out = kernel.tgmm(x, y, gs, tiles=opts.tiles, num_sms=opts.num_sms,
+                      interpret=opts.interpret)
+  return col.match_vma(out, x, y, gs)
 
 
 def _swiglu(gate, up):
