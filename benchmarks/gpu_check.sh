@@ -9,7 +9,9 @@
 #
 # Parts: the platform (nvidia-smi, jax's devices); the Pallas routing kernel tests on Triton
 # and the cuDNN attention tests (pytest -m gpu_only); the routing kernel against lax.top_k and
-# the memory floor in bf16 (benchmarks.routing); cuDNN flash attention against the plain path
+# the memory floor in bf16 (benchmarks.routing); the grouped-matmul kernels (moe_impl=gmm)
+# against ragged_dot and a dense matmul of the routed FLOPs at the Mixtral-8x7B and Qwen2-57B
+# expert shapes, forward + backward (benchmarks.gmm); cuDNN flash attention against the plain path
 # at 4k and 8k, forward + backward (benchmarks.attention); MFU of the real train step in bf16
 # on the largest MoE one GPU holds at sequence 4096 (benchmarks.mfu gpu-mixtral) against the
 # bf16 matmul peak measured in the same run (anchors: Megatron 49.3% Mixtral 8x22B, NeMo 46.8%,
@@ -65,6 +67,7 @@ else
   skip kernels_triton "pytest is not installed for $PY"
 fi
 part routing_bf16 90 "$PY" -m benchmarks.routing --dtype bfloat16
+part gmm_bf16 150 "$PY" -m benchmarks.gmm --rounds 5
 part attention_cudnn 90 "$PY" -m benchmarks.attention --impl xla,cudnn --seq 4096,8192 \
   --dtype bfloat16
 part mfu_bf16 200 "$PY" -m benchmarks.mfu --dtype bfloat16 --configs gpu-mixtral --repeats 5

@@ -107,3 +107,14 @@ def test_attention_benchmark_rows(capsys):
                                                                   ("chunked", "chunked", 64)]
   assert all(r["fwd_bwd_ms"] > 0 and r["temp_bytes"] > 0 for r in rows)
   assert summary["64"] == pytest.approx(rows[1]["fwd_bwd_ms"] / rows[0]["fwd_bwd_ms"], rel=1e-2)
+
+
+def test_gmm_benchmark_rows_agree_with_ragged(capsys):
+  """The CPU smoke run (kernels interpreted): one row per implementation, the kernels'
+  output and gradients within bfloat16 rounding of ragged_dot's."""
+  from benchmarks import gmm  # pylint: disable=g-import-not-at-top
+  gmm.main(["--shapes", "tiny", "--rounds", "1"])
+  rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert [r["impl"] for r in rows[:-1]] == ["gmm", "ragged", "dense"]
+  assert rows[0]["max_rel_diff_vs_ragged"] < 2e-2 and rows[0]["routed_rows"] == 120
+  assert rows[-1]["summary"] == "gmm" and rows[-1]["tiny"]["gmm_over_dense"] > 0

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gmm_interpret
-from esjax.kernels.gmm import kernel, ops
+from esjax.kernels.gmm import interpret as gmm_interpret, kernel, ops
 
 TILES = kernel.Tiles(m=64, k=64, n=64, stages=2)
 

@@ -1,6 +1,8 @@
-"""Pallas' GPU interpreter (jax 0.10.2) for the grouped-matmul kernels' tests, with the one
-thing it lacks: a wgmma operand read through `transpose_ref` (its wgmma applies only the
-index transforms of an operand; the kernels transpose an operand in shared memory)."""
+"""Pallas' GPU interpreter (jax 0.10.2: private) for running the grouped-matmul kernels on the
+CPU (tests, the benchmark's smoke run), with the one thing it lacks: a wgmma operand read
+through `transpose_ref` (its wgmma applies only the index transforms of an operand; the
+kernels transpose an operand in shared memory). `with transposes_supported() as params:`
+then `interpret=params`."""
 
 from __future__ import annotations
 
