@@ -110,14 +110,13 @@ def main(argv=None):
   p.add_argument("--buffer", type=float, default=1.25, help="buffer rows / routed rows")
   p.add_argument("--rounds", type=int, default=5)
   a = p.parse_args(argv)
-  interpret, tiles = None, kernel.Tiles()
-  on_gpu = jax.default_backend() == "gpu"
-  if not on_gpu:  # the CPU smoke run: Pallas' GPU interpreter
-    tiles = kernel.Tiles(m=64, k=64, n=64, stages=2)
+  on_gpu = jax.default_backend() == "gpu"  # else the CPU smoke run: the kernels interpreted
+  tiles = kernel.Tiles() if on_gpu else kernel.Tiles(m=64, k=64, n=64, stages=2)
   summary = {}
   for shape in a.shapes.split(","):
-    with contextlib.nullcontext() if on_gpu else interpret_lib.transposes_supported() as p:
-      rows = run(shape, a.buffer, a.rounds, p if not on_gpu else interpret, tiles)
+    with (contextlib.nullcontext() if on_gpu
+          else interpret_lib.transposes_supported()) as interpret:
+      rows = run(shape, a.buffer, a.rounds, interpret, tiles)
     for r in rows:
       print(json.dumps(r), flush=True)
     by = {r["impl"]: r["ms"] for r in rows}

@@ -24,14 +24,16 @@ def _transposed_wgmma(*, token, device_id, grid_point_coords, thread_id,
                       b_transforms, source_info=None):
   """gpu_callbacks.wgmma, reading each operand with its index transforms and then applying
   its transposes in order."""
-  memory = gpu_callbacks._get_shared_memory()  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  memory = gpu_callbacks._get_shared_memory()
+  active = gpu_callbacks._remove_noop_transforms  # drops the tiling and swizzling
   thread = memory.get_global_thread_id(int(device_id), int(thread_id))
   info = utils.GPULoggingInfo(device_id=int(device_id),
                               grid_point_coords=tuple(int(x) for x in grid_point_coords),
                               thread_id=int(thread_id), source_info=source_info)
 
   def read(key, transforms):
-    transforms = gpu_callbacks._remove_noop_transforms(transforms)  # pylint: disable=protected-access
+    transforms = active(transforms)
     index = [t for t in transforms if not isinstance(t, TransposeTransform)]
     value, _, _ = memory.get_buffer_content(
         gpu_callbacks.HostAllocationKey.from_array(key),
@@ -44,8 +46,7 @@ def _transposed_wgmma(*, token, device_id, grid_point_coords, thread_id,
   a = read(a_allocation_key_as_array, a_transforms)
   b = read(b_allocation_key_as_array, b_transforms)
   acc_key = gpu_callbacks.HostAllocationKey.from_array(acc_allocation_key_as_array)
-  acc_range = utils.to_range([_ints(t) for t in
-                              gpu_callbacks._remove_noop_transforms(acc_transforms)])  # pylint: disable=protected-access
+  acc_range = utils.to_range([_ints(t) for t in active(acc_transforms)])
   acc, _, _ = memory.get_buffer_content(acc_key, acc_range, thread, logging_info=info)
   memory.store_buffer_content(acc_key, acc_range, acc + np.matmul(a, b, dtype=acc_dtype),
                               thread, logging_info=info)
@@ -58,6 +59,7 @@ def _ints(transform):
 
 @contextlib.contextmanager
 def transposes_supported():
+  """The interpreter's parameters, with its wgmma replaced inside the block."""
   original = gpu_callbacks.wgmma
   gpu_callbacks.wgmma = _transposed_wgmma
   try:

@@ -108,7 +108,6 @@ def gmm(lhs: jax.Array, rhs: jax.Array, sched: Schedule, *, tiles: Tiles = Tiles
   """out [M, N]: rows of each scheduled item times its group's rhs [K, N] (rhs [G, K, N], or
   [G, N, K] with `transpose_rhs`). Rows in no item are not written."""
   m, k = lhs.shape
-  g = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   if rhs.shape[2 if transpose_rhs else 1] != k or lhs.dtype != rhs.dtype:
     raise ValueError(f"gmm: lhs {lhs.shape} {lhs.dtype} and rhs {rhs.shape} {rhs.dtype} "

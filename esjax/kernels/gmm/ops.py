@@ -46,16 +46,22 @@ def _declared(opts: Options, n_rows: int, n_groups: int, k: int, n: int) -> int:
   return 2 * blocks * bm * k * n
 
 
+def _declaring(opts: Options, x, gs, n: int):
+  """The named scope declaring the cost of a kernel on rows `x` [N, K] with N-wide results."""
+  flops = _declared(opts, x.shape[0], gs.shape[0], x.shape[1], n)
+  return jax.named_scope(f"{DECLARED_FLOPS}{flops}")
+
+
 def _gmm(x, w, sched, gs, opts: Options, transpose: bool = False):
   n = w.shape[1] if transpose else w.shape[2]
-  with jax.named_scope(f"{DECLARED_FLOPS}{_declared(opts, x.shape[0], gs.shape[0], x.shape[1], n)}"):
+  with _declaring(opts, x, gs, n):
     out = kernel.gmm(x, w.astype(x.dtype), sched, tiles=opts.tiles, transpose_rhs=transpose,
                      num_sms=opts.num_sms, interpret=opts.interpret)
   return col.match_vma(out, x, w, gs)  # a kernel's result varies as its operands do
 
 
 def _tgmm(x, y, gs, opts: Options):
-  with jax.named_scope(f"{DECLARED_FLOPS}{_declared(opts, x.shape[0], gs.shape[0], x.shape[1], y.shape[1])}"):
+  with _declaring(opts, x, gs, y.shape[1]):
     out = kernel.tgmm(x, y, gs, tiles=opts.tiles, num_sms=opts.num_sms,
                       interpret=opts.interpret)
   return col.match_vma(out, x, y, gs)
