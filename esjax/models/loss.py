@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from esjax.models.config import ModelConfig
-from esjax.models.transformer import Transformer, aggregate_moe_stats, run_block
+from esjax.models.transformer import Transformer
 from esjax.sharding import collectives as col
 
 Sums = dict[str, jax.Array]
@@ -48,20 +48,31 @@ def token_sums(cfg: ModelConfig, logits: jax.Array, targets: jax.Array,
   return out
 
 
-def finish(cfg: ModelConfig, sums: Sums, moe: dict[str, jax.Array],
-           data_axes: tuple[str, ...]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(total loss, metrics) of one (micro-)batch from its token sums and MoE statistics:
-  CE + the weighted router losses + the weighted max-z loss, means over the batch's tokens."""
+def means(sums: Sums, data_axes: tuple[str, ...]) -> Sums:
+  """The token sums of a (micro-)batch, reduced over `data_axes`, as means over its tokens
+  that count (`ce`, `max_z`), beside their number (`tokens`)."""
   sums = col.psum(sums, data_axes)
   n = jnp.maximum(sums["tokens"], 1.0)
-  ce = sums["ce"] / n
-  total = ce + moe["moe_loss"]
-  metrics = {"ce_loss": ce, "n_tokens": sums["tokens"], **moe}
+  return {k: v if k == "tokens" else v / n for k, v in sums.items()}
+
+
+def total(cfg: ModelConfig, terms: Sums, moe_loss: jax.Array) -> jax.Array:
+  """The objective: CE + the (already weighted) router losses + the weighted max-z loss."""
+  out = terms["ce"] + moe_loss
   if cfg.max_z_loss_coef:
-    metrics["max_z_loss"] = sums["max_z"] / n
-    total = total + cfg.max_z_loss_coef * metrics["max_z_loss"]
-  metrics["loss"] = total
-  return total, metrics
+    out = out + cfg.max_z_loss_coef * terms["max_z"]
+  return out
+
+
+def finish(cfg: ModelConfig, sums: Sums, moe: dict[str, jax.Array],
+           data_axes: tuple[str, ...]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(total loss, metrics) of one (micro-)batch from its token sums and MoE statistics."""
+  terms = means(sums, data_axes)
+  loss = total(cfg, terms, moe["moe_loss"])
+  metrics = {"ce_loss": terms["ce"], "n_tokens": terms["tokens"], **moe, "loss": loss}
+  if cfg.max_z_loss_coef:
+    metrics["max_z_loss"] = terms["max_z"]
+  return loss, metrics
 
 
 def lm_loss(model: Transformer, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -70,15 +81,6 @@ def lm_loss(model: Transformer, batch: dict[str, Any]) -> tuple[jax.Array, dict[
   The model's own forward on one device, or on this device's shard of the batch inside the
   step's shard_map (then the means are over the whole batch)."""
   cfg, plan = model.cfg, model.plan
-  positions = batch.get("positions")
-  if positions is None:
-    inputs = batch["inputs"]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-  x = model.embed_tokens(batch["inputs"])
-  stats = []
-  for block in model.layers:
-    x, s = run_block(block, x, positions, cfg.remat, batch.get("mask"))
-    if s is not None:
-      stats.append(s)
+  x, moe = model.hidden(batch["inputs"], batch.get("positions"), batch.get("mask"))
   sums = token_sums(cfg, model.logits(x), batch["targets"], batch.get("mask"), plan.tp)
-  return finish(cfg, sums, aggregate_moe_stats(cfg, stats), plan.dp + plan.cp)
+  return finish(cfg, sums, moe, plan.dp + plan.cp)

@@ -123,26 +123,44 @@ class Transformer(nnx.Module):
     return head_logits(x, self.final_norm.scale[...], self.head_weights(), self.cfg.norm_eps,
                        self.plan.tp, vocab_of(self.cfg))
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               cache: list[KVCache] | None = None, mask: jax.Array | None = None):
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    if positions is None:
-      start = 0 if cache is None else cache[0].index
-      positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32),
-                                   tokens.shape)
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+             mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The decoder without its head: tokens [B, S_c] -> (residual stream after the blocks
+    [B, S_c/tp, D], the router statistics of its MoE layers). Training's and evaluation's
+    forward (`__call__`, `esjax.models.loss.lm_loss`)."""
+    positions = _positions(tokens, positions, 0)
     x = self.embed_tokens(tokens)
-    stats, new_cache = [], []
-    for i, block in enumerate(self.layers):
-      if cache is not None:
-        x, s, c = block(x, positions, cache[i], mask)
-        new_cache.append(c)
-      else:
-        x, s = run_block(block, x, positions, self.cfg.remat, mask)
+    stats = []
+    for block in self.layers:
+      x, s = run_block(block, x, positions, self.cfg.remat, mask)
       if s is not None:
         stats.append(s)
-    out = self.logits(x), aggregate_moe_stats(self.cfg, stats)
-    return out if cache is None else (*out, new_cache)
+    return x, aggregate_moe_stats(self.cfg, stats)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               cache: list[KVCache] | None = None, mask: jax.Array | None = None):
+    """(logits [B, S_c, V_l], router statistics), and the updated `cache` when given one."""
+    if cache is None:
+      x, stats = self.hidden(tokens, positions, mask)
+      return self.logits(x), stats
+    positions = _positions(tokens, positions, cache[0].index)
+    x = self.embed_tokens(tokens)
+    stats, new_cache = [], []
+    for block, layer_cache in zip(self.layers, cache):
+      x, s, c = block(x, positions, layer_cache, mask)
+      new_cache.append(c)
+      if s is not None:
+        stats.append(s)
+    return self.logits(x), aggregate_moe_stats(self.cfg, stats), new_cache
+
+
+def _positions(tokens: jax.Array, positions: jax.Array | None, start) -> jax.Array:
+  """`positions`, or start, start + 1, ... along each row of `tokens` [B, S]."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
 def embed_lookup(table: jax.Array, tokens: jax.Array, tp: tuple[str, ...], dtype

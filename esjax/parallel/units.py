@@ -97,13 +97,8 @@ class Units:
     w = ends["embed"].T if cfg.tie_embeddings else ends["lm_head"]
     logits = head_logits(y, ends["final_norm"]["scale"], w, cfg.norm_eps, self.plan.tp,
                          vocab_of(cfg))
-    sums = col.psum(loss_lib.token_sums(cfg, logits, d["targets"], d.get("mask"),
-                                        self.plan.tp), self.data)
-    n = jnp.maximum(sums["tokens"], 1.0)
-    out = {"ce": sums["ce"] / n, "tokens": sums["tokens"]}
-    if cfg.max_z_loss_coef:
-      out["max_z"] = sums["max_z"] / n
-    return col.share(out, self.axes, self.plan.size)
+    sums = loss_lib.token_sums(cfg, logits, d["targets"], d.get("mask"), self.plan.tp)
+    return col.share(loss_lib.means(sums, self.data), self.axes, self.plan.size)
 
   def zero_terms(self) -> dict[str, jax.Array]:
     keys = ("ce", "tokens", "max_z") if self.cfg.max_z_loss_coef else ("ce", "tokens")
@@ -120,10 +115,7 @@ class Units:
   def objective(self, terms, stats) -> jax.Array:
     """A unit's share of the microbatch loss: its router losses, and with `terms` (the last
     chunk) CE + the weighted max-z loss."""
-    out = terms["ce"] + self.moe_loss(stats)
-    if self.cfg.max_z_loss_coef:
-      out = out + self.cfg.max_z_loss_coef * terms["max_z"]
-    return out
+    return loss_lib.total(self.cfg, terms, self.moe_loss(stats))
 
   # Unit functions (differentiated by the schedules).
 
