@@ -62,7 +62,7 @@ if ! "$PY" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev
 fi
 if "$PY" -c 'import pytest' 2>/dev/null; then
   part kernels_triton 150 "$PY" -m pytest -q -x -m gpu_only -p no:cacheprovider \
-    tests/kernels_test.py tests/attention_kernels_test.py
+    tests/kernels_test.py tests/attention_kernels_test.py tests/gmm_test.py
 else
   skip kernels_triton "pytest is not installed for $PY"
 fi
