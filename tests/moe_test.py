@@ -275,8 +275,11 @@ def test_bfloat16_blocked_matches_ragged():
   np.testing.assert_allclose(outs[1], ref, rtol=5e-2, atol=5e-2)
 
 
-def test_gmm_impl_off_a_gpu_is_a_one_line_error():
-  """The Hopper kernels of moe_impl='gmm' do not run on the CPU backend: said, not tried."""
+def test_gmm_impl_off_a_gpu_or_in_float32_is_a_one_line_error():
+  """The Hopper kernels of moe_impl='gmm' do not run on the CPU backend, nor multiply float32:
+  said, not tried."""
+  with pytest.raises(ValueError, match=r"moe_impl='gmm' multiplies in bfloat16 or float16"):
+    BASE.replace(moe_impl="gmm", dtype="float32")
   with pytest.raises(ValueError, match=r"moe_impl='gmm' runs on Hopper GPUs, not on 'cpu'"):
-    expert_parallel.grouped_fn(BASE.replace(moe_impl="gmm"), ParallelPlan.single("cpu"),
-                               None, None, None)
+    expert_parallel.grouped_fn(BASE.replace(moe_impl="gmm", dtype="bfloat16"),
+                               ParallelPlan.single("cpu"), None, None, None)

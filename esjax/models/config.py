@@ -196,6 +196,9 @@ class ModelConfig:
       need(self.expert_bias_rate >= 0, f"expert_bias_rate={self.expert_bias_rate} must be >= 0")
       need(self.router_impl == "xla" or (not self.expert_bias and g == 1),
            "router_impl='pallas' has no expert_bias or group-limited routing; use 'xla'")
+      need(self.moe_impl != "gmm" or self.dtype in ("bfloat16", "float16"),
+           f"moe_impl='gmm' multiplies in bfloat16 or float16 (wgmma), got dtype="
+           f"{self.dtype!r}")
 
   # Derived shapes.
   @property
