@@ -10,7 +10,8 @@ the balanced share and sit in a buffer `--buffer` times their number (the tail: 
 receive buffer's unused rows). Each implementation runs the rows through
 `esjax.routing.grouped`'s contract under one jit (value and gradients of a weighted sum):
 
-- gmm: the Hopper kernels (esjax.kernels.gmm), whose work is the routed rows;
+- gmm: the kernels of esjax.kernels.gmm (Mosaic GPU on Hopper, else Triton), whose work is
+  the routed rows;
 - ragged: lax.ragged_dot (what XLA:GPU expands to dense dots over the whole buffer);
 - dense: one expert's SwiGLU over the routed rows, the same FLOPs as a perfect grouped GEMM
   (the reference: `gmm_over_dense` is the figure to read).
@@ -48,9 +49,7 @@ def _group_sizes(rng, n_groups: int, rows: int) -> np.ndarray:
   return sizes
 
 
-def _impls(interpret, tiles):
-  opts = ops.Options(tiles=tiles, interpret=interpret)
-
+def _impls(opts: ops.Options):
   def dense(rows, gs, wg, wu, wd):
     del gs
     n = rows.shape[0]
@@ -60,10 +59,10 @@ def _impls(interpret, tiles):
           "dense": dense}
 
 
-def run(shape: str, buffer: float, rounds: int, interpret=None, tiles=kernel.Tiles()):
+def run(shape: str, buffer: float, rounds: int, opts: ops.Options = ops.Options()):
   g, d, f, routed = SHAPES[shape]
   rng = np.random.default_rng(0)
-  n = int(np.ceil(routed * buffer / tiles.m) * tiles.m)
+  n = int(np.ceil(routed * buffer / opts.tiles.m) * opts.tiles.m)
   sizes = _group_sizes(rng, g, routed)
   rows = np.zeros((n, d), np.float32)
   rows[:routed] = rng.normal(size=(routed, d))
@@ -79,7 +78,7 @@ def run(shape: str, buffer: float, rounds: int, interpret=None, tiles=kernel.Til
       return jnp.sum(impl(x, gs, *w).astype(jnp.float32) * weight[:x.shape[0]])
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
-  fns = {name: loss_grad(impl) for name, impl in _impls(interpret, tiles).items()}
+  fns = {name: loss_grad(impl) for name, impl in _impls(opts).items()}
   args = {name: (dense_x if name == "dense" else x, *ws) for name in fns}
   outs = {name: jax.block_until_ready(fn(*args[name])) for name, fn in fns.items()}
   times = {name: [] for name in fns}
@@ -100,7 +99,8 @@ def run(shape: str, buffer: float, rounds: int, interpret=None, tiles=kernel.Til
                  for a, b in zip(jax.tree.leaves(outs[name]), ref))
     rows_out.append(dict(bench="gmm", shape=shape, impl=name, rows=n, routed_rows=routed,
                          groups=g, ms=ms, tflops=flops / (ms / 1e3) / 1e12,
-                         max_rel_diff_vs_ragged=diff, backend=jax.default_backend()))
+                         max_rel_diff_vs_ragged=diff, kernels=opts.backend,
+                         platform=jax.default_backend()))
   return rows_out
 
 
@@ -111,12 +111,14 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=5)
   a = p.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"  # else the CPU smoke run: the kernels interpreted
-  tiles = kernel.Tiles() if on_gpu else kernel.Tiles(m=64, k=64, n=64, stages=2)
+  hopper = on_gpu and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
   summary = {}
   for shape in a.shapes.split(","):
     with (contextlib.nullcontext() if on_gpu
           else interpret_lib.transposes_supported()) as interpret:
-      rows = run(shape, a.buffer, a.rounds, interpret, tiles)
+      opts = (ops.Options("mosaic" if hopper else "triton") if on_gpu else
+              ops.Options(tiles=kernel.Tiles(m=64, k=64, n=64, stages=2), interpret=interpret))
+      rows = run(shape, a.buffer, a.rounds, opts)
     for r in rows:
       print(json.dumps(r), flush=True)
     by = {r["impl"]: r["ms"] for r in rows}

@@ -1,5 +1,5 @@
-"""The Hopper grouped-matmul kernels (esjax.kernels.gmm), run in Pallas' GPU interpreter on the
-CPU, against float64 numpy loops over the groups' rows."""
+"""The grouped-matmul kernels (esjax.kernels.gmm: Mosaic GPU and Triton), run in Pallas'
+interpreters on the CPU, against float64 numpy loops over the groups' rows."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +9,7 @@ import pytest
 from esjax.kernels.gmm import interpret as gmm_interpret, kernel, ops
 
 TILES = kernel.Tiles(m=64, k=64, n=64, stages=2)
+TRITON_TILES = kernel.Tiles(m=32, k=32, n=32, stages=2)
 
 
 def _bf16(rng, *shape):
@@ -56,8 +57,9 @@ def _reference(rows, sizes, wg, wu, wd, dy):
   return out, (dx, dwg, dwu, dwd)
 
 
+@pytest.mark.parametrize("backend", ["mosaic", "triton"])
 @pytest.mark.parametrize("sizes,n_rows", [([70, 0, 50], 150), ([0, 64, 64], 128)])
-def test_swiglu_gmm_matches_a_loop_over_groups(sizes, n_rows):
+def test_swiglu_gmm_matches_a_loop_over_groups(sizes, n_rows, backend):
   """Forward and VJP at bfloat16 (float32 accumulation): rows past the groups (150 - 120
   here, NaN-free but nonzero) come back as zeros with zero gradients, an expert without rows
   gets zero weight gradients, and a row count that is not a multiple of the tile is padded."""
@@ -68,7 +70,8 @@ def test_swiglu_gmm_matches_a_loop_over_groups(sizes, n_rows):
   dy = _bf16(rng, n_rows, d)
   gs = jnp.asarray(sizes, jnp.int32)
   with gmm_interpret.transposes_supported() as interpret:
-    opts = ops.Options(tiles=TILES, interpret=interpret)
+    opts = ops.Options(backend, tiles=TILES if backend == "mosaic" else TRITON_TILES,
+                       interpret=interpret if backend == "mosaic" else True)
     out, pull = jax.vjp(lambda x, a, b, c: ops.swiglu_gmm(x, gs, a, b, c, opts), rows, wg, wu, wd)
     grads = pull(dy)
   want_out, want_grads = _reference(rows, sizes, wg, wu, wd, dy)
@@ -95,10 +98,35 @@ def test_declared_cost_counts_the_routed_row_blocks():
 
 @pytest.mark.gpu_only
 @pytest.mark.parametrize("shape", ["mixtral-8x7b", "qwen2-57b-a14b"])
-def test_the_kernels_on_a_hopper_gpu_match_ragged_dot(shape):
-  """On an H100/H200 (JAX_PLATFORMS=cuda pytest -m gpu_only): the compiled kernels at the
-  default tiles and the real expert shapes, forward and backward, within bfloat16 rounding of
-  lax.ragged_dot (float32 accumulation both), with a quarter of the buffer past the groups."""
+def test_the_kernels_on_a_gpu_match_ragged_dot(shape):
+  """On a GPU (JAX_PLATFORMS=cuda pytest -m gpu_only; Mosaic on Hopper, else Triton): the
+  compiled kernels at the default tiles and the real expert shapes, forward and backward,
+  within bfloat16 rounding of lax.ragged_dot (float32 accumulation both), with a quarter of
+  the buffer past the groups."""
   from benchmarks import gmm as bench  # pylint: disable=g-import-not-at-top
-  rows = bench.run(shape, buffer=1.25, rounds=1)
+  rows = bench.run(shape, buffer=1.25, rounds=1, opts=ops.Options(
+      "mosaic" if jax.devices()[0].compute_capability == "9.0" else "triton"))
   assert rows[0]["impl"] == "gmm" and rows[0]["max_rel_diff_vs_ragged"] < 2e-2, rows[0]
+
+
+@pytest.mark.parametrize("backend", ["mosaic", "triton"])
+def test_the_kernels_lower_for_cuda_forward_and_backward(backend):
+  """jax.export for CUDA on this CPU host runs each backend's own lowering (Mosaic GPU's
+  layout inference and its wgmma/TMA ops; Triton's TTIR) at the default tiles: 3 kernels
+  forward, 6 backward, and no other matmul."""
+  opts = ops.Options(backend)
+  s = jax.ShapeDtypeStruct
+
+  def loss(x, wg, wu, wd, gs):
+    return jnp.sum(ops.swiglu_gmm(x, gs, wg, wu, wd, opts).astype(jnp.float32))
+
+  target = {"mosaic": "mosaic_gpu_v2", "triton": "__gpu$xla.gpu.triton"}[backend]
+  exported = jax.export.export(
+      jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(
+          s((512, 256), jnp.bfloat16), s((4, 256, 512), jnp.bfloat16),
+          s((4, 256, 512), jnp.bfloat16), s((4, 512, 256), jnp.bfloat16),
+          s((4,), jnp.int32))
+  text = exported.mlir_module()
+  assert text.count(f"custom_call @{target}(") == 9
+  assert "stablehlo.dot_general" not in text

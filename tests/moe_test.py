@@ -280,6 +280,6 @@ def test_gmm_impl_off_a_gpu_or_in_float32_is_a_one_line_error():
   said, not tried."""
   with pytest.raises(ValueError, match=r"moe_impl='gmm' multiplies in bfloat16 or float16"):
     BASE.replace(moe_impl="gmm", dtype="float32")
-  with pytest.raises(ValueError, match=r"moe_impl='gmm' runs on Hopper GPUs, not on 'cpu'"):
+  with pytest.raises(ValueError, match=r"moe_impl='gmm' runs on NVIDIA GPUs, not on 'cpu'"):
     expert_parallel.grouped_fn(BASE.replace(moe_impl="gmm", dtype="bfloat16"),
                                ParallelPlan.single("cpu"), None, None, None)

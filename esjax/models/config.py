@@ -117,8 +117,9 @@ class ModelConfig:
   # rows past it are dropped and counted (ep_overflow_fraction). 0: the worst case, exact.
   ep_buffer_factor: float = EP_BUFFER_FACTOR
   # Grouped matmul: "ragged" (lax.ragged_dot, GPU/TPU), "blocked" (tiles, fast on CPU),
-  # "gmm" (esjax.kernels.gmm: Hopper kernels whose work is the routed rows), "auto" (blocked
-  # on the CPU backend, ragged elsewhere). Same numbers each way.
+  # "gmm" (esjax.kernels.gmm: GPU kernels whose work is the routed rows; Mosaic GPU on
+  # Hopper, Triton on other NVIDIA GPUs), "auto" (blocked on the CPU backend, ragged
+  # elsewhere). Same numbers each way.
   moe_impl: str = "auto"
   moe_block_size: int = 128  # tile rows for moe_impl="blocked"
   router_impl: str = "xla"
@@ -197,7 +198,7 @@ class ModelConfig:
       need(self.router_impl == "xla" or (not self.expert_bias and g == 1),
            "router_impl='pallas' has no expert_bias or group-limited routing; use 'xla'")
       need(self.moe_impl != "gmm" or self.dtype in ("bfloat16", "float16"),
-           f"moe_impl='gmm' multiplies in bfloat16 or float16 (wgmma), got dtype="
+           f"moe_impl='gmm' multiplies in bfloat16 or float16, got dtype="
            f"{self.dtype!r}")
 
   # Derived shapes.

@@ -39,10 +39,11 @@ def routing_for(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None = No
                       top_k_groups=cfg.top_k_groups, **kwargs)
 
 
-def grouped_kernel(rows, group_sizes, w_gate, w_up, w_down, expected_rows: int | None):
-  """moe_impl='gmm': the grouped SwiGLU on the Hopper kernels (esjax.kernels.gmm)."""
+def grouped_kernel(rows, group_sizes, w_gate, w_up, w_down, expected_rows: int | None,
+                   backend: str):
+  """moe_impl='gmm': the grouped SwiGLU on the GPU kernels (esjax.kernels.gmm)."""
   return gmm_kernel.swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down,
-                               gmm_kernel.Options(expected_rows=expected_rows))
+                               gmm_kernel.Options(backend, expected_rows=expected_rows))
 
 
 class ExpertBias(nnx.Variable):

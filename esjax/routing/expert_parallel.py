@@ -52,7 +52,8 @@ def block_rows(cfg, n_rows: int, n_groups: int) -> int:
 
 
 # The grouped SwiGLU of moe_impl="gmm", `(rows, group_sizes, w_gate, w_up, w_down,
-# expected_rows) -> out` (esjax.kernels.gmm.ops.swiglu_gmm, given by the model).
+# expected_rows, backend) -> out` (esjax.kernels.gmm.ops.swiglu_gmm, given by the model):
+# backend "mosaic" on Hopper (compute capability 9.0), "triton" on other GPUs.
 KernelFn = Callable[..., jax.Array]
 
 
@@ -66,11 +67,12 @@ def grouped_fn(cfg, plan: ParallelPlan, w_gate, w_up, w_down, kernel: KernelFn |
         rows, gs, w_gate, w_up, w_down, block_rows(cfg, rows.shape[0], w_gate.shape[0]))
   if impl == "gmm":
     if plan.platform != "gpu":
-      raise ValueError(f"moe_impl='gmm' runs on Hopper GPUs, not on {plan.platform!r}: use "
+      raise ValueError(f"moe_impl='gmm' runs on NVIDIA GPUs, not on {plan.platform!r}: use "
                        "'auto'")
     if kernel is None:
       raise ValueError("moe_impl='gmm': no grouped-matmul kernel was given to the MoE layer")
-    return lambda rows, gs: kernel(rows, gs, w_gate, w_up, w_down, expected_rows)
+    backend = "mosaic" if plan.gpu_arch == "9.0" else "triton"
+    return lambda rows, gs: kernel(rows, gs, w_gate, w_up, w_down, expected_rows, backend)
   return lambda rows, gs: grouped.swiglu_ragged(rows, gs, w_gate, w_up, w_down)
 
 

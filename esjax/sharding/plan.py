@@ -67,6 +67,15 @@ class ParallelPlan:
   edp = property(lambda self: self.axes("edp"))
 
   @property
+  def gpu_arch(self) -> str | None:
+    """The compute capability of the plan's GPUs ("9.0": Hopper; a deviceless topology's
+    too), None off a GPU or where the devices do not say."""
+    if self.platform != "gpu":
+      return None
+    device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+    return getattr(device, "compute_capability", None)
+
+  @property
   def stage_axes(self) -> Axes:
     """Every base axis: within a pipeline stage each device holds its own tokens."""
     return tuple(b.name for b in self.base)

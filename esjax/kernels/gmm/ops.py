@@ -1,4 +1,4 @@
-"""The grouped SwiGLU on the Hopper grouped-matmul kernels, with its VJP (`swiglu_gmm`).
+"""The grouped SwiGLU on the grouped-matmul kernels, with its VJP (`swiglu_gmm`).
 
 Same contract as `esjax.routing.grouped.swiglu_ragged`: rows [N, D] sorted by group with
 `group_sizes` [G], weights w_gate, w_up [G, D, F] and w_down [G, F, D]; rows past
@@ -23,20 +23,33 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from esjax.kernels.gmm import kernel
+from esjax.kernels.gmm import kernel, triton
 from esjax.sharding import collectives as col
 
 DECLARED_FLOPS = "declared_flops_"
 
 
+BACKENDS = ("mosaic", "triton")
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """Static options: tiles, the target's SM count, the interpreter (tests) and the rows a
-  balanced router sends (what the declared cost assumes; None: all rows)."""
-  tiles: kernel.Tiles = kernel.Tiles()
+  """Static options: the kernels (`mosaic`: Hopper's wgmma, `esjax.kernels.gmm.kernel`;
+  `triton`: any GPU Triton compiles for, `esjax.kernels.gmm.triton`), their tiles (None: the
+  backend's), the target's SM count (mosaic), the interpreter (tests: mosaic's parameters, or
+  True for triton) and the rows a balanced router sends (the declared cost; None: all)."""
+  backend: str = "mosaic"
+  tiles: kernel.Tiles | None = None
   num_sms: int = kernel.H100_SMS
   interpret: Any = None
   expected_rows: int | None = None
+
+  def __post_init__(self):
+    if self.backend not in BACKENDS:
+      raise ValueError(f"backend={self.backend!r}, expected one of {BACKENDS}")
+    if self.tiles is None:
+      tiles = kernel.Tiles() if self.backend == "mosaic" else triton.TRITON_TILES
+      object.__setattr__(self, "tiles", tiles)
 
 
 def _declared(opts: Options, n_rows: int, n_groups: int, k: int, n: int) -> int:
@@ -55,15 +68,22 @@ def _declaring(opts: Options, x, gs, n: int):
 def _gmm(x, w, sched, gs, opts: Options, transpose: bool = False):
   n = w.shape[1] if transpose else w.shape[2]
   with _declaring(opts, x, gs, n):
-    out = kernel.gmm(x, w.astype(x.dtype), sched, tiles=opts.tiles, transpose_rhs=transpose,
-                     num_sms=opts.num_sms, interpret=opts.interpret)
+    if opts.backend == "triton":
+      out = triton.gmm(x, w.astype(x.dtype), sched, tiles=opts.tiles, transpose_rhs=transpose,
+                       interpret=bool(opts.interpret))
+    else:
+      out = kernel.gmm(x, w.astype(x.dtype), sched, tiles=opts.tiles, transpose_rhs=transpose,
+                       num_sms=opts.num_sms, interpret=opts.interpret)
   return col.match_vma(out, x, w, gs)  # a kernel's result varies as its operands do
 
 
 def _tgmm(x, y, gs, opts: Options):
   with _declaring(opts, x, gs, y.shape[1]):
-    out = kernel.tgmm(x, y, gs, tiles=opts.tiles, num_sms=opts.num_sms,
-                      interpret=opts.interpret)
+    if opts.backend == "triton":
+      out = triton.tgmm(x, y, gs, tiles=opts.tiles, interpret=bool(opts.interpret))
+    else:
+      out = kernel.tgmm(x, y, gs, tiles=opts.tiles, num_sms=opts.num_sms,
+                        interpret=opts.interpret)
   return col.match_vma(out, x, y, gs)
 
 
