@@ -283,3 +283,17 @@ def test_gmm_impl_off_a_gpu_or_in_float32_is_a_one_line_error():
   with pytest.raises(ValueError, match=r"moe_impl='gmm' runs on NVIDIA GPUs, not on 'cpu'"):
     expert_parallel.grouped_fn(BASE.replace(moe_impl="gmm", dtype="bfloat16"),
                                ParallelPlan.single("cpu"), None, None, None)
+
+
+def test_gmm_picks_mosaic_on_hopper_and_triton_elsewhere(monkeypatch):
+  """The kernels' backend follows the plan's GPUs: Mosaic GPU (wgmma) at compute capability
+  9.0, Triton on any other (or unknown) NVIDIA GPU."""
+  cfg = BASE.replace(moe_impl="gmm", dtype="bfloat16")
+  seen = []
+  kernel = lambda *args: seen.append(args[-2:])  # (expected_rows, backend)
+  plan = ParallelPlan.single("gpu")
+  for arch, backend in (("9.0", "mosaic"), ("8.0", "triton"), ("10.0", "triton"),
+                        (None, "triton")):
+    monkeypatch.setattr(ParallelPlan, "gpu_arch", property(lambda self, a=arch: a))
+    expert_parallel.grouped_fn(cfg, plan, None, None, None, kernel, 96)(None, None)
+    assert seen[-1] == (96, backend)

@@ -183,6 +183,7 @@ def test_qwen2_experts_on_h100_read_no_operand_wider_than_a_weight():
   r = dryrun.plan(c, targets.get("h100"), 8)
   cfg = common.model_config(c)
   widest = max(cfg.d_model, cfg.effective_d_ff_expert)
+  assert "mosaic_gpu" in r.hlo  # the Hopper kernels: an H100 topology reports 9.0
   widths = _expert_operand_widths(r.hlo)
   assert widths, "no instruction in the experts' scope"
   too_wide = [w for w in widths if w[0] > widest]
