@@ -1,5 +1,5 @@
-"""The grouped-matmul kernels (esjax.kernels.gmm: Mosaic GPU and Triton), run in Pallas'
-interpreters on the CPU, against float64 numpy loops over the groups' rows."""
+"""The grouped-matmul kernels (esjax.kernels.gmm: Mosaic GPU, Triton, and megablox for TPUs),
+run in Pallas' interpreters on the CPU, against float64 numpy loops over the groups' rows."""
 
 import jax
 import jax.numpy as jnp
@@ -57,14 +57,14 @@ def _reference(rows, sizes, wg, wu, wd, dy):
   return out, (dx, dwg, dwu, dwd)
 
 
-@pytest.mark.parametrize("backend", ["mosaic", "triton"])
+@pytest.mark.parametrize("backend", ["mosaic", "triton", "megablox"])
 @pytest.mark.parametrize("sizes,n_rows", [([70, 0, 50], 150), ([0, 64, 64], 128)])
 def test_swiglu_gmm_matches_a_loop_over_groups(sizes, n_rows, backend):
   """Forward and VJP at bfloat16 (float32 accumulation): rows past the groups (150 - 120
   here, NaN-free but nonzero) come back as zeros with zero gradients, an expert without rows
   gets zero weight gradients, and a row count that is not a multiple of the tile is padded."""
   rng = np.random.default_rng(0)
-  d, f, g = 64, 128, len(sizes)
+  d, f, g = (128, 256, len(sizes)) if backend == "megablox" else (64, 128, len(sizes))
   rows = _bf16(rng, n_rows, d)
   wg, wu, wd = _bf16(rng, g, d, f) * 0.2, _bf16(rng, g, d, f) * 0.2, _bf16(rng, g, f, d) * 0.2
   dy = _bf16(rng, n_rows, d)
@@ -72,7 +72,8 @@ def test_swiglu_gmm_matches_a_loop_over_groups(sizes, n_rows, backend):
   with gmm_interpret.transposes_supported() as interpret:
     opts = ops.Options(backend, tiles=TILES if backend == "mosaic" else TRITON_TILES,
                        interpret=interpret if backend == "mosaic" else True)
-    out, pull = jax.vjp(lambda x, a, b, c: ops.swiglu_gmm(x, gs, a, b, c, opts), rows, wg, wu, wd)
+    out, pull = jax.vjp(lambda x, a, b, c: ops.swiglu_gmm(x, gs, a, b, c, opts),
+                        rows, wg, wu, wd)
     grads = pull(dy)
   want_out, want_grads = _reference(rows, sizes, wg, wu, wd, dy)
   total = sum(sizes)

@@ -280,14 +280,14 @@ def test_gmm_impl_off_a_gpu_or_in_float32_is_a_one_line_error():
   said, not tried."""
   with pytest.raises(ValueError, match=r"moe_impl='gmm' multiplies in bfloat16 or float16"):
     BASE.replace(moe_impl="gmm", dtype="float32")
-  with pytest.raises(ValueError, match=r"moe_impl='gmm' runs on NVIDIA GPUs, not on 'cpu'"):
+  with pytest.raises(ValueError, match=r"moe_impl='gmm' runs on GPUs and TPUs, not on 'cpu'"):
     expert_parallel.grouped_fn(BASE.replace(moe_impl="gmm", dtype="bfloat16"),
                                ParallelPlan.single("cpu"), None, None, None)
 
 
-def test_gmm_picks_mosaic_on_hopper_and_triton_elsewhere(monkeypatch):
-  """The kernels' backend follows the plan's GPUs: Mosaic GPU (wgmma) at compute capability
-  9.0, Triton on any other (or unknown) NVIDIA GPU."""
+def test_gmm_picks_mosaic_on_hopper_triton_on_other_gpus_megablox_on_tpus(monkeypatch):
+  """The kernels' backend follows the plan: Mosaic GPU (wgmma) at compute capability 9.0,
+  Triton on any other (or unknown) GPU, megablox on a TPU."""
   cfg = BASE.replace(moe_impl="gmm", dtype="bfloat16")
   seen = []
   kernel = lambda *args: seen.append(args[-2:])  # (expected_rows, backend)
@@ -297,3 +297,6 @@ def test_gmm_picks_mosaic_on_hopper_and_triton_elsewhere(monkeypatch):
     monkeypatch.setattr(ParallelPlan, "gpu_arch", property(lambda self, a=arch: a))
     expert_parallel.grouped_fn(cfg, plan, None, None, None, kernel, 96)(None, None)
     assert seen[-1] == (96, backend)
+  expert_parallel.grouped_fn(cfg, ParallelPlan.single("tpu"), None, None, None, kernel,
+                             96)(None, None)
+  assert seen[-1] == (96, "megablox")

@@ -117,8 +117,8 @@ class ModelConfig:
   # rows past it are dropped and counted (ep_overflow_fraction). 0: the worst case, exact.
   ep_buffer_factor: float = EP_BUFFER_FACTOR
   # Grouped matmul: "ragged" (lax.ragged_dot, GPU/TPU), "blocked" (tiles, fast on CPU),
-  # "gmm" (esjax.kernels.gmm: GPU kernels whose work is the routed rows; Mosaic GPU on
-  # Hopper, Triton on other NVIDIA GPUs), "auto" (blocked on the CPU backend, ragged
+  # "gmm" (esjax.kernels.gmm: kernels whose work is the routed rows; Mosaic GPU on Hopper,
+  # Triton on other GPUs, megablox on TPUs), "auto" (blocked on the CPU backend, ragged
   # elsewhere). Same numbers each way.
   moe_impl: str = "auto"
   moe_block_size: int = 128  # tile rows for moe_impl="blocked"

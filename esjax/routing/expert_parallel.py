@@ -53,7 +53,8 @@ def block_rows(cfg, n_rows: int, n_groups: int) -> int:
 
 # The grouped SwiGLU of moe_impl="gmm", `(rows, group_sizes, w_gate, w_up, w_down,
 # expected_rows, backend) -> out` (esjax.kernels.gmm.ops.swiglu_gmm, given by the model):
-# backend "mosaic" on Hopper (compute capability 9.0), "triton" on other GPUs.
+# backend "mosaic" on Hopper (compute capability 9.0), "triton" on other GPUs, "megablox" on
+# TPUs.
 KernelFn = Callable[..., jax.Array]
 
 
@@ -66,12 +67,13 @@ def grouped_fn(cfg, plan: ParallelPlan, w_gate, w_up, w_down, kernel: KernelFn |
     return lambda rows, gs: grouped.swiglu_blocked(
         rows, gs, w_gate, w_up, w_down, block_rows(cfg, rows.shape[0], w_gate.shape[0]))
   if impl == "gmm":
-    if plan.platform != "gpu":
-      raise ValueError(f"moe_impl='gmm' runs on NVIDIA GPUs, not on {plan.platform!r}: use "
+    if plan.platform not in ("gpu", "tpu"):
+      raise ValueError(f"moe_impl='gmm' runs on GPUs and TPUs, not on {plan.platform!r}: use "
                        "'auto'")
     if kernel is None:
       raise ValueError("moe_impl='gmm': no grouped-matmul kernel was given to the MoE layer")
-    backend = "mosaic" if plan.gpu_arch == "9.0" else "triton"
+    backend = ("megablox" if plan.platform == "tpu" else
+               "mosaic" if plan.gpu_arch == "9.0" else "triton")
     return lambda rows, gs: kernel(rows, gs, w_gate, w_up, w_down, expected_rows, backend)
   return lambda rows, gs: grouped.swiglu_ragged(rows, gs, w_gate, w_up, w_down)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 from esjax.kernels.gmm import kernel, triton
 from esjax.sharding import collectives as col
@@ -29,15 +30,17 @@ from esjax.sharding import collectives as col
 DECLARED_FLOPS = "declared_flops_"
 
 
-BACKENDS = ("mosaic", "triton")
+BACKENDS = ("mosaic", "triton", "megablox")
+MEGABLOX_TILING = (128, 128, 128)  # rows, contraction, output columns (TPU: lanes of 128)
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Static options: the kernels (`mosaic`: Hopper's wgmma, `esjax.kernels.gmm.kernel`;
-  `triton`: any GPU Triton compiles for, `esjax.kernels.gmm.triton`), their tiles (None: the
-  backend's), the target's SM count (mosaic), the interpreter (tests: mosaic's parameters, or
-  True for triton) and the rows a balanced router sends (the declared cost; None: all)."""
+  `triton`: any GPU Triton compiles for, `esjax.kernels.gmm.triton`; `megablox`: TPU, jax's
+  megablox), their tiles (None: the backend's), the target's SM count (mosaic), the
+  interpreter (tests: mosaic's parameters, or True) and the rows a balanced router sends (the
+  declared cost; None: all)."""
   backend: str = "mosaic"
   tiles: kernel.Tiles | None = None
   num_sms: int = kernel.H100_SMS
@@ -48,7 +51,7 @@ class Options:
     if self.backend not in BACKENDS:
       raise ValueError(f"backend={self.backend!r}, expected one of {BACKENDS}")
     if self.tiles is None:
-      tiles = kernel.Tiles() if self.backend == "mosaic" else triton.TRITON_TILES
+      tiles = triton.TRITON_TILES if self.backend == "triton" else kernel.Tiles()
       object.__setattr__(self, "tiles", tiles)
 
 
@@ -138,11 +141,24 @@ def _bwd(opts, res, dy):
 _swiglu_gmm.defvjp(_fwd, _bwd)
 
 
+def _swiglu_megablox(rows, gs, w_gate, w_up, w_down, interpret: bool):
+  """TPU: three megablox grouped matmuls (each with megablox's VJP). Every product is masked
+  to the routed rows, so the rows megablox leaves unwritten never reach a gradient."""
+  def product(x, w):
+    out = megablox.gmm(x, w.astype(x.dtype), gs, x.dtype, MEGABLOX_TILING, None, None, False,
+                       interpret)
+    return _routed(col.match_vma(out, x, w, gs), gs)
+
+  x = _routed(rows, gs)
+  return product(_swiglu(product(x, w_gate), product(x, w_up)), w_down)
+
+
 def swiglu_gmm(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                w_down: jax.Array, opts: Options = Options()) -> jax.Array:
   """Grouped SwiGLU of `rows` [N, D] on the kernels (see the module docstring). The rows are
   padded to a multiple of the tile rows for the weight-gradient kernel where needed."""
-  n = rows.shape[0]
-  out = _swiglu_gmm(_pad(rows, opts.tiles.m), group_sizes.astype(jnp.int32), w_gate, w_up,
-                    w_down, opts)
-  return out[:n]
+  n, gs = rows.shape[0], group_sizes.astype(jnp.int32)
+  if opts.backend == "megablox":
+    return _swiglu_megablox(_pad(rows, MEGABLOX_TILING[0]), gs, w_gate, w_up, w_down,
+                            bool(opts.interpret))[:n]
+  return _swiglu_gmm(_pad(rows, opts.tiles.m), gs, w_gate, w_up, w_down, opts)[:n]
