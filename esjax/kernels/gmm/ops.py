@@ -11,6 +11,9 @@ Each kernel call runs in a named scope `declared_flops_<n>` that the planner rea
 GPU drops a kernel's cost estimate in lowering): n is the kernel's work when the router
 sends `expected_rows` of the N rows (default N), each group adding at most one part-filled
 row block: 2 x tile rows x K x N per row block.
+
+On TPUs (`backend="megablox"`) the three products are jax's megablox grouped matmuls with
+their own VJPs (and their own declared costs), each masked to the routed rows.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from esjax.kernels.gmm import kernel, triton
 from esjax.sharding import collectives as col
 
 DECLARED_FLOPS = "declared_flops_"
-
-
 BACKENDS = ("mosaic", "triton", "megablox")
 MEGABLOX_TILING = (128, 128, 128)  # rows, contraction, output columns (TPU: lanes of 128)
 
