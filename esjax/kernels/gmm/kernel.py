@@ -79,6 +79,17 @@ def schedule(group_sizes: jax.Array, m: int, block_m: int) -> Schedule:
                   end.astype(jnp.int32), item_ends[-1:].astype(jnp.int32))
 
 
+def group_blocks(group_sizes: jax.Array, block_m: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`tgmm`'s metadata per group [G] (int32): first row, end row, first row block and the
+  number of row blocks that hold its rows (0 for an empty group)."""
+  sizes = group_sizes.astype(jnp.int32)
+  ends = jnp.cumsum(sizes)
+  starts = ends - sizes
+  first = starts // block_m
+  return starts, ends, first, jnp.where(sizes > 0, (ends + block_m - 1) // block_m - first, 0)
+
+
 def _store_rows(acc, o_gmem, row0: jax.Array, first: jax.Array, n_rows: jax.Array,
                 col: jax.Array, block_m: int, block_n: int) -> None:
   """Writes rows [first, first + n_rows) of the [block_m, block_n] tile `acc` to
@@ -168,11 +179,6 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiles: Tiles
                      "do not have the same rows")
   if m % bm or k % bk or n % (bn * tiles.band_n):
     raise ValueError(f"tgmm: M={m}, K={k} and N={n} must be multiples of the tiles {tiles}")
-  sizes = group_sizes.astype(jnp.int32)
-  ends = jnp.cumsum(sizes)
-  starts = ends - sizes
-  first_block = starts // bm
-  n_blocks = jnp.where(sizes > 0, (ends + bm - 1) // bm - first_block, 0)
   grid_k, grid_n = k // bk, n // bn
   swizzle = plgpu.find_swizzle(min(bk, bn) * jnp.dtype(lhs.dtype).itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(lhs.dtype).itemsize)),
@@ -236,4 +242,4 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiles: Tiles
       grid_names=("sm",), interpret=interpret,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-  return run(starts, ends, first_block, n_blocks, lhs, rhs)
+  return run(*group_blocks(group_sizes, bm), lhs, rhs)

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from esjax.kernels.gmm.kernel import Schedule, Tiles
+from esjax.kernels.gmm.kernel import Schedule, Tiles, group_blocks
 
 TRITON_TILES = Tiles(m=64, k=32, n=64, stages=3)
 
@@ -79,11 +79,6 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
                      "do not have the same rows")
   if m % bm or k % bk or n % bn:
     raise ValueError(f"tgmm: M={m}, K={k} and N={n} must be multiples of the tiles {tiles}")
-  sizes = group_sizes.astype(jnp.int32)
-  ends = jnp.cumsum(sizes)
-  starts = ends - sizes
-  first = starts // bm
-  n_blocks = jnp.where(sizes > 0, (ends + bm - 1) // bm - first, 0)
 
   def body(starts_ref, ends_ref, first_ref, n_blocks_ref, lhs_ref, rhs_ref, o_ref):
     gi, ki, ni = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -105,4 +100,4 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   return pl.pallas_call(
       body, out_shape=jax.ShapeDtypeStruct((g, k, n), lhs.dtype),
       grid=(g, k // bk, n // bn), interpret=interpret,
-      compiler_params=_params(tiles))(starts, ends, first, n_blocks, lhs, rhs)
+      compiler_params=_params(tiles))(*group_blocks(group_sizes, bm), lhs, rhs)
