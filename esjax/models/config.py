@@ -113,7 +113,7 @@ class ModelConfig:
   balance_scope: str = "batch"
   # Dropping only: every expert computes exactly `capacity` rows. Under EP with
   # capacity_scope="batch" each source's block holds the stage's whole capacity (Mixtral-8x7B
-  # @64, cf 1: experts 21x the model's FLOPs, 3.7 TiB of collectives per step); with "rank",
+  # @64, cf 1: experts 21x the model's FLOPs, 3,731 GiB of collectives per step); with "rank",
   # 1.33x (the remat recompute alone). Deviceless plans, `python -m esjax.plan`.
   pad_to_capacity: bool = False
   # Dropless EP: each source's block of rows for one EP rank holds factor x its balanced share
