@@ -197,6 +197,12 @@ def plan(config: Any, target: targets_lib.Target, n_devices: int,
     notes.append(f"{len(counted.unknown_loops)} loops without a known trip count counted once")
   if remat_failed:
     notes.append("the compiler could not rematerialize the program under its memory limit")
+  experts = next((r for r in flops if r["part"] == "experts" and r["ratio"]), None)
+  if (experts and experts["ratio"] > WASTE
+      and run.plan.moe_impl(run.model_cfg.moe_impl) == "ragged"):
+    notes.append(f"experts: lax.ragged_dot runs {experts['ratio']:.2f}x the model's expert "
+                 "FLOPs (XLA multiplies whole EP buffers, against every local expert); "
+                 "--config.model.moe_impl=gmm runs the routed rows only")
   compiled_total = sum(r["compiled"] for r in flops)
   prediction = predict(work, target, collectives, memory["arguments"], compiled_total)
   return Result(layout=str(run.plan.layout), target=target.name, devices=n_devices,
