@@ -90,6 +90,35 @@ def group_blocks(group_sizes: jax.Array, block_m: int
   return starts, ends, first, jnp.where(sizes > 0, (ends + block_m - 1) // block_m - first, 0)
 
 
+def gmm_shapes(lhs: jax.Array, rhs: jax.Array, tiles: Tiles, transpose_rhs: bool,
+               band_n: int, whole_row_blocks: bool) -> tuple[int, int, int]:
+  """(M, K, N) of a `gmm`, or a one-line error: lhs [M, K] times rhs [G, K, N] ([G, N, K]
+  with `transpose_rhs`) in one dtype, K and N in whole tiles (N in bands of `band_n` tiles),
+  and M in whole row blocks where the kernel reads rows without masks."""
+  m, k = lhs.shape
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  if rhs.shape[2 if transpose_rhs else 1] != k or lhs.dtype != rhs.dtype:
+    raise ValueError(f"gmm: lhs {lhs.shape} {lhs.dtype} and rhs {rhs.shape} {rhs.dtype} "
+                     f"(transpose_rhs={transpose_rhs}) do not multiply")
+  if (whole_row_blocks and m % tiles.m) or k % tiles.k or n % (tiles.n * band_n):
+    raise ValueError(f"gmm: M={m}, K={k} and N={n} must be multiples of the tiles {tiles}")
+  return m, k, n
+
+
+def tgmm_shapes(lhs: jax.Array, rhs: jax.Array, tiles: Tiles, band_n: int
+                ) -> tuple[int, int, int]:
+  """(M, K, N) of a `tgmm`, or a one-line error: lhs [M, K] and rhs [M, N] with the same
+  rows and dtype, M, K and N in whole tiles (N in bands of `band_n` tiles)."""
+  m, k = lhs.shape
+  n = rhs.shape[1]
+  if rhs.shape[0] != m or lhs.dtype != rhs.dtype:
+    raise ValueError(f"tgmm: lhs {lhs.shape} {lhs.dtype} and rhs {rhs.shape} {rhs.dtype} "
+                     "do not have the same rows")
+  if m % tiles.m or k % tiles.k or n % (tiles.n * band_n):
+    raise ValueError(f"tgmm: M={m}, K={k} and N={n} must be multiples of the tiles {tiles}")
+  return m, k, n
+
+
 def _store_rows(acc, o_gmem, row0: jax.Array, first: jax.Array, n_rows: jax.Array,
                 col: jax.Array, block_m: int, block_n: int) -> None:
   """Writes rows [first, first + n_rows) of the [block_m, block_n] tile `acc` to
@@ -118,13 +147,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, sched: Schedule, *, tiles: Tiles = Tiles
         ) -> jax.Array:
   """out [M, N]: rows of each scheduled item times its group's rhs [K, N] (rhs [G, K, N], or
   [G, N, K] with `transpose_rhs`). Rows in no item are not written."""
-  m, k = lhs.shape
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  if rhs.shape[2 if transpose_rhs else 1] != k or lhs.dtype != rhs.dtype:
-    raise ValueError(f"gmm: lhs {lhs.shape} {lhs.dtype} and rhs {rhs.shape} {rhs.dtype} "
-                     f"(transpose_rhs={transpose_rhs}) do not multiply")
-  if k % tiles.k or n % (tiles.n * tiles.band_n):
-    raise ValueError(f"gmm: K={k} and N={n} must be multiples of the tiles {tiles}")
+  m, k, n = gmm_shapes(lhs, rhs, tiles, transpose_rhs, tiles.band_n, whole_row_blocks=False)
   w = sched.group.shape[0]
   grid_n = n // tiles.n
   bm, bk, bn = tiles.m, tiles.k, tiles.n
@@ -170,15 +193,9 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiles: Tiles
          num_sms: int = H100_SMS, interpret: Any = None) -> jax.Array:
   """out [G, K, N]: out[g] = lhs[rows of g]^T @ rhs[rows of g] (lhs [M, K], rhs [M, N]); a
   group without rows gets zeros. The rows are reduced in blocks of `tiles.m`."""
-  m, k = lhs.shape
-  n = rhs.shape[1]
+  _, k, n = tgmm_shapes(lhs, rhs, tiles, tiles.band_n)
   g = group_sizes.shape[0]
   bm, bk, bn = tiles.m, tiles.k, tiles.n
-  if rhs.shape[0] != m or lhs.dtype != rhs.dtype:
-    raise ValueError(f"tgmm: lhs {lhs.shape} {lhs.dtype} and rhs {rhs.shape} {rhs.dtype} "
-                     "do not have the same rows")
-  if m % bm or k % bk or n % (bn * tiles.band_n):
-    raise ValueError(f"tgmm: M={m}, K={k} and N={n} must be multiples of the tiles {tiles}")
   grid_k, grid_n = k // bk, n // bn
   swizzle = plgpu.find_swizzle(min(bk, bn) * jnp.dtype(lhs.dtype).itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(lhs.dtype).itemsize)),

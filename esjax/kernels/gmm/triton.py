@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from esjax.kernels.gmm.kernel import Schedule, Tiles, group_blocks
+from esjax.kernels.gmm.kernel import Schedule, Tiles, gmm_shapes, group_blocks, tgmm_shapes
 
 TRITON_TILES = Tiles(m=64, k=32, n=64, stages=3)
 
@@ -31,14 +31,8 @@ def _params(tiles: Tiles):
 def gmm(lhs: jax.Array, rhs: jax.Array, sched: Schedule, *, tiles: Tiles = TRITON_TILES,
         transpose_rhs: bool = False, interpret: bool = False) -> jax.Array:
   """out [M, N] = rows of each scheduled item times its group's rhs (see kernel.gmm)."""
-  m, k = lhs.shape
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  m, k, n = gmm_shapes(lhs, rhs, tiles, transpose_rhs, 1, whole_row_blocks=True)
   bm, bk, bn = tiles.m, tiles.k, tiles.n
-  if rhs.shape[2 if transpose_rhs else 1] != k or lhs.dtype != rhs.dtype:
-    raise ValueError(f"gmm: lhs {lhs.shape} {lhs.dtype} and rhs {rhs.shape} {rhs.dtype} "
-                     f"(transpose_rhs={transpose_rhs}) do not multiply")
-  if m % bm or k % bk or n % bn:
-    raise ValueError(f"gmm: M={m}, K={k} and N={n} must be multiples of the tiles {tiles}")
 
   def body(group_ref, block_ref, start_ref, end_ref, count_ref, lhs_ref, rhs_ref, o_ref):
     item, ni = pl.program_id(0), pl.program_id(1)
@@ -70,15 +64,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, sched: Schedule, *, tiles: Tiles = TRITO
 def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
          tiles: Tiles = TRITON_TILES, interpret: bool = False) -> jax.Array:
   """out [G, K, N]: out[g] = lhs[rows of g]^T @ rhs[rows of g] (see kernel.tgmm)."""
-  m, k = lhs.shape
-  n = rhs.shape[1]
+  _, k, n = tgmm_shapes(lhs, rhs, tiles, 1)
   g = group_sizes.shape[0]
   bm, bk, bn = tiles.m, tiles.k, tiles.n
-  if rhs.shape[0] != m or lhs.dtype != rhs.dtype:
-    raise ValueError(f"tgmm: lhs {lhs.shape} {lhs.dtype} and rhs {rhs.shape} {rhs.dtype} "
-                     "do not have the same rows")
-  if m % bm or k % bk or n % bn:
-    raise ValueError(f"tgmm: M={m}, K={k} and N={n} must be multiples of the tiles {tiles}")
 
   def body(starts_ref, ends_ref, first_ref, n_blocks_ref, lhs_ref, rhs_ref, o_ref):
     gi, ki, ni = pl.program_id(0), pl.program_id(1), pl.program_id(2)
