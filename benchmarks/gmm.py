@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from esjax.kernels.gmm import interpret as interpret_lib, kernel, ops
-from esjax.routing import grouped
+from esjax.routing import expert_parallel, grouped
 
 # name -> (local experts, d_model, d_ff, routed rows)
 SHAPES = {
@@ -50,10 +50,9 @@ def _group_sizes(rng, n_groups: int, rows: int) -> np.ndarray:
 
 
 def _impls(opts: ops.Options):
-  def dense(rows, gs, wg, wu, wd):
+  def dense(rows, gs, wg, wu, wd):  # plain einsums: one expert's weights, every row
     del gs
-    n = rows.shape[0]
-    return grouped.swiglu_ragged(rows, jnp.asarray([n], jnp.int32), wg[:1], wu[:1], wd[:1])
+    return expert_parallel.swiglu_batched(rows[None], wg[:1], wu[:1], wd[:1])[0]
 
   return {"gmm": lambda *a: ops.swiglu_gmm(*a, opts), "ragged": grouped.swiglu_ragged,
           "dense": dense}

@@ -31,6 +31,7 @@ import json
 import math
 import re
 
+from esjax.kernels.gmm import DECLARED_FLOPS
 from esjax.plan import hlo
 
 OTHER = "other"
@@ -41,7 +42,7 @@ _NO_FLOPS = ("Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "Alloca
              "TopK")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _COST = re.compile(r'"cost_estimate":\s*\{[^}]*"flops":\s*"?(\d+)')
-_SCOPE_COST = re.compile(r'op_name="[^"]*\bdeclared_flops_(\d+)')
+_SCOPE_COST = re.compile(rf'op_name="[^"]*\b{DECLARED_FLOPS}(\d+)')
 _DIMS = re.compile(r"\b(lhs_contracting_dims|lhs_batch_dims)=\{([\d,]*)\}")
 _DIM_LABELS = re.compile(r"dim_labels=\w+_(\w+)->\w+")
 

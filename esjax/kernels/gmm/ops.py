@@ -5,7 +5,8 @@ Same contract as `esjax.routing.grouped.swiglu_ragged`: rows [N, D] sorted by gr
 `sum(group_sizes)` (finite, e.g. the zeros of an EP buffer's tail) come back as zeros. The
 work is the routed rows: forward 3 `gmm`, backward 3 `gmm` (the input gradients through the
 transposed weights) and 3 `tgmm` (the weight gradients). The residuals are those of
-`swiglu_ragged` (rows, gate and up products; the activation is recomputed).
+`swiglu_ragged` (rows, gate and up products; the activation is recomputed) and the forward's
+work list.
 
 Each kernel call runs in a named scope `declared_flops_<n>` that the planner reads (Mosaic
 GPU drops a kernel's cost estimate in lowering): n is the kernel's work when the router
@@ -27,10 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-from esjax.kernels.gmm import kernel, triton
+from esjax.kernels.gmm import DECLARED_FLOPS, kernel, triton
 from esjax.sharding import collectives as col
 
-DECLARED_FLOPS = "declared_flops_"
 BACKENDS = ("mosaic", "triton", "megablox")
 MEGABLOX_TILING = (128, 128, 128)  # rows, contraction, output columns (TPU: lanes of 128)
 
@@ -119,13 +119,12 @@ def _swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down, opts):
 
 
 def _fwd(rows, group_sizes, w_gate, w_up, w_down, opts):
-  out, (gate, up, _) = _forward(rows, group_sizes, w_gate, w_up, w_down, opts)
-  return out, (rows, group_sizes, w_gate, w_up, w_down, gate, up)
+  out, (gate, up, sched) = _forward(rows, group_sizes, w_gate, w_up, w_down, opts)
+  return out, (rows, group_sizes, w_gate, w_up, w_down, gate, up, sched)
 
 
 def _bwd(opts, res, dy):
-  rows, gs, w_gate, w_up, w_down, gate, up = res
-  sched = kernel.schedule(gs, rows.shape[0], opts.tiles.m)
+  rows, gs, w_gate, w_up, w_down, gate, up, sched = res
   dy = _routed(dy.astype(rows.dtype), gs)
   h, act_pull = jax.vjp(_swiglu, gate, up)
   dh = _routed(_gmm(dy, w_down, sched, gs, opts, transpose=True), gs)
