@@ -10,7 +10,7 @@ import re
 import pytest
 
 from esjax.configs import common, presets, tiny
-from esjax.plan import dryrun, hlo, search, table, targets
+from esjax.plan import dryrun, hlo, matmuls, search, table, targets
 from esjax.routing import expert_parallel
 from esjax.sharding.layout import Layout, check_model
 
@@ -155,17 +155,18 @@ def _expert_operand_widths(hlo_text: str) -> list[tuple[int, str]]:
   shapes = {}
   found = []
   for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+(?: \S+)?) ", line)
+    m = hlo.INSTR.match(line)
     if not m:
       continue
-    shapes[m.group(1)] = m.group(2)
-    if (f"/{expert_parallel.SCOPE_EXPERTS}/" not in line
-        or not re.search(r" (dot|custom-call)\(", line)):
+    name, shape, opcode, rest = m.groups()
+    shapes[name] = shape
+    if (opcode not in ("dot", "custom-call")
+        or expert_parallel.SCOPE_EXPERTS not in hlo.scopes(hlo.op_name(line))):
       continue
-    for name in [m.group(1), *re.findall(r"%([\w.\-]+)", line.split("=", 1)[1])]:
-      for _, dims in hlo.dims(shapes.get(name, "")):
+    for operand in [name, *matmuls._operands(rest)]:  # pylint: disable=protected-access
+      for _, dims in hlo.dims(shapes.get(operand, "")):
         if len(dims) >= 2:
-          found.append((dims[-1], f"{name}: {line.strip()[:160]}"))
+          found.append((dims[-1], f"{operand}: {line.strip()[:160]}"))
   return found
 
 
