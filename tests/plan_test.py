@@ -75,6 +75,58 @@ def test_a_layout_that_cannot_fit_says_so():
 
 
 @needs_plugin
+def test_the_peak_is_the_allocation_not_the_remat_passs_estimate():
+  """A loop carrying 50 GiB whose body takes one of two branches, each making a 30 GiB
+  cuBLAS output, compiled deviceless for one H100: the executable allocates 50 + 30 GiB (one
+  branch runs at a time); XLA's rematerialization pass estimates 50 + 30 + 30 (it adds the
+  branches up) and logs that it cannot get under its limit. The plan's peak is the
+  allocation, with the estimate beside it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  h100 = targets.get("h100")
+  sharding = jax.sharding.SingleDeviceSharding(dryrun.devices_for(h100, 1)[0])
+  gib, cols = 2**30, 1 << 16
+  carry_rows, temp_rows = 50 * gib // 2 // cols, 30 * gib // 2 // cols  # bf16
+
+  def temporary(x, i):  # a [temp_rows, cols] GEMM output, reduced by another GEMM
+    big = (jnp.broadcast_to(x[:64], (temp_rows, 64)) * (i + 1).astype(x.dtype)
+           ) @ jnp.broadcast_to(x, (64, cols))
+    return (jnp.ones((1, temp_rows), x.dtype) @ big)[0]
+
+  def f(x):
+    def body(i, carry):
+      row = lax.cond(i % 2 == 0, lambda: temporary(x, i), lambda: temporary(3 * x, i))
+      return lax.dynamic_update_index_in_dim(carry, row[None], i, 0)
+    return lax.fori_loop(0, 4, body, jnp.zeros((carry_rows, cols), x.dtype))[:, :8].sum()
+
+  lowered = jax.jit(f).lower(jax.ShapeDtypeStruct((cols,), jnp.bfloat16, sharding=sharding))
+  with dryrun._compiler_log() as log:  # pylint: disable=protected-access
+    compiled = lowered.compile()
+  memory, remat_failed = dryrun._memory(  # pylint: disable=protected-access
+      compiled.memory_analysis(), log[0], h100)
+  assert remat_failed
+  assert memory["remat_reached"] == pytest.approx(110 * gib, rel=0.01)
+  assert memory["peak"] == pytest.approx(80 * gib, rel=0.01)
+
+
+def test_a_failed_remat_pass_is_shown_beside_the_allocation():
+  """The compiler's log line is parsed into the estimate and the limit; the peak stays the
+  larger of the allocation and the compiler's own peak."""
+  log = ("W1207 hlo_rematerialization.cc:3231] Can't reduce memory use below 60.55GiB "
+         "(65017464044 bytes) by rematerialization; only reduced to 137.37GiB (147497037887 "
+         "bytes), down from 138.19GiB (148379039531 bytes) originally\n")
+  stats = dataclasses.make_dataclass("Stats", [
+      "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+      "temp_size_in_bytes", "peak_memory_in_bytes"])(8, 4, 4, 100, 90)
+  memory, remat_failed = dryrun._memory(stats, log, targets.get("h100"))  # pylint: disable=protected-access
+  assert remat_failed
+  assert (memory["remat_limit"], memory["remat_reached"]) == (65017464044, 147497037887)
+  assert memory["buffers"] == memory["peak"] == 8 + 4 - 4 + 100
+  assert dryrun._memory(stats, "", targets.get("h100"))[1] is False  # pylint: disable=protected-access
+
+
+@needs_plugin
 def test_tiny_moe_compiles_for_8_h100s_with_the_gpu_paths():
   """Deviceless XLA:GPU: the step compiles for sm_90 with the GPU code paths (ragged EP
   exchange, ragged_dot experts), and the prediction is a real number."""
