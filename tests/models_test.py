@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from esjax.models import ModelConfig, Transformer, count_params
+from esjax.models import ModelConfig, Transformer, count_params, layers
 from esjax.models.presets import PRESETS
 
 TINY = [k for k in PRESETS if k.startswith("tiny")]
@@ -88,3 +88,36 @@ def test_sliding_window_attend_equals_numpy_loop(impl):
   np.testing.assert_allclose(got, want, atol=1e-5)
   full = np.asarray(attend(*map(jnp.asarray, (q, k, v, q_pos, k_pos)), jnp.asarray(k_pos >= 0)))
   assert np.abs(full - got).max() > 1e-2  # the window matters here
+
+
+@pytest.mark.parametrize("dtype,scale_shape", [("bfloat16", (64,)), ("float32", (4, 16))])
+def test_rms_norm_gradients_equal_float64_autodiff_and_keep_x_not_float32_copies(
+    dtype, scale_shape):
+  """layers.rms_norm (custom VJP) against autodiff of the plain formula in float64: values
+  and both gradients; its backward keeps x in x's dtype and 1/rms, nothing of x's size in
+  float32."""
+  kx, ks, kg = jax.random.split(jax.random.key(0), 3)
+  x = (3 * jax.random.normal(kx, (2, 8, 64))).astype(dtype)
+  scale = 1 + 0.1 * jax.random.normal(ks, scale_shape)
+  x = x.reshape(2, 8, *(-1,) if len(scale_shape) == 1 else scale_shape)
+  dy = jax.random.normal(kg, x.shape).astype(dtype)
+  y, pull = jax.vjp(lambda x, s: layers.rms_norm(x, s, 1e-6), x, scale)
+  dx, ds = pull(dy)
+
+  def plain(x, s):  # x / rms(x) * s over scale's trailing axes
+    dims = tuple(range(-s.ndim, 0))
+    return x / jnp.sqrt(jnp.mean(x * x, axis=dims, keepdims=True) + 1e-6) * s
+
+  with jax.enable_x64(True):
+    f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
+    want_y, pull64 = jax.vjp(plain, f64(x), f64(scale))
+    want_dx, want_ds = pull64(f64(dy))
+    want = [np.asarray(a) for a in (want_y, want_dx, want_ds)]
+  tol = 1e-2 if dtype == "bfloat16" else 1e-5  # bf16: the output and dx are rounded to bf16
+  for got, ref in zip((y, dx, ds), want):
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=tol,
+                               atol=tol * np.abs(ref).max())
+  assert y.dtype == dx.dtype == x.dtype and ds.dtype == scale.dtype
+  stored = [a for a in jax.tree.leaves(pull) if hasattr(a, "shape")]
+  big = [a for a in stored if a.size >= x.size]
+  assert [(a.shape, a.dtype) for a in big] == [(x.shape, x.dtype)], stored
