@@ -243,3 +243,28 @@ def test_take_rows_gradient_is_the_plain_gather_gradient():
   g = jax.grad(lambda x: jnp.sum(grouped.take_rows(x, idx, inv) * ct))(x)
   g_ref = jax.grad(lambda x: jnp.sum(jnp.take(x, idx, axis=0, mode="fill", fill_value=0) * ct))(x)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref))
+
+
+@pytest.mark.parametrize("spec,shapes", [("tkd,tk->td", ((6, 2, 8), (6, 2))),
+                                         ("td,de->te", ((6, 8), (8, 4)))])
+def test_einsum_f32_keeps_bf16_operands_and_its_gradients_are_float64_autodiffs(spec, shapes):
+  """The combine's and the router's float32 einsum: value and both gradients against
+  autodiff of a float64 einsum of the same (bf16, float32) operands; its backward keeps the
+  bf16 operand as bf16 (autodiff of the float32 einsum keeps a float32 copy)."""
+  ka, kb, kg = jax.random.split(jax.random.key(1), 3)
+  a = jax.random.normal(ka, shapes[0]).astype(jnp.bfloat16)
+  b = jax.random.normal(kb, shapes[1])
+  y, pull = jax.vjp(lambda a, b: dispatch.einsum_f32(spec, a, b), a, b)
+  g = jax.random.normal(kg, y.shape)
+  da, db = pull(g)
+  with jax.enable_x64(True):
+    f64 = lambda x: jnp.asarray(np.asarray(x, np.float64))  # noqa: E731
+    want, pull64 = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), f64(a), f64(b))
+    want_da, want_db = pull64(f64(g))
+    want, want_da, want_db = (np.asarray(x) for x in (want, want_da, want_db))
+  assert (y.dtype, da.dtype, db.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(da, np.float64), want_da, rtol=1e-2, atol=1e-2)
+  stored = {(x.shape, x.dtype) for x in jax.tree.leaves(pull) if hasattr(x, "dtype")}
+  assert (a.shape, np.dtype(np.float32)) not in stored and (a.shape, a.dtype) in stored

@@ -18,6 +18,7 @@ first), ranked explicitly by `positions_in_expert`. Dropped assignments contribu
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from esjax.routing.grouped import take_rows
+from esjax.sharding import collectives as col
 
 # expert_fn(rows [N, D], group_sizes [E]) -> [N, D]; rows sorted by expert, rows past
 # sum(group_sizes) are padding (their output is never read).
@@ -73,22 +75,50 @@ def keep_mask(indices: jax.Array, weights: jax.Array, n_experts: int, capacity_:
   return positions_in_expert(indices, weights, n_experts, policy) < capacity_
 
 
-def _combine(out: jax.Array, weights: jax.Array, keep: jax.Array | None) -> jax.Array:
-  """y[t] = sum_j w[t, j] * out[t * k + j] in float32; dropped assignments weigh 0."""
-  n_tokens, top_k = weights.shape
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` in float32, whose backward keeps a and b in their own dtypes
+  and casts them again (exact): autodiff would keep the float32 copies, twice a bf16
+  operand's bytes, for every microbatch a pipeline stage holds."""
+  return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+def _einsum_f32_fwd(spec, a, b):
+  return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, res, g):
+  a, b = res
+  _, pull = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a.astype(jnp.float32),
+                    b.astype(jnp.float32))
+  return tuple(col.like_primal(d.astype(x.dtype), x) for d, x in zip(pull(g), res))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
+def _combine(out: jax.Array, weights: jax.Array | None, keep: jax.Array | None,
+             top_k: int) -> jax.Array:
+  """y[t] = sum_j w[t, j] * out[t * k + j] in float32 (w = 1 where `weights` is None);
+  dropped assignments weigh 0."""
+  out = out.reshape(-1, top_k, out.shape[-1])
+  if weights is None:
+    kept = out if keep is None else jnp.where(keep[..., None], out, 0)
+    return kept.astype(jnp.float32).sum(1)
   w = weights.astype(jnp.float32)
   if keep is not None:
     w = jnp.where(keep, w, 0.0)
-  return jnp.einsum("tkd,tk->td", out.reshape(n_tokens, top_k, -1).astype(jnp.float32), w)
+  return einsum_f32("tkd,tk->td", out, w)
 
 
-def grouped_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts: int,
+def grouped_moe(x: jax.Array, indices: jax.Array, weights: jax.Array | None, n_experts: int,
                 expert_fn: GroupedFn, keep: jax.Array | None = None,
                 ) -> jax.Array:
   """Sort assignments by expert, run `expert_fn` on contiguous groups, gather back, combine.
 
-  x: [T, D]; indices, weights: [T, k]; keep: optional [T, k] bool (dropped assignments are
-  placed after every group and not computed). Returns y [T, D] in x.dtype.
+  x: [T, D]; indices, weights: [T, k] (weights None: each assignment weighs 1); keep:
+  optional [T, k] bool (dropped assignments are placed after every group and not computed).
+  Returns y [T, D] in x.dtype.
   """
   n_tokens, top_k = indices.shape
   n = n_tokens * top_k
@@ -108,7 +138,7 @@ def grouped_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts:
   row = jnp.where(kept, row, n)
   rows = take_rows(jnp.repeat(x, top_k, axis=0), src, row)
   out = take_rows(expert_fn(rows, group_sizes), row, src)
-  return _combine(out, weights, keep).astype(x.dtype)
+  return _combine(out, weights, keep, top_k).astype(x.dtype)
 
 
 def capacity_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts: int,
@@ -129,4 +159,4 @@ def capacity_moe(x: jax.Array, indices: jax.Array, weights: jax.Array, n_experts
   buffers = take_rows(jnp.repeat(x, top_k, axis=0), src, row)
   out = expert_fn(buffers.reshape(n_experts, capacity_, -1)).reshape(n_rows, -1)
   out = take_rows(out, row, src)
-  return _combine(out, weights, keep).astype(x.dtype)
+  return _combine(out, weights, keep, top_k).astype(x.dtype)
