@@ -102,7 +102,7 @@ def routed_experts(x: jax.Array, router_w, w_gate, w_up, w_down, *, cfg, plan: P
     mask = lax.dynamic_slice_in_dim(mask, col.axis_index(plan.tp) * sl, sl, axis=1)
   tokens = x.reshape(bl * sl, d)
   with jax.named_scope(SCOPE_ROUTER):
-    logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router_w.astype(jnp.float32))
+    logits = dispatch.einsum_f32("td,de->te", tokens, router_w)
     r = route(logits)
   positions = None
   if cfg.capacity_factor > 0:
@@ -262,10 +262,14 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
       flat_valid = flat_valid & fits
       valid = flat_valid.reshape(valid.shape)
     slot = jnp.where(flat_valid, dest * bound + rank, ep * bound)  # ep*bound: a spill row
-  rows = jnp.zeros((ep * bound + 1, d), tokens.dtype).at[slot].set(
-      jnp.take(tokens, jnp.arange(flat_e.size) // k, axis=0))[:-1]
-  ids = jnp.full((ep * bound + 1,), nle, jnp.int32).at[slot].set(
-      jnp.where(flat_valid, local_e, nle))[:-1]
+  # The assignments that do not travel go to distinct rows past the buffer, which the
+  # scatters drop: with unique indices a scatter's backward is a gather, where repeated ones
+  # make autodiff keep an [assignments, D] mask of which update landed.
+  to = jnp.where(flat_valid, slot, ep * bound + jnp.arange(flat_e.size, dtype=slot.dtype))
+  scatter = dict(mode="drop", unique_indices=True)
+  rows = jnp.zeros((ep * bound, d), tokens.dtype).at[to].set(
+      jnp.take(tokens, jnp.arange(flat_e.size) // k, axis=0), **scatter)
+  ids = jnp.full((ep * bound,), nle, jnp.int32).at[to].set(local_e, **scatter)
 
   if padded:
     def experts(rows, ids):  # [ep sources, E/ep, C] -> [E/ep, ep*C] expert buffers
@@ -276,8 +280,8 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
   else:
     def experts(rows, ids):
       return dispatch.grouped_moe(
-          rows, jnp.minimum(ids, nle - 1)[:, None], jnp.ones(ids.shape + (1,), jnp.float32),
-          nle, grouped_fn(cfg, plan, *w, kernel, n_rows * k), (ids < nle)[:, None])
+          rows, jnp.minimum(ids, nle - 1)[:, None], None, nle,
+          grouped_fn(cfg, plan, *w, kernel, n_rows * k), (ids < nle)[:, None])
 
   if plan.ep_dispatch == "ragged" and ep_axes and not padded:
     out = _ragged_exchange(rows, ids, nle, bound, ep_axes, experts)
@@ -287,7 +291,7 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
   out = jnp.concatenate([out, jnp.zeros_like(out[:1])], axis=0)
   per_assignment = jnp.take(out, slot, axis=0).reshape(n_rows, k, d)
   combine = jnp.where(valid, weights.astype(jnp.float32), 0.0)
-  y = jnp.einsum("tkd,tk->td", per_assignment.astype(jnp.float32), combine)
+  y = dispatch.einsum_f32("tkd,tk->td", per_assignment, combine)
   return col.psum_scatter(y, etp_axes, 0).astype(tokens.dtype), overflow.astype(jnp.float32)
 
 
