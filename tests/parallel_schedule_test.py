@@ -72,3 +72,33 @@ def test_bad_schedules():
     make_schedule("interleaved", 4, 6, 2)
   with pytest.raises(ValueError, match="schedule='zb'"):
     make_schedule("zb", 2, 2)
+
+
+@pytest.mark.parametrize("name,pp,m,v", CASES)
+def test_idle_forward_ticks_write_a_slot_no_unit_holds(name, pp, m, v):
+  """The loop writes the stash at every tick, idle ones too (zeros): at a slot no unit
+  holds then, so only a schedule with a stage whose slots are all held at an idle tick
+  needs a scratch slot beyond its most in flight."""
+  s = make_schedule(name, pp, m, v)
+  held = np.zeros((s.ticks, pp, s.slots), bool)
+  for t in range(s.ticks):
+    for st in range(pp):
+      if s.f_valid[t, st]:
+        b = next(tb for tb in range(t, s.ticks) if s.b_valid[tb, st]
+                 and (s.b_micro[tb, st], s.b_round[tb, st]) == (s.f_micro[t, st],
+                                                                s.f_round[t, st]))
+        held[t:b + 1, st, s.f_slot[t, st]] = True
+  idle = ~s.f_valid
+  assert not held[idle.nonzero() + (s.f_slot[idle],)].any()
+  full = held[..., :s.stash_size].all(-1)
+  assert s.slots == s.stash_size + int((idle & full).any())
+  assert s.f_slot.max() < s.slots
+
+
+def test_1f1b_with_more_microbatches_than_its_stash_needs_no_scratch_slot():
+  """Once M > 2pp - 1 a stage has a free slot at every idle tick (warm-up: none held yet;
+  cool-down: one is freed per tick): the GPU presets' 1F1B allocates 7 slots at pp4, not 8."""
+  assert [(s.stash_size, s.slots) for s in (make_schedule("1f1b", 4, m) for m in (8, 128))
+          ] == [(7, 7), (7, 7)]
+  gpipe = make_schedule("gpipe", 4, 8)
+  assert (gpipe.stash_size, gpipe.slots) == (8, 9)  # full during its cool-down

@@ -37,8 +37,10 @@ import numpy as np
 @dataclasses.dataclass(frozen=True, eq=False)
 class Schedule:
   """Static tables, indexed [tick, stage]: for F and B, `valid` (bool), the microbatch, the
-  round r (which of the stage's chunks), and the stash slot written (F) or read (B). Equal
-  and hashed by what determines the tables, so it can be part of a jit's static arguments."""
+  round r (which of the stage's chunks), and the stash slot written (F) or read (B). An idle
+  F writes too (the loop writes the stash outside its conditional): to a slot no unit holds
+  at that tick, or to a scratch slot where every slot is held (GPipe's cool-down). Equal and
+  hashed by what determines the tables, so it can be part of a jit's static arguments."""
 
   name: str
   pp: int
@@ -52,7 +54,8 @@ class Schedule:
   b_micro: np.ndarray
   b_round: np.ndarray
   b_slot: np.ndarray
-  stash_size: int
+  stash_size: int  # the most units a stage holds at once
+  slots: int  # stash slots to allocate: stash_size, plus a scratch slot if an idle F needs one
 
   def _key(self):
     return (self.name, self.pp, self.virtual, self.microbatches)
@@ -107,6 +110,9 @@ def make_schedule(name: str, pp: int, microbatches: int, virtual: int = 1) -> Sc
              ("f_slot", np.int32), ("b_valid", bool), ("b_micro", np.int32),
              ("b_round", np.int32), ("b_slot", np.int32))}
   slots, stash = _stash_slots(f, bt)
+  held = np.zeros((ticks, pp, stash), bool)  # [tick, stage, slot]: a unit holds the slot
+  for (mi, ri, st), sl in np.ndenumerate(slots):
+    held[f[mi, ri, st]:bt[mi, ri, st] + 1, st, sl] = True
   for mi in range(m):
     for ri in range(v):
       for st in range(pp):
@@ -118,7 +124,10 @@ def make_schedule(name: str, pp: int, microbatches: int, virtual: int = 1) -> Sc
           tables[f"{pre}_micro"][t, st] = mi
           tables[f"{pre}_round"][t, st] = ri
           tables[f"{pre}_slot"][t, st] = slots[mi, ri, st]
-  return Schedule(name, pp, v, m, stash_size=stash, **tables)
+  idle, full = ~tables["f_valid"], held.all(-1)
+  tables["f_slot"][idle] = np.where(full, stash, held.argmin(-1))[idle]  # the first free slot
+  scratch = int((idle & full).any())
+  return Schedule(name, pp, v, m, stash_size=stash, slots=stash + scratch, **tables)
 
 
 def _stash_slots(f: np.ndarray, bt: np.ndarray) -> tuple[np.ndarray, int]:

@@ -161,7 +161,7 @@ class _Ticks:
 
   def run(self, stat_shapes) -> Carry:
     loop = dict(fwd=self.act, bwd=self.act)
-    slots = self.sched.stash_size + 1  # the last: a scratch slot for idle units' writes
+    slots = self.sched.slots
     if self.train:
       loop.update(inputs=jnp.zeros((slots,) + self.act.shape, self.act.dtype),
                   stash=self.residuals.empty(slots, self.u.plan.pp))
@@ -221,9 +221,10 @@ class _Ticks:
 
   def forward(self, c: Carry, t):
     """Training: a middle chunk's vjp, its residuals stored; the last chunk's input kept.
-    The conditional returns what to store and the stash is written after it, outside (an
-    idle unit writes zeros to the scratch slot `stash_size`): a loop-carried buffer updated
-    inside a conditional may be copied whole."""
+    The conditional returns what to store and the stash is written after it, outside: a
+    loop-carried buffer updated inside a conditional may be copied whole. Every unit writes
+    both buffers at its slot (zeros for what it does not keep); an idle unit's slot is one
+    that no unit holds (`Schedule.f_slot`)."""
     u, n, res = self.u, self.unit("f", t), self.residuals
     no_stats = lambda: res_lib.zeros_like_types((res.aux, res.out[1]))  # noqa: E731
 
@@ -241,11 +242,8 @@ class _Ticks:
       return jnp.zeros_like(x), jnp.zeros_like(x), res.zeros(), *no_stats()
 
     y, kept, leaves, stats, moe = _cond(SCOPE_F, n.valid, run, idle, c.fwd)
-    scratch = self.sched.stash_size
-    c = c._replace(
-        inputs=lax.dynamic_update_index_in_dim(
-            c.inputs, kept, jnp.where(n.valid & n.last, n.slot, scratch), 0),
-        stash=res.put(c.stash, jnp.where(n.valid & ~n.last, n.slot, scratch), leaves))
+    c = c._replace(inputs=lax.dynamic_update_index_in_dim(c.inputs, kept, n.slot, 0),
+                   stash=res.put(c.stash, n.slot, leaves))
     return accumulate(c, n.r, stats, None, moe), y
 
   # Backward units.
