@@ -102,9 +102,9 @@ def _combine(out: jax.Array, weights: jax.Array | None, keep: jax.Array | None,
   """y[t] = sum_j w[t, j] * out[t * k + j] in float32 (w = 1 where `weights` is None);
   dropped assignments weigh 0."""
   out = out.reshape(-1, top_k, out.shape[-1])
-  if weights is None:
-    kept = out if keep is None else jnp.where(keep[..., None], out, 0)
-    return kept.astype(jnp.float32).sum(1)
+  if weights is None:  # constant weights: autodiff keeps only them, [T, k]
+    w = jnp.ones(out.shape[:2], jnp.float32) if keep is None else keep.astype(jnp.float32)
+    return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), w)
   w = weights.astype(jnp.float32)
   if keep is not None:
     w = jnp.where(keep, w, 0.0)
