@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from esjax.configs import tiny
-from esjax.plan import dryrun, matmuls, targets
+from esjax.configs import common, tiny
+from esjax.plan import analytic, dryrun, matmuls, targets
+from esjax.sharding.layout import Layout
 from plan_test import needs_plugin
 
 M, K, N = 16, 32, 24
@@ -242,3 +243,24 @@ def test_the_calibration_plans_the_config_the_mfu_benchmark_times():
   c = plan_calibration.config_for("gpu-mixtral")
   assert common.model_config(c) == cfg.replace(dtype="bfloat16")
   assert (c.train.batch_size, c.train.seq_len) == (batch, seq)
+
+
+def test_core_attention_is_recomputed_as_the_compiled_kernel_shows():
+  """The chunked attention kernel compiled on the CPU: at remat=none a pp2 step runs core
+  attention exactly as a pp1 step does (the stash keeps its residuals: no forward again),
+  and remat=full adds one forward (2 products) to its 2 + 5. The planner's cuDNN price adds
+  a recomputed forward by `Work.attention_recompute`, which must say the same."""
+  def core(remat, **parallel):
+    c = _tiny("dense", **parallel)
+    c.model.remat, c.model.n_layers, c.model.attention_impl = remat, 4, "chunked"
+    compiled = {row["part"]: row["compiled"] for row in dryrun.plan(c, targets.get("cpu"),
+                                                                   2).flops}["core_attn"]
+    work = analytic.Work(common.model_config(c), Layout.from_config(c.parallel),
+                         c.train.batch_size, c.train.seq_len)
+    return compiled, work.attention_recompute
+
+  plain, _ = core("none", dp=2)
+  stored, stored_recompute = core("none", pp=2, microbatches=2)
+  again, again_recompute = core("full", pp=2, microbatches=2)
+  assert stored == plain and stored_recompute == 0.0
+  assert again / stored == pytest.approx(9 / 7, rel=1e-12) and again_recompute == 1.0

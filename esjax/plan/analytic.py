@@ -53,28 +53,21 @@ class Work:
 
   @property
   def attention_recompute(self) -> float:
-    """Share of core attention forwards the step runs again in the backward, averaged over
-    the devices: all of them under a remat policy that saves no attention output, else at
-    pp > 1 those of every chunk but the last stage's last (see `recompute_forwards`)."""
-    if self.cfg.remat in ("full", "dots"):
-      return 1.0
-    return 1 - 1 / (self.layout.pp * self.layout.virtual_stages)
+    """Share of core attention forwards the step runs again in the backward: none at
+    remat='none' (the pipeline stores each unit's residuals, so pp changes nothing), all of
+    them under any other policy (none of them saves the kernel's softmax statistics)."""
+    return 0.0 if self.cfg.remat == "none" else 1.0
 
   @property
   def recompute_forwards(self) -> float:
-    """Extra forward passes of the decoder layers the step runs, in units of one forward,
-    averaged over the devices: at pp > 1 the backward unit runs each chunk's forward again
-    (it stashes only chunk inputs) except the last stage's last chunk, which runs forward
-    only inside its backward unit, i.e. 1 - 1/(v pp); plus what the remat policy recomputes."""
+    """Extra forward passes of the decoder layers the step runs, in units of one forward:
+    what the remat policy recomputes (a pipeline stage stores its units' residuals and
+    recomputes nothing itself)."""
     parts = flops_lib.flops_breakdown(self.cfg, self.seq, training=False)
     layers = parts["attn_proj"] + parts["core_attn"] + parts["mlp"]
     policy = {"none": 0.0, "dots": 0.0, "full": layers,
               "dots_except_mlp": parts["mlp"], "attn": layers, "offload_attn": layers}
-    extra = policy[self.cfg.remat] / sum(parts.values())
-    if self.layout.pp > 1:
-      chunks = self.layout.pp * self.layout.virtual_stages
-      extra += layers / sum(parts.values()) * (1 - 1 / chunks)
-    return extra
+    return policy[self.cfg.remat] / sum(parts.values())
 
   @property
   def hardware_flops(self) -> float:
