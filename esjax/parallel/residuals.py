@@ -91,7 +91,7 @@ class Residuals:
     return tuple(stored)
 
   def zeros(self) -> tuple[jax.Array, ...]:
-    """Stored leaves of zeros (what an idle unit writes to a scratch slot)."""
+    """Stored leaves of zeros (what an idle unit, or one that keeps nothing here, writes)."""
     return zeros_like_types(self.stored)
 
   def put(self, stash: Stash, slot: jax.Array, leaves: tuple[jax.Array, ...]) -> Stash:
