@@ -248,7 +248,7 @@ def test_the_calibration_plans_the_config_the_mfu_benchmark_times():
 def test_core_attention_is_recomputed_as_the_compiled_kernel_shows():
   """The chunked attention kernel compiled on the CPU: at remat=none a pp2 step runs core
   attention exactly as a pp1 step does (the stash keeps its residuals: no forward again),
-  and remat=full adds one forward (2 products) to its 2 + 5. The planner's cuDNN price adds
+  and remat=full or dots_except_mlp adds one forward (2 products) to its 2 + 5. The planner's cuDNN price adds
   a recomputed forward by `Work.attention_recompute`, which must say the same."""
   def core(remat, **parallel):
     c = _tiny("dense", **parallel)
@@ -264,3 +264,7 @@ def test_core_attention_is_recomputed_as_the_compiled_kernel_shows():
   again, again_recompute = core("full", pp=2, microbatches=2)
   assert stored == plain and stored_recompute == 0.0
   assert again / stored == pytest.approx(9 / 7, rel=1e-12) and again_recompute == 1.0
+  # A policy that saves the projections still runs the kernel's forward again (its softmax
+  # statistics are not among the saved names).
+  named, named_recompute = core("dots_except_mlp", dp=2)
+  assert named / plain == pytest.approx(9 / 7, rel=1e-12) and named_recompute == 1.0
