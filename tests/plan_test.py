@@ -10,6 +10,7 @@ import re
 import pytest
 
 from esjax.configs import common, presets, tiny
+from esjax.parallel.schedule import make_schedule
 from esjax.plan import dryrun, hlo, matmuls, search, table, targets
 from esjax.routing import expert_parallel
 from esjax.sharding.layout import Layout, check_model
@@ -246,3 +247,24 @@ def test_qwen2_experts_on_h100_read_no_operand_wider_than_a_weight():
   # (1,024 tokens x top-8 in 128-row blocks, one more per local expert: 80 / 64); ragged_dot
   # multiplies every row by all 16 local experts.
   assert experts["ratio"] <= 4 / 3 * 80 / 64 + 1e-9, experts
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_the_searchs_stash_estimate_is_the_compiled_stash_within_2x(remat):
+  """`search.stash_bytes` against the stash the compiled pp2 step of a bf16 MoE carries
+  through its tick loop (its arrays with one row per slot): within a factor 2 at remat none
+  (every residual) and full (the chunk inputs)."""
+  c = tiny.get_config("moe")
+  c.model.dtype, c.model.remat, c.model.attention_impl = "bfloat16", remat, "chunked"
+  c.train.batch_size, c.train.seq_len = 8, 32
+  c.parallel.update(pp=2, ep=2, microbatches=4)
+  r = dryrun.plan(c, targets.get("cpu"), 4)
+  lay = Layout.from_config(c.parallel).resolve(4)
+  slots = make_schedule(lay.schedule, lay.pp, lay.microbatches, lay.virtual_stages).slots
+  loops = [m.group(2) for m in map(hlo.INSTR.match, r.hlo.splitlines())
+           if m and m.group(3) == "while"]
+  compiled = max(sum(b for (_, d), b in zip(hlo.dims(s), hlo.shape_bytes(s)) if d[:1] == (slots,))
+                 for s in loops)
+  estimate = search.stash_bytes(common.model_config(c), lay, c.train.batch_size,
+                                c.train.seq_len)
+  assert 0.5 <= estimate / compiled <= 2, (estimate, compiled)

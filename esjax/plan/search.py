@@ -4,8 +4,8 @@ compiled for real.
 A candidate is (pp, tp, cp, ep, etp, dp = the rest, ZeRO-1 or fsdp, microbatches, schedule and
 virtual stages, remat policy) that the model's divisibility rules and the folded mesh accept.
 Its estimate: the memory of the state (master weights, moments, compute copy, gradient
-accumulator) plus activations (the pipeline stash, one chunk's activations during its
-backward, the logits), and the time of `esjax.plan.analytic.Work` (FLOPs with recompute at
+accumulator) plus activations (the pipeline stash: every slot holds a chunk's residuals; one
+chunk's activations during its backward, the logits), and the time of `esjax.plan.analytic.Work` (FLOPs with recompute at
 peak over the bubble, minimum bytes at the bandwidth of the links the layout puts them on).
 Candidates whose estimate fits are ranked by estimated time; the `top` best are compiled with
 `esjax.plan.dryrun.plan` and returned ranked by predicted step time, those that fit first.
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any, Callable, Iterator
 
 from esjax.configs import common
 from esjax.models.config import ModelConfig
 from esjax.parallel.schedule import make_schedule
 from esjax.plan import analytic, dryrun, targets as targets_lib
+from esjax.routing import expert_parallel
 from esjax.sharding.layout import Layout, LayoutError, check_model
 
 REMATS = ("none", "dots_except_mlp", "full")
@@ -94,6 +96,34 @@ def _schedules(cfg: ModelConfig, pp: int, dp: int, batch: int
       yield m, "interleaved", v
 
 
+def _layer_residuals(cfg: ModelConfig, lay: Layout, seq_shard: float) -> float:
+  """Bytes one decoder layer keeps for its backward per microbatch, by remat policy: in
+  units of the layer's bf16 tokens x d_model (21 at remat=none, read from the compiled
+  Mixtral-8x7B stash: norm inputs, the gathered sequence, q, k, v, attention outputs, the
+  router's tokens, the combine's [T, k, D]) plus, for MoE, the experts' bf16 rows, gate and
+  up over the EP receive buffer (`ep_block_rows` from each of the ep sources)."""
+  per_layer = {"none": 21, "dots_except_mlp": 16, "full": 2}[cfg.remat] * seq_shard * cfg.d_model
+  if cfg.is_moe and cfg.remat != "full":
+    f = cfg.effective_d_ff_expert // lay.etp
+    rows = lay.ep * expert_parallel.ep_block_rows(cfg, math.ceil(seq_shard * lay.etp), lay.ep,
+                                                  None)
+    per_layer += 2 * rows * (cfg.d_model + 2 * f)
+  return per_layer
+
+
+def stash_bytes(cfg: ModelConfig, lay: Layout, batch: int, seq: int) -> float:
+  """The pipeline stash (pp > 1): the schedule's slots, each holding one chunk's residuals
+  (`esjax.parallel.residuals`) and a bf16 chunk input (the last chunk's, kept for its
+  backward unit)."""
+  if lay.pp == 1:
+    return 0.0
+  slots = make_schedule(lay.schedule, lay.pp, lay.microbatches, lay.virtual_stages).slots
+  seq_shard = seq * batch / (lay.dp * lay.microbatches) / (lay.cp * lay.tp)
+  chunk_layers = cfg.n_layers // (lay.pp * lay.virtual_stages)
+  return slots * (chunk_layers * _layer_residuals(cfg, lay, seq_shard)
+                  + 2 * seq_shard * cfg.d_model)
+
+
 def estimate(cfg: ModelConfig, lay: Layout, batch: int, seq: int,
              target: targets_lib.Target) -> tuple[float, float]:
   """(peak bytes per device, step seconds) of a layout, analytically (module docstring)."""
@@ -107,22 +137,12 @@ def estimate(cfg: ModelConfig, lay: Layout, batch: int, seq: int,
     master = local
   compute_copy = local / (replicas_dense if lay.fsdp else 1)
   state = 12 * master + 2 * compute_copy + 4 * local  # f32 master+moments, bf16, f32 grads
-  d = cfg.d_model
   tokens_mb = seq * batch / (lay.dp * lay.microbatches)  # one microbatch of one dp rank
   seq_shard = tokens_mb / (lay.cp * lay.tp)
-  if lay.pp > 1:
-    stash = make_schedule(lay.schedule, lay.pp, lay.microbatches,
-                          lay.virtual_stages).stash_size
-  else:
-    stash = 1
-  chunk_layers = cfg.n_layers // (lay.pp * lay.virtual_stages)
-  per_layer = {"none": 34, "dots_except_mlp": 16, "full": 2}[cfg.remat] * seq_shard * d
-  if cfg.is_moe:
-    f = cfg.effective_d_ff_expert // lay.etp
-    per_layer += (0 if cfg.remat == "full" else 3) * 2 * seq_shard * lay.etp * cfg.top_k * f
-  transient = chunk_layers * per_layer + 34 * seq_shard * d
+  chunk = cfg.n_layers // (lay.pp * lay.virtual_stages) * _layer_residuals(cfg, lay, seq_shard)
+  transient = chunk + 34 * seq_shard * cfg.d_model
   logits = 3 * 4 * tokens_mb / lay.cp * cfg.vocab_size / lay.tp
-  memory = state + stash * 2 * seq_shard * d + transient + logits
+  memory = state + stash_bytes(cfg, lay, batch, seq) + transient + logits
   # Time: compute over the bubble, minimum bytes on their links.
   compute = work.hardware_flops / lay.n_devices / target.matmul_flops / (1 - work.bubble)
   intra, inter = target.intra_node_bytes_per_s, target.inter_node_bytes_per_s
