@@ -52,22 +52,25 @@ class Work:
     return parts
 
   @property
+  def recomputed(self) -> tuple[str, ...]:
+    """The ledger's parts whose forward the remat policy runs again in the backward (a
+    pipeline stage stores its units' residuals and recomputes nothing itself). Core
+    attention under every policy but 'none': none of them saves the kernel's softmax
+    statistics (`tests/plan_flops_test.py` compiles it)."""
+    layers = ("attn_proj", "core_attn", "mlp")
+    return {"none": (), "dots": ("core_attn",), "dots_except_mlp": ("core_attn", "mlp"),
+            "full": layers, "attn": layers, "offload_attn": layers}[self.cfg.remat]
+
+  @property
   def attention_recompute(self) -> float:
-    """Share of core attention forwards the step runs again in the backward: none at
-    remat='none' (the pipeline stores each unit's residuals, so pp changes nothing), all of
-    them under any other policy (none of them saves the kernel's softmax statistics)."""
-    return 0.0 if self.cfg.remat == "none" else 1.0
+    """Share of core attention forwards the step runs again in the backward."""
+    return float("core_attn" in self.recomputed)
 
   @property
   def recompute_forwards(self) -> float:
-    """Extra forward passes of the decoder layers the step runs, in units of one forward:
-    what the remat policy recomputes (a pipeline stage stores its units' residuals and
-    recomputes nothing itself)."""
+    """Extra forward passes of the decoder layers the step runs, in units of one forward."""
     parts = flops_lib.flops_breakdown(self.cfg, self.seq, training=False)
-    layers = parts["attn_proj"] + parts["core_attn"] + parts["mlp"]
-    policy = {"none": 0.0, "dots": 0.0, "full": layers,
-              "dots_except_mlp": parts["mlp"], "attn": layers, "offload_attn": layers}
-    return policy[self.cfg.remat] / sum(parts.values())
+    return sum(parts[k] for k in self.recomputed) / sum(parts.values())
 
   @property
   def hardware_flops(self) -> float:
