@@ -111,6 +111,16 @@ def _layer_residuals(cfg: ModelConfig, lay: Layout, seq_shard: float) -> float:
   return per_layer
 
 
+def _chunk_residuals(cfg: ModelConfig, lay: Layout, seq_shard: float) -> float:
+  """Bytes one chunk (a stage's share of the layers, per virtual stage) keeps per microbatch."""
+  return cfg.n_layers // (lay.pp * lay.virtual_stages) * _layer_residuals(cfg, lay, seq_shard)
+
+
+def _seq_shard(lay: Layout, batch: int, seq: int) -> float:
+  """Tokens of one microbatch of one dp rank on one device (split over cp and tp)."""
+  return seq * batch / (lay.dp * lay.microbatches) / (lay.cp * lay.tp)
+
+
 def stash_bytes(cfg: ModelConfig, lay: Layout, batch: int, seq: int) -> float:
   """The pipeline stash (pp > 1): the schedule's slots, each holding one chunk's residuals
   (`esjax.parallel.residuals`) and a bf16 chunk input (the last chunk's, kept for its
@@ -118,10 +128,8 @@ def stash_bytes(cfg: ModelConfig, lay: Layout, batch: int, seq: int) -> float:
   if lay.pp == 1:
     return 0.0
   slots = make_schedule(lay.schedule, lay.pp, lay.microbatches, lay.virtual_stages).slots
-  seq_shard = seq * batch / (lay.dp * lay.microbatches) / (lay.cp * lay.tp)
-  chunk_layers = cfg.n_layers // (lay.pp * lay.virtual_stages)
-  return slots * (chunk_layers * _layer_residuals(cfg, lay, seq_shard)
-                  + 2 * seq_shard * cfg.d_model)
+  seq_shard = _seq_shard(lay, batch, seq)
+  return slots * (_chunk_residuals(cfg, lay, seq_shard) + 2 * seq_shard * cfg.d_model)
 
 
 def estimate(cfg: ModelConfig, lay: Layout, batch: int, seq: int,
@@ -137,11 +145,9 @@ def estimate(cfg: ModelConfig, lay: Layout, batch: int, seq: int,
     master = local
   compute_copy = local / (replicas_dense if lay.fsdp else 1)
   state = 12 * master + 2 * compute_copy + 4 * local  # f32 master+moments, bf16, f32 grads
-  tokens_mb = seq * batch / (lay.dp * lay.microbatches)  # one microbatch of one dp rank
-  seq_shard = tokens_mb / (lay.cp * lay.tp)
-  chunk = cfg.n_layers // (lay.pp * lay.virtual_stages) * _layer_residuals(cfg, lay, seq_shard)
-  transient = chunk + 34 * seq_shard * cfg.d_model
-  logits = 3 * 4 * tokens_mb / lay.cp * cfg.vocab_size / lay.tp
+  seq_shard = _seq_shard(lay, batch, seq)
+  transient = _chunk_residuals(cfg, lay, seq_shard) + 34 * seq_shard * cfg.d_model
+  logits = 3 * 4 * seq_shard * cfg.vocab_size  # the (cp, tp) shard of [tokens, V] float32, 3x
   memory = state + stash_bytes(cfg, lay, batch, seq) + transient + logits
   # Time: compute over the bubble, minimum bytes on their links.
   compute = work.hardware_flops / lay.n_devices / target.matmul_flops / (1 - work.bubble)
