@@ -92,24 +92,38 @@ def test_a_trace_with_other_residuals_is_refused():
     layout.leaves(found)
 
 
+def bf16_moe_pipeline(remat: str):
+  """The tiny MoE in bf16 at pp2 x ep2 (4 devices, 4 microbatches), chunked attention."""
+  c = tiny.get_config("moe")
+  c.model.dtype, c.model.remat, c.model.attention_impl = "bfloat16", remat, "chunked"
+  c.train.batch_size, c.train.seq_len = 8, 32
+  c.parallel.update(pp=2, ep=2, microbatches=4)
+  return c
+
+
+def compiled_stash(hlo_text: str, slots: int) -> list[tuple[str, tuple[int, ...], int]]:
+  """(dtype, dims, bytes) of the tick loop's arrays with one row per stash slot: those of the
+  while loop that carries the most such bytes."""
+  loops = [m.group(2) for m in map(hlo.INSTR.match, hlo_text.splitlines())
+           if m and m.group(3) == "while"]
+  per_loop = [[(dt, d, b) for (dt, d), b in zip(hlo.dims(shape), hlo.shape_bytes(shape))
+               if d[:1] == (slots,)] for shape in loops]
+  return max(per_loop, key=lambda arrays: sum(b for *_, b in arrays))
+
+
 def test_the_pipeline_stash_of_a_bf16_moe_holds_no_float32_or_mask_copy_of_the_tokens():
   """The compiled step of a bf16 MoE at pp2 x ep2 (remat none): no leaf of the stash (the
   tick loop's arrays with one row per slot) is float32 or boolean with as many elements per
   layer as the chunk's tokens x d_model. RMSNorm keeps x and 1/rms, the router and the
   combine keep bf16 operands (their float32 einsums recast them), and the EP scatter has
   unique indices (repeated ones made autodiff keep an [assignments, D] mask)."""
-  c = tiny.get_config("moe")
-  c.model.dtype, c.model.remat, c.model.attention_impl = "bfloat16", "none", "chunked"
-  c.train.batch_size, c.train.seq_len = 8, 32
-  c.parallel.update(pp=2, ep=2, microbatches=4)
+  c = bf16_moe_pipeline("none")
   r = dryrun.plan(c, targets.get("cpu"), 4)
   slots = make_schedule("1f1b", 2, 4).slots
   cfg = common.model_config(c)
   tokens = c.train.batch_size // 2 // 4 * c.train.seq_len  # one microbatch of a dp rank
   layers = cfg.n_layers // 2
-  loops = [m for m in map(hlo.INSTR.match, r.hlo.splitlines()) if m and m.group(3) == "while"]
-  carry = max(loops, key=lambda m: sum(hlo.shape_bytes(m.group(2))))
-  stash = [(dt, d) for dt, d in hlo.dims(carry.group(2)) if d[:1] == (slots,)]
+  stash = [(dt, d) for dt, d, _ in compiled_stash(r.hlo, slots)]
   assert any(dt == "bf16" for dt, _ in stash)  # the residuals are there
   wide = [(dt, d) for dt, d in stash
           if dt in ("f32", "pred") and math.prod(d) >= slots * layers * tokens * cfg.d_model]

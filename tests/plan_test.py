@@ -14,6 +14,7 @@ from esjax.parallel.schedule import make_schedule
 from esjax.plan import dryrun, hlo, matmuls, search, table, targets
 from esjax.routing import expert_parallel
 from esjax.sharding.layout import Layout, check_model
+from parallel_residuals_test import bf16_moe_pipeline, compiled_stash
 
 
 
@@ -254,17 +255,11 @@ def test_the_searchs_stash_estimate_is_the_compiled_stash_within_2x(remat):
   """`search.stash_bytes` against the stash the compiled pp2 step of a bf16 MoE carries
   through its tick loop (its arrays with one row per slot): within a factor 2 at remat none
   (every residual) and full (the chunk inputs)."""
-  c = tiny.get_config("moe")
-  c.model.dtype, c.model.remat, c.model.attention_impl = "bfloat16", remat, "chunked"
-  c.train.batch_size, c.train.seq_len = 8, 32
-  c.parallel.update(pp=2, ep=2, microbatches=4)
+  c = bf16_moe_pipeline(remat)
   r = dryrun.plan(c, targets.get("cpu"), 4)
   lay = Layout.from_config(c.parallel).resolve(4)
   slots = make_schedule(lay.schedule, lay.pp, lay.microbatches, lay.virtual_stages).slots
-  loops = [m.group(2) for m in map(hlo.INSTR.match, r.hlo.splitlines())
-           if m and m.group(3) == "while"]
-  compiled = max(sum(b for (_, d), b in zip(hlo.dims(s), hlo.shape_bytes(s)) if d[:1] == (slots,))
-                 for s in loops)
+  compiled = sum(b for *_, b in compiled_stash(r.hlo, slots))
   estimate = search.stash_bytes(common.model_config(c), lay, c.train.batch_size,
                                 c.train.seq_len)
   assert 0.5 <= estimate / compiled <= 2, (estimate, compiled)
