@@ -39,13 +39,11 @@ CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {
     "tiny-dense": (get_preset("tiny-llama", max_seq_len=128), 16, 128),
     # tiny-dense with d_ff = top_k * d_ff_expert: the same active FLOPs as tiny-moe.
     "tiny-dense-eq": (get_preset("tiny-llama", max_seq_len=128, d_ff=256), 16, 128),
-    "tiny-moe": (get_preset("tiny-mixtral", max_seq_len=128, moe_impl="auto",
-                            moe_block_size=64), 16, 128),
+    "tiny-moe": (get_preset("tiny-mixtral", max_seq_len=128, moe_impl="auto"), 16, 128),
     # ~100M-parameter Mixtral-like MoE (8 experts, top-2; ~30M active), byte vocabulary.
     "moe100m": (ModelConfig(
         vocab_size=256, d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, d_ff=2048,
-        max_seq_len=256, n_experts=8, top_k=2, aux_loss_coef=0.01, moe_impl="auto",
-        moe_block_size=128), 4, 256),
+        max_seq_len=256, n_experts=8, top_k=2, aux_loss_coef=0.01, moe_impl="auto"), 4, 256),
     # What fills one H100/H200: Mixtral-like MoE at sequence 4096 (~3.7B total, ~1.1B
     # active), full remat. Use with --dtype bfloat16 on a GPU.
     "gpu-mixtral": (ModelConfig(

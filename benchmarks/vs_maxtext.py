@@ -59,7 +59,9 @@ def esjax_cmd(a: argparse.Namespace, workdir: str) -> list[str]:
                n_kv_heads=a.kv_heads, head_dim=a.head_dim, d_ff=a.mlp, n_layers=a.layers,
                vocab_size=a.vocab, n_experts=a.experts, top_k=a.top_k, max_seq_len=a.seq,
                capacity_factor=0.0, aux_loss_coef=0.01, z_loss_coef=0.0, moe_impl="auto",
-               moe_block_size=a.block, remat="none", dtype="float32")
+               remat="none", dtype="float32")
+  if a.block:  # else esjax's default moe_block_size
+    model["moe_block_size"] = a.block
   return [
       sys.executable, "-m", "esjax.main", f"--config=esjax/configs/tiny.py:moe,steps={a.steps}",
       f"--workdir={workdir}", *[f"--config.model.{k}={v}" for k, v in model.items()],
@@ -111,7 +113,7 @@ def main(argv=None):
   for name, default in (("d_model", 256), ("heads", 4), ("kv_heads", 2),
                         ("head_dim", 64), ("mlp", 512), ("experts", 8), ("top_k", 2),
                         ("seq", 256), ("batch", 8), ("vocab", 256), ("steps", 30),
-                        ("skip", 3), ("log_every", 5), ("block", 128), ("rounds", 2)):
+                        ("skip", 3), ("log_every", 5), ("block", 0), ("rounds", 2)):
     ap.add_argument(f"--{name}", type=int, default=default)
   a = ap.parse_args(argv)
   for layers in (int(n) for n in a.layers.split(",")):
