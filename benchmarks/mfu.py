@@ -10,6 +10,10 @@ with clipping as `esjax.train.optimizer` builds it, train state donated), and MF
 matmul peak measured in the same run (a large matmul under jit, in the compute dtype). The
 peak and the steps are timed in interleaved rounds (the CPU is shared and noisy) and medians
 are compared. Peak bytes of the step come from the compiled executable's `memory_analysis()`.
+`page_faults_per_step` and `system_s_per_step` (this process's, over the timed steps) show
+what mapping the step's temporaries costs: XLA:CPU maps them afresh each step, and with 4
+KiB pages that is a fault per page touched; run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+(glibc >= 2.35, transparent huge pages in `madvise` mode) to map them in huge pages.
 Prints one JSON line per config, then a summary line.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from typing import Any
 
@@ -114,7 +119,8 @@ def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int) -> lis
     state, metrics = compiled(state, batch)  # warm up (first-run allocations)
     jax.block_until_ready(metrics["loss"])
     runs[name] = dict(cfg=cfg, batch_size=batch_size, seq_len=seq_len, compiled=compiled,
-                      state=state, batch=batch, times=[], mem=memory_stats(compiled))
+                      state=state, batch=batch, times=[], faults=0, system_s=0.0,
+                      mem=memory_stats(compiled))
 
   peak_times = []
   for _ in range(repeats):  # interleaved rounds: load changes hit the peak and steps alike
@@ -122,10 +128,13 @@ def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int) -> lis
     jax.block_until_ready(peak_fn(*peak_args))
     peak_times.append(time.perf_counter() - t0)
     for r in runs.values():
-      t0 = time.perf_counter()
+      u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       r["state"], metrics = r["compiled"](r["state"], r["batch"])
       jax.block_until_ready(metrics["loss"])
       r["times"].append(time.perf_counter() - t0)
+      u1 = resource.getrusage(resource.RUSAGE_SELF)
+      r["faults"] += u1.ru_minflt + u1.ru_majflt - u0.ru_minflt - u0.ru_majflt
+      r["system_s"] += u1.ru_stime - u0.ru_stime
   peak = peak_flops / float(np.median(peak_times))
 
   out = []
@@ -146,7 +155,8 @@ def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int) -> lis
         "min_step_ms": round(1e3 * min(r["times"]), 2), "tokens_per_s": round(tps, 1),
         "model_gflops_per_s": round(fpt * tps / 1e9, 3),
         "peak_gflops_per_s": round(peak / 1e9, 3), "mfu": round(fpt * tps / peak, 4),
-        **r["mem"],
+        "page_faults_per_step": round(r["faults"] / repeats),
+        "system_s_per_step": round(r["system_s"] / repeats, 3), **r["mem"],
     })
   return out
 
