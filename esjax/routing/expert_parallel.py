@@ -246,7 +246,7 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
     # Drop and pad: row (expert, position) of each destination's [E/ep, C] block.
     pos = col.all_gather(positions, etp_axes, 0).reshape(-1)
     bound = nle * cap
-    slot = jnp.where(flat_valid, dest * bound + local_e * cap + pos, ep * bound)
+    in_buffer = dest * bound + local_e * cap + pos
   else:
     bound = ep_block_rows(cfg, n_rows, ep, cap)
     routed = jax.nn.one_hot(dest, ep, dtype=jnp.int32) * flat_valid[:, None].astype(jnp.int32)
@@ -261,15 +261,17 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
       overflow = counts[0] / jnp.maximum(counts[1], 1)
       flat_valid = flat_valid & fits
       valid = flat_valid.reshape(valid.shape)
-    slot = jnp.where(flat_valid, dest * bound + rank, ep * bound)  # ep*bound: a spill row
-  # The assignments that do not travel go to distinct rows past the buffer, which the
-  # scatters drop: with unique indices a scatter's backward is a gather, where repeated ones
-  # make autodiff keep an [assignments, D] mask of which update landed.
-  to = jnp.where(flat_valid, slot, ep * bound + jnp.arange(flat_e.size, dtype=slot.dtype))
+    in_buffer = dest * bound + rank
+  # Each assignment's row of the send buffer. Those that do not travel get distinct rows past
+  # it, which the scatters drop and the gather back reads as zeros: with unique indices a
+  # scatter's backward is a gather, where repeated ones make autodiff keep an [assignments,
+  # D] mask of which update landed.
+  slot = jnp.where(flat_valid, in_buffer,
+                   ep * bound + jnp.arange(flat_e.size, dtype=in_buffer.dtype))
   scatter = dict(mode="drop", unique_indices=True)
-  rows = jnp.zeros((ep * bound, d), tokens.dtype).at[to].set(
+  rows = jnp.zeros((ep * bound, d), tokens.dtype).at[slot].set(
       jnp.take(tokens, jnp.arange(flat_e.size) // k, axis=0), **scatter)
-  ids = jnp.full((ep * bound,), nle, jnp.int32).at[to].set(local_e, **scatter)
+  ids = jnp.full((ep * bound,), nle, jnp.int32).at[slot].set(local_e, **scatter)
 
   if padded:
     def experts(rows, ids):  # [ep sources, E/ep, C] -> [E/ep, ep*C] expert buffers
@@ -288,8 +290,7 @@ def _expert_parallel(tokens, r, keep, positions, cap, w, cfg, plan: ParallelPlan
   else:
     rows, ids = col.all_to_all(rows, ep_axes, 0, 0), col.all_to_all(ids, ep_axes, 0, 0)
     out = col.all_to_all(experts(rows, ids), ep_axes, 0, 0)
-  out = jnp.concatenate([out, jnp.zeros_like(out[:1])], axis=0)
-  per_assignment = jnp.take(out, slot, axis=0).reshape(n_rows, k, d)
+  per_assignment = jnp.take(out, slot, axis=0, mode="fill", fill_value=0).reshape(n_rows, k, d)
   combine = jnp.where(valid, weights.astype(jnp.float32), 0.0)
   y = dispatch.einsum_f32("tkd,tk->td", per_assignment, combine)
   return col.psum_scatter(y, etp_axes, 0).astype(tokens.dtype), overflow.astype(jnp.float32)
