@@ -175,7 +175,7 @@ def plan(config: Any, target: targets_lib.Target, n_devices: int,
   with _compiler_log() as log:
     compiled = lowered.compile(compiler_options=xla_flags or None)
   t2 = time.perf_counter()
-  memory, remat_failed = _memory(compiled.memory_analysis(), log[0], target)
+  memory = _memory(compiled.memory_analysis(), log[0], target)
   text = compiled.as_text()
   mesh = run.plan.mesh
   rows = report.collectives(text, tuple(mesh.devices.shape), mesh.axis_names,
@@ -198,7 +198,7 @@ def plan(config: Any, target: targets_lib.Target, n_devices: int,
                  + ", ".join(f"{k} x{v:g}" for k, v in sorted(counted.unpriced.items())))
   if counted.unknown_loops:
     notes.append(f"{len(counted.unknown_loops)} loops without a known trip count counted once")
-  if remat_failed:
+  if "remat_reached" in memory:
     notes.append(f"XLA's rematerialization pass estimated {memory['remat_reached'] / 2**30:.2f}"
                  f" GiB against its limit of {memory['remat_limit'] / 2**30:.2f} GiB (it adds "
                  "up the branches of conditionals); the peak is the allocation")
@@ -236,9 +236,9 @@ def _compiler_log():
       sys.stderr.write(log[0])
 
 
-def _memory(mem: Any, log: str, target: targets_lib.Target) -> tuple[dict[str, float], bool]:
-  """Per-device bytes (see the module docstring) and whether the compiler's
-  rematerialization pass said it could not get under its limit."""
+def _memory(mem: Any, log: str, target: targets_lib.Target) -> dict[str, float]:
+  """Per-device bytes (see the module docstring); `remat_limit` and `remat_reached` only where
+  the compiler's rematerialization pass said it could not get under its limit."""
   memory = {
       "arguments": float(mem.argument_size_in_bytes),
       "outputs": float(mem.output_size_in_bytes),
@@ -254,7 +254,7 @@ def _memory(mem: Any, log: str, target: targets_lib.Target) -> tuple[dict[str, f
     memory["remat_reached"] = float(max(int(got) for _, got in remat))
   memory["peak"] = max(memory["buffers"], memory["compiler_peak"])
   memory["usable"] = float(target.usable_bytes)
-  return memory, bool(remat)
+  return memory
 
 
 def flop_table(work: analytic.Work, counted: matmuls.Count, cudnn: bool
