@@ -5,8 +5,9 @@ A candidate is (pp, tp, cp, ep, etp, dp = the rest, ZeRO-1 or fsdp, microbatches
 virtual stages, remat policy) that the model's divisibility rules and the folded mesh accept.
 Its estimate: the memory of the state (master weights, moments, compute copy, gradient
 accumulator) plus activations (the pipeline stash: every slot holds a chunk's residuals; one
-chunk's activations during its backward, the logits), and the time of `esjax.plan.analytic.Work` (FLOPs with recompute at
-peak over the bubble, minimum bytes at the bandwidth of the links the layout puts them on).
+chunk's activations during its backward, the logits), and the time of
+`esjax.plan.analytic.Work` (FLOPs with recompute at peak over the bubble, minimum bytes at the
+bandwidth of the links the layout puts them on).
 Candidates whose estimate fits are ranked by estimated time; the `top` best are compiled with
 `esjax.plan.dryrun.plan` and returned ranked by predicted step time, those that fit first.
 """
