@@ -11,8 +11,7 @@
 # Both trainers run with glibc's malloc asking for transparent huge pages
 # (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; set GLIBC_TUNABLES to change it): XLA:CPU maps each
 # step's temporaries afresh, and with 4 KiB pages every step pays a page fault per page
-# touched (the ~100M MoE of benchmarks.mfu: 279,000 faults and 0.5 s of system time per step;
-# with the tunable 765 and 0.24 s).
+# touched (README, "Performance", has the measured cost).
 set -euo pipefail
 export GLIBC_TUNABLES="${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}"
 cd "$(dirname "$0")/.."

@@ -248,8 +248,9 @@ def test_the_calibration_plans_the_config_the_mfu_benchmark_times():
 def test_core_attention_is_recomputed_as_the_compiled_kernel_shows():
   """The chunked attention kernel compiled on the CPU: at remat=none a pp2 step runs core
   attention exactly as a pp1 step does (the stash keeps its residuals: no forward again),
-  and remat=full or dots_except_mlp adds one forward (2 products) to its 2 + 5. The planner's cuDNN price adds
-  a recomputed forward by `Work.attention_recompute`, which must say the same."""
+  and remat=full or dots_except_mlp adds one forward (2 products) to its 2 + 5. The planner's
+  cuDNN price adds a recomputed forward by `Work.attention_recompute`, which must say the
+  same."""
   def core(remat, **parallel):
     c = _tiny("dense", **parallel)
     c.model.remat, c.model.n_layers, c.model.attention_impl = remat, 4, "chunked"
