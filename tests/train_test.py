@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -50,6 +51,28 @@ def test_schedule_is_linear_warmup_then_cosine():
   cfg.schedule = "linear"
   with pytest.raises(ValueError, match="optim.schedule='linear'"):
     optimizer.learning_rate(cfg, 10)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 50.0])  # clipped, and left alone
+def test_clip_by_global_norm_scales_by_the_float64_factor(max_norm):
+  """g * min(1, max_norm / |g|) against float64 numpy, over a tree; below the threshold
+  the gradients come back unchanged, bit for bit."""
+  rng = np.random.default_rng(2)
+  g = {"w": rng.normal(size=(7, 5)).astype(np.float32),
+       "b": {"x": rng.normal(size=(3,)).astype(np.float32),
+             "h": rng.normal(size=(4, 2)).astype(np.float32)}}
+  out, _ = jax.jit(optimizer.clip_by_global_norm(max_norm).update)(
+      jax.tree.map(jnp.asarray, g), optax.EmptyState())
+  norm = math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2))
+                       for x in jax.tree.leaves(g)))
+  scale = min(1.0, max_norm / norm)
+  assert (scale < 1) == (max_norm == 0.5)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64) * scale,
+                               rtol=1e-6, atol=1e-8)
+    if scale == 1:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_train_step_matches_reference_adamw():

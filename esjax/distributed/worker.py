@@ -21,6 +21,7 @@ from esjax.data import dataset
 from esjax.models import ModelConfig, Transformer
 from esjax.optim import dgs
 from esjax.models.loss import lm_loss
+from esjax.train.optimizer import clip_by_global_norm
 
 
 def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, Any, Any]:
@@ -124,7 +125,7 @@ def _worker_step(params, rest, opt_state, batch, lr, kept, *, graphdef, sparse, 
 
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   if clip_norm:
-    grads, _ = optax.clip_by_global_norm(clip_norm).update(grads, optax.EmptyState())
+    grads, _ = clip_by_global_norm(clip_norm).update(grads, optax.EmptyState())
   step = jax.tree.map(lambda g, p: lr * (g + weight_decay * p), grads, params)
   if sparse:
     payload, opt_state = dgs.samomentum_update(step, opt_state, momentum, ratio, kept)
