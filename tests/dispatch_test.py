@@ -208,7 +208,8 @@ def test_ragged_swiglu_gradients_equal_autodiff_and_keep_two_products():
 
 
 def test_chunks_cover_each_group_exactly():
-  """Chunks lie inside one group's padded rows, cover them once, and fit the static bounds."""
+  """Chunks lie inside one group's padded rows, cover them once, and fit the static bounds;
+  a group has as many chunks of the largest size as fit and one of the rest."""
   rng = np.random.default_rng(6)
   n_groups, n = 4, 40
   for _ in range(12):
@@ -219,12 +220,15 @@ def test_chunks_cover_each_group_exactly():
     assert n_pad == grouped.max_tiles(n, n_groups, block) * block
     padded = -(-sizes // block) * block
     pstart = np.cumsum(padded) - padded
-    owner = np.full(n_pad, -1)
+    owner, n_chunks = np.full(n_pad, -1), np.zeros(n_groups, int)
     for s, c in zip(lay.sizes, lay.chunks):
       for r0, g in zip(np.asarray(c.start)[:int(c.count)], np.asarray(c.group)[:int(c.count)]):
         assert pstart[g] <= r0 and r0 + s <= pstart[g] + padded[g], (sizes, block, s, r0, g)
         assert np.all(owner[r0:r0 + s] == -1)
         owner[r0:r0 + s] = g
+        n_chunks[g] += 1
+    top = lay.sizes[-1]
+    np.testing.assert_array_equal(n_chunks, padded // top + (padded % top > 0))
     np.testing.assert_array_equal(owner[:padded.sum()], np.repeat(np.arange(n_groups), padded))
     assert np.all(owner[padded.sum():] == -1)
     # Padded rows hold their group's rows in order, then padding.
