@@ -8,13 +8,14 @@ group `g`'s weights.
 than a dense matmul of the same FLOPs. `swiglu_blocked` is the CPU path, the megablox
 layout: each group is padded to a multiple of `block` rows in a buffer of static size
 `max_tiles(N, G, block) * block`, so no row is ever dropped. Each group's padded rows are cut
-into as many chunks of the largest size (`max_chunk`) as fit and one chunk of the rest (a
-multiple of `block`), so a group up to `max_chunk` rows is one matmul per weight while the
-padding stays below `block` rows per group; a loop per chunk size (`block`, `2 * block`, ...,
-`max_chunk`) runs each chunk through its group's whole SwiGLU as 2-D matmuls, which XLA:CPU
-runs at dense-matmul speed. Trip counts are dynamic (only chunks
-that hold rows run) and the VJP is written by hand: the backward loops recompute nothing,
-accumulate the weight gradients in place, and the row permutations are gathers both ways.
+into as many chunks of the largest size (`max_chunk`, 8 blocks by default) as fit and one
+chunk of the rest (a multiple of `block`), so a group up to `max_chunk` rows is one matmul
+per weight while the padding stays below `block` rows per group; a loop per chunk size
+(`block`, `2 * block`, ..., `max_chunk`) runs each chunk through its group's whole SwiGLU
+as 2-D matmuls, which XLA:CPU runs at dense-matmul speed. Trip counts are dynamic (only
+chunks that hold rows run) and the VJP is written by hand: the backward loops recompute
+nothing, accumulate the weight gradients in place, and the row permutations are gathers
+both ways.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def chunk_sizes(n_pad: int, block: int, max_chunk: int) -> tuple[int, ...]:
   return tuple(block * j for j in range(1, max(1, min(max_chunk, n_pad) // block) + 1))
 
 
-def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int = 512
+def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int | None = None
                 ) -> TileLayout:
   """The padded, chunked layout of `n_rows` rows sorted into groups of `group_sizes` [G]."""
   if block < 1:
@@ -145,7 +146,7 @@ def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int 
 
   # Chunks: as many of the largest size as fit in group g's padded rows, then one chunk
   # of the rest (a multiple of block), so a group under the largest size is one matmul.
-  csizes = chunk_sizes(n_pad, block, max_chunk)
+  csizes = chunk_sizes(n_pad, block, 8 * block if max_chunk is None else max_chunk)
   top = csizes[-1]
   n_top, rest = padded // top, padded % top
   chunks = []
@@ -243,14 +244,15 @@ chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
 
 
 def swiglu_blocked(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
-                   w_up: jax.Array, w_down: jax.Array, block: int, max_chunk: int = 512
-                   ) -> jax.Array:
+                   w_up: jax.Array, w_down: jax.Array, block: int,
+                   max_chunk: int | None = None) -> jax.Array:
   """`swiglu_ragged` through the padded, chunked layout: same numbers, fast on XLA:CPU.
 
   One chunk per group below `max_chunk` rows, not the binary digits of its size: XLA:CPU
   copies a group's sliced weights for every chunk, and small chunks run slower matmuls. The
-  ~100M MoE step of `benchmarks.mfu` ran 5% faster than with binary chunks (interleaved;
-  `max_chunk` 1024: 8%, but the step compiled 45% slower, 512: 12%)."""
+  ~100M MoE step of `benchmarks.mfu` (block 64) ran 5% faster than with binary chunks
+  (interleaved). Each chunk size is a loop to compile: 8 blocks (512 rows there) compiled
+  that step 12% slower than binary chunks, 16 blocks 45% slower for 3% more speed."""
   layout = tile_layout(group_sizes, rows.shape[0], block, max_chunk)
   padded = take_rows(rows, layout.src, layout.dest)
   out = chunked_swiglu(layout.sizes, padded, w_gate, w_up, w_down, layout.chunks)
