@@ -152,12 +152,12 @@ def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int 
   chunks = []
   for s in csizes:
     count = n_top if s == top else (rest == s).astype(jnp.int32)
-    offset = 0 if s == top else n_top * top
+    offset = jnp.zeros_like(padded) if s == top else n_top * top  # rows before the chunks
     bound = n_pad // s if s == top else min(n_groups, n_pad // s)
     cend = jnp.cumsum(count)
     k = jnp.arange(bound, dtype=jnp.int32)
     g = jnp.minimum(jnp.searchsorted(cend, k, side="right"), n_groups - 1)
-    first = pstart[g] + (offset if s == top else offset[g]) + (k - (cend - count)[g]) * s
+    first = pstart[g] + offset[g] + (k - (cend - count)[g]) * s
     chunks.append(Chunks(first.astype(jnp.int32), g.astype(jnp.int32),
                          cend[-1].astype(jnp.int32)))
   return TileLayout(src.astype(jnp.int32), dest.astype(jnp.int32), tuple(chunks), csizes)
