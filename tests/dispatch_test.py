@@ -155,19 +155,21 @@ def _group_cases():
   yield np.array([0, 0, 0, 0]), 4, 3  # nothing to compute
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
-def _ragged_and_blocked(rows, wg, wu, wd, gs, block, ct):
+@functools.partial(jax.jit, static_argnums=(5, 7))
+def _ragged_and_blocked(rows, wg, wu, wd, gs, block, ct, every_multiple):
   """(out, grads) of the ragged_dot SwiGLU and of the blocked one for the same inputs."""
   outs = []
   for fn in (grouped.swiglu_ragged,
-             functools.partial(grouped.swiglu_blocked, block=block, max_chunk=8)):
+             functools.partial(grouped.swiglu_blocked, block=block, max_chunk=8,
+                               every_multiple=every_multiple)):
     out, vjp = jax.vjp(lambda *a, fn=fn: fn(a[0], gs, *a[1:]), rows, wg, wu, wd)
     outs.append((out, vjp(ct)))
   return outs
 
 
+@pytest.mark.parametrize("every_multiple", [True, False])
 @pytest.mark.parametrize("case", list(_group_cases()))
-def test_blocked_swiglu_equals_ragged_dot(case):
+def test_blocked_swiglu_equals_ragged_dot(case, every_multiple):
   sizes, n, block = case
   k = jax.random.split(jax.random.key(3), 5)
   rows = jax.random.normal(k[0], (n, 5))
@@ -175,7 +177,8 @@ def test_blocked_swiglu_equals_ragged_dot(case):
   wd = jax.random.normal(k[3], (4, 6, 5))
   ct = jax.random.normal(k[4], (n, 5))
   (out_r, g_r), (out_b, g_b) = _ragged_and_blocked(rows, wg, wu, wd,
-                                                   jnp.asarray(sizes, jnp.int32), block, ct)
+                                                   jnp.asarray(sizes, jnp.int32), block, ct,
+                                                   every_multiple)
   np.testing.assert_allclose(np.asarray(out_b), np.asarray(out_r), rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(out_b)[sizes.sum():] == 0)
   for a, b in zip(g_r, g_b):
@@ -207,15 +210,17 @@ def test_ragged_swiglu_gradients_equal_autodiff_and_keep_two_products():
   assert wide(pull) == 2 and wide(ref_pull) == 6
 
 
-def test_chunks_cover_each_group_exactly():
+@pytest.mark.parametrize("every_multiple", [True, False])
+def test_chunks_cover_each_group_exactly(every_multiple):
   """Chunks lie inside one group's padded rows, cover them once, and fit the static bounds;
-  a group has as many chunks of the largest size as fit and one of the rest."""
+  a group has as many chunks of the largest size as fit, then one chunk of the rest
+  (every_multiple) or one per binary digit of it."""
   rng = np.random.default_rng(6)
   n_groups, n = 4, 40
   for _ in range(12):
     block = int(rng.integers(1, 5))
     sizes = rng.multinomial(rng.integers(0, n + 1), np.ones(n_groups) / n_groups)
-    lay = grouped.tile_layout(jnp.asarray(sizes, jnp.int32), n, block, max_chunk=8)
+    lay = grouped.tile_layout(jnp.asarray(sizes, jnp.int32), n, block, 8, every_multiple)
     n_pad = lay.src.shape[0]
     assert n_pad == grouped.max_tiles(n, n_groups, block) * block
     padded = -(-sizes // block) * block
@@ -228,7 +233,9 @@ def test_chunks_cover_each_group_exactly():
         owner[r0:r0 + s] = g
         n_chunks[g] += 1
     top = lay.sizes[-1]
-    np.testing.assert_array_equal(n_chunks, padded // top + (padded % top > 0))
+    rest = [bin(r // block).count("1") for r in padded % top]
+    np.testing.assert_array_equal(
+        n_chunks, padded // top + (np.minimum(rest, 1) if every_multiple else rest))
     np.testing.assert_array_equal(owner[:padded.sum()], np.repeat(np.arange(n_groups), padded))
     assert np.all(owner[padded.sum():] == -1)
     # Padded rows hold their group's rows in order, then padding.

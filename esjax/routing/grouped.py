@@ -8,14 +8,14 @@ group `g`'s weights.
 than a dense matmul of the same FLOPs. `swiglu_blocked` is the CPU path, the megablox
 layout: each group is padded to a multiple of `block` rows in a buffer of static size
 `max_tiles(N, G, block) * block`, so no row is ever dropped. Each group's padded rows are cut
-into as many chunks of the largest size (`max_chunk`, 8 blocks by default) as fit and one
-chunk of the rest (a multiple of `block`), so a group up to `max_chunk` rows is one matmul
-per weight while the padding stays below `block` rows per group; a loop per chunk size
-(`block`, `2 * block`, ..., `max_chunk`) runs each chunk through its group's whole SwiGLU
-as 2-D matmuls, which XLA:CPU runs at dense-matmul speed. Trip counts are dynamic (only
-chunks that hold rows run) and the VJP is written by hand: the backward loops recompute
-nothing, accumulate the weight gradients in place, and the row permutations are gathers
-both ways.
+into as many chunks of the largest size as fit and the rest in one chunk (large experts:
+sizes `block`, `2 * block`, ..., `8 * block`) or in its binary digits (small experts: sizes
+`block * 2^j`), so the matmuls are as large as the group allows while the padding stays
+below `block` rows per group; a loop per chunk size runs each chunk through its group's
+whole SwiGLU as 2-D matmuls, which XLA:CPU runs at dense-matmul speed. Trip counts are
+dynamic (only chunks that hold rows run) and the VJP is written by hand: the backward loops
+recompute nothing, accumulate the weight gradients in place, and the row permutations are
+gathers both ways.
 """
 
 from __future__ import annotations
@@ -99,6 +99,11 @@ def _swiglu_ragged_bwd(res, dy):
 swiglu_ragged.defvjp(_swiglu_ragged_fwd, _swiglu_ragged_bwd)
 
 
+# Weights per expert matrix from which `swiglu_blocked` runs one chunk per expert (up to 8
+# blocks) instead of binary chunks: the vs_maxtext MoE (256 x 512) and larger.
+LARGE_EXPERT = 1 << 16
+
+
 class Chunks(NamedTuple):
   """Chunks of one size: the first `count` entries are used."""
   start: jax.Array  # [bound] int32 first padded row
@@ -111,7 +116,7 @@ class TileLayout(NamedTuple):
   src: jax.Array  # [n_pad] int32: row feeding each padded row (N: padding)
   dest: jax.Array  # [N] int32: padded row of each row (n_pad: in no group)
   chunks: tuple[Chunks, ...]  # one per size in `sizes`
-  sizes: tuple[int, ...]  # static chunk sizes block * j, ascending
+  sizes: tuple[int, ...]  # static chunk sizes, ascending
 
 
 def max_tiles(n_rows: int, n_groups: int, block: int) -> int:
@@ -119,14 +124,24 @@ def max_tiles(n_rows: int, n_groups: int, block: int) -> int:
   return max(1, (n_rows + n_groups * (block - 1)) // block)
 
 
-def chunk_sizes(n_pad: int, block: int, max_chunk: int) -> tuple[int, ...]:
-  """block, 2 * block, 3 * block, ... up to max(block, max_chunk) and at most the buffer."""
-  return tuple(block * j for j in range(1, max(1, min(max_chunk, n_pad) // block) + 1))
+def chunk_sizes(n_pad: int, block: int, max_chunk: int, every_multiple: bool
+                ) -> tuple[int, ...]:
+  """block, 2 * block, 3 * block, ... (every_multiple) or block, 2 * block, 4 * block, ...,
+  up to max(block, max_chunk) and at most the buffer size."""
+  top = max(block, min(max_chunk, n_pad))
+  if every_multiple:
+    return tuple(block * j for j in range(1, top // block + 1))
+  sizes = [block]
+  while sizes[-1] * 2 <= top:
+    sizes.append(sizes[-1] * 2)
+  return tuple(sizes)
 
 
-def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int | None = None
-                ) -> TileLayout:
-  """The padded, chunked layout of `n_rows` rows sorted into groups of `group_sizes` [G]."""
+def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int,
+                every_multiple: bool = True) -> TileLayout:
+  """The padded, chunked layout of `n_rows` rows sorted into groups of `group_sizes` [G]:
+  each group's padded rows in as many chunks of the largest size as fit, then the rest in
+  the fewest smaller chunks (one with `every_multiple`, else its binary digits)."""
   if block < 1:
     raise ValueError(f"block={block} must be >= 1")
   n_groups = group_sizes.shape[0]
@@ -144,15 +159,15 @@ def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int 
   offset = prow - pstart[g_prow]
   src = jnp.where((prow < pend[-1]) & (offset < sizes[g_prow]), start[g_prow] + offset, n_rows)
 
-  # Chunks: as many of the largest size as fit in group g's padded rows, then one chunk
-  # of the rest (a multiple of block), so a group under the largest size is one matmul.
-  csizes = chunk_sizes(n_pad, block, 8 * block if max_chunk is None else max_chunk)
+  csizes = chunk_sizes(n_pad, block, max_chunk, every_multiple)
   top = csizes[-1]
-  n_top, rest = padded // top, padded % top
-  chunks = []
-  for s in csizes:
-    count = n_top if s == top else (rest == s).astype(jnp.int32)
-    offset = jnp.zeros_like(padded) if s == top else n_top * top  # rows before the chunks
+  counts, left = {top: padded // top}, padded % top
+  for s in reversed(csizes[:-1]):  # greedy: the binary digits, or the one size that fits
+    counts[s] = (left >= s).astype(jnp.int32)
+    left = left - counts[s] * s
+  chunks, offset = [], jnp.zeros_like(padded)  # rows of the group before the chunks
+  for s in reversed(csizes):
+    count = counts[s]
     bound = n_pad // s if s == top else min(n_groups, n_pad // s)
     cend = jnp.cumsum(count)
     k = jnp.arange(bound, dtype=jnp.int32)
@@ -160,7 +175,9 @@ def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int 
     first = pstart[g] + offset[g] + (k - (cend - count)[g]) * s
     chunks.append(Chunks(first.astype(jnp.int32), g.astype(jnp.int32),
                          cend[-1].astype(jnp.int32)))
-  return TileLayout(src.astype(jnp.int32), dest.astype(jnp.int32), tuple(chunks), csizes)
+    offset = offset + count * s
+  return TileLayout(src.astype(jnp.int32), dest.astype(jnp.int32), tuple(chunks[::-1]),
+                    csizes)
 
 
 def _index(w: jax.Array, e: jax.Array) -> jax.Array:
@@ -245,15 +262,22 @@ chunked_swiglu.defvjp(_chunked_swiglu_fwd, _chunked_swiglu_bwd)
 
 def swiglu_blocked(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
                    w_up: jax.Array, w_down: jax.Array, block: int,
-                   max_chunk: int | None = None) -> jax.Array:
+                   every_multiple: bool | None = None, max_chunk: int | None = None
+                   ) -> jax.Array:
   """`swiglu_ragged` through the padded, chunked layout: same numbers, fast on XLA:CPU.
 
-  One chunk per group below `max_chunk` rows, not the binary digits of its size: XLA:CPU
-  copies a group's sliced weights for every chunk, and small chunks run slower matmuls. The
-  ~100M MoE step of `benchmarks.mfu` (block 64) ran 5% faster than with binary chunks
-  (interleaved). Each chunk size is a loop to compile: 8 blocks (512 rows there) compiled
-  that step 12% slower than binary chunks, 16 blocks 45% slower for 3% more speed."""
-  layout = tile_layout(group_sizes, rows.shape[0], block, max_chunk)
+  Experts of at least `LARGE_EXPERT` weights per matrix run one chunk each up to 8 blocks:
+  XLA:CPU copies a group's sliced weights for every chunk, and small chunks run slower
+  matmuls, so the ~100M MoE of `benchmarks.mfu` (512 x 2048, block 64) ran 5% faster than
+  with binary chunks (interleaved). Every chunk size is a loop to compile, and for small
+  experts the copies cost little: they keep the binary chunks (block, 2 block, 4 block,
+  ... up to 1024 rows), and the test suite, all small experts, compiles as fast as before.
+  `every_multiple` and `max_chunk` override that choice."""
+  if every_multiple is None:
+    every_multiple = w_gate.shape[-2] * w_gate.shape[-1] >= LARGE_EXPERT
+  if max_chunk is None:
+    max_chunk = 8 * block if every_multiple else 1024
+  layout = tile_layout(group_sizes, rows.shape[0], block, max_chunk, every_multiple)
   padded = take_rows(rows, layout.src, layout.dest)
   out = chunked_swiglu(layout.sizes, padded, w_gate, w_up, w_down, layout.chunks)
   return take_rows(out, layout.dest, layout.src)
