@@ -126,11 +126,12 @@ class ModelConfig:
   # elsewhere). Same numbers each way.
   moe_impl: str = "auto"
   # Smallest chunk of moe_impl="blocked": each expert's rows are padded to a multiple of it,
-  # then cut into chunks of up to 8 blocks (one chunk for an expert below that). 64, not
-  # 128: the tiny MoEs' padded rows fall from 1.16-1.37x to 1.06-1.19x of the routed ones; in
-  # one run of `benchmarks.moe_step --impls blocked:128,blocked:64` the MoE step / dense step
-  # went 0.99 -> 0.99 (d 256) and 1.36 -> 1.22 (d 512). 32 (chunks up to 256 rows) ran the
-  # ~100M MoE step 4% faster and the 4-layer vs_maxtext MoE 4% slower: not taken.
+  # then cut into chunks (esjax.routing.grouped: one per expert up to 8 blocks for large
+  # experts, binary chunks for small ones). 64, not 128: the tiny MoEs' padded rows fall
+  # from 1.16-1.37x to 1.06-1.19x of the routed ones; in one run of `benchmarks.moe_step
+  # --impls blocked:128,blocked:64` the MoE step / dense step went 0.99 -> 0.99 (d 256) and
+  # 1.36 -> 1.22 (d 512). 32 (chunks up to 256 rows) ran the ~100M MoE step 4% faster and
+  # the 4-layer vs_maxtext MoE 4% slower: not taken.
   moe_block_size: int = 64
   router_impl: str = "xla"
 
