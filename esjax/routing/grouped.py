@@ -138,7 +138,7 @@ def chunk_sizes(n_pad: int, block: int, max_chunk: int, every_multiple: bool
 
 
 def tile_layout(group_sizes: jax.Array, n_rows: int, block: int, max_chunk: int,
-                every_multiple: bool = True) -> TileLayout:
+                every_multiple: bool) -> TileLayout:
   """The padded, chunked layout of `n_rows` rows sorted into groups of `group_sizes` [G]:
   each group's padded rows in as many chunks of the largest size as fit, then the rest in
   the fewest smaller chunks (one with `every_multiple`, else its binary digits)."""
