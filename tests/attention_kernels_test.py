@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax import export
 
-from esjax.kernels.attention import chunked, cudnn, ops, reference
+from esjax.kernels.attention import causal_blocks, chunked, cudnn, ops, reference
 from esjax.models import Transformer
 from esjax.models.cache import init_cache
 from esjax.models.config import ModelConfig
@@ -126,6 +126,79 @@ def _block_reference(q, k, v, q_pos, k_pos, window):
   return out.reshape(b, sq, h, hd), lse.reshape(b, sq, h)
 
 
+@pytest.mark.parametrize("seq,window", [(1, 0), (15, 0), (37, 9), (64, 0), (130, 40)])
+def test_causal_blocks_equal_float64_numpy_values_and_xla_grads(seq, window):
+  """Plain positions, the upper triangle (and keys behind a window) skipped: the output
+  against float64 numpy, the gradients against the plain path's whole masked logits."""
+  rng = _rng("causal-blocks", seq, window)
+  b, h, g, hd = 2, 4, 2, 8
+  q, w = (jnp.asarray(rng.normal(size=(b, seq, h, hd)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(b, seq, g, hd)), jnp.float32) for _ in range(2))
+  pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
+  blocks = lambda q, k, v, *_, sliding_window: causal_blocks.causal_blocks_attention(
+      q, k, v, sliding_window=sliding_window)
+  got = _out_and_grads(blocks, q, k, v, pos, pos, None, window, w)
+  want = _out_and_grads(reference.xla_attention, q, k, v, pos, pos, None, window, w)
+  np.testing.assert_allclose(got[0], _numpy_attention(q, k, v, _numpy_mask(pos, pos, None,
+                                                                           window)),
+                             rtol=1e-5, atol=1e-5)
+  _assert_close([got[0], *got[1]], [want[0], *want[1]])
+
+
+@pytest.mark.parametrize("seq", [1, 15, 16, 37, 128, 256, 1000])
+def test_causal_block_edges(seq):
+  edges = causal_blocks.block_edges(seq)
+  sizes = np.diff(edges)
+  assert edges[0] == 0 and edges[-1] == seq and np.all(sizes > 0)
+  assert len(sizes) <= causal_blocks.MAX_BLOCKS
+  assert len(sizes) == 1 or sizes.min() >= causal_blocks.MIN_ROWS
+  assert sizes.max() - sizes.min() <= 1
+
+
+def test_causal_blocks_compile_to_fewer_flops():
+  """What the split is for, read from the compiled programs (forward + backward, seq 256):
+  query block i multiplies its rows by keys 0 .. e_(i+1), not by all S."""
+  b, s, h, hd = 2, 256, 4, 32
+  x = jax.ShapeDtypeStruct((b, s, h, hd), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+
+  def flops(fn):
+    step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), (0, 1, 2)))
+    return step.lower(x, x, x).compile().cost_analysis()["flops"]
+
+  whole = flops(lambda q, k, v: reference.xla_attention(q, k, v, pos, pos))
+  blocks = flops(lambda q, k, v: causal_blocks.causal_blocks_attention(q, k, v))
+  # The gradient alone: QK forward, and dP, dV, dQ, dK backward (the PV forward is dead).
+  matmuls = 5 * 2 * b * h * s * s * hd
+  edges = causal_blocks.block_edges(s)
+  kept = sum((e1 - e0) * e1 for e0, e1 in zip(edges[:-1], edges[1:])) / s ** 2
+  assert len(edges) > 2 and kept < 1
+  assert whole >= matmuls
+  assert blocks <= whole - (1 - kept) * matmuls * 0.95, (blocks, whole, kept)
+
+
+def test_plain_positions_route_to_causal_blocks_and_match_given_positions():
+  """The model's attention with positions None (plain) equals it with the same positions
+  given, for the plain kernel, the chunked kernel and a sliding window; ops.attend sends
+  plain positions to the block split."""
+  tokens = jnp.asarray(_rng("plain-tokens").integers(0, 256, (2, 40)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+  for impl, window in (("xla", 0), ("xla", 6), ("chunked", 6)):
+    cfg = get_preset("tiny-llama", n_layers=1, attention_impl=impl, sliding_window=window)
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    run = lambda p, positions: nnx.merge(graphdef, p, rest)(tokens, positions)[0]  # noqa
+    loss = lambda p, positions: jnp.mean(run(p, positions) ** 2)  # noqa: E731
+    plain = jax.jit(lambda p: (run(p, None), jax.grad(loss)(p, None)))(params)
+    given = jax.jit(lambda p: (run(p, pos), jax.grad(loss)(p, pos)))(params)
+    _assert_close(jax.tree.leaves(plain), jax.tree.leaves(given),
+                  [f"{impl}-{window}"] * len(jax.tree.leaves(plain)))
+  q = jnp.zeros((1, 64, 2, 8))
+  text = jax.jit(lambda q: ops.attend(q, q, q, pos[:1, :1], pos[:1, :1], impl="xla",
+                                      plain_positions=True)).lower(q).as_text()
+  assert text.count("dot_general") == 2 * len(np.diff(causal_blocks.block_edges(64)))
+
+
 def test_attention_block_lse_and_its_gradient():
   """The ring differentiates through lse too: (out, lse) and the VJP of sum(out*w + lse*u)."""
   q, k, v, q_pos, k_pos, _, window, w, _ = _case("padding-permuted-window")
@@ -190,9 +263,10 @@ def test_block_skipping_never_drops_a_visible_block(order, window):
 
 
 def _export_cuda(fn, *shapes):
+  """fn lowered for CUDA; shapes: (shape, dtype) pairs or pytrees of ShapeDtypeStruct."""
   checks = [export.DisabledSafetyCheck.custom_call(c)
             for c in ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")]
-  specs = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+  specs = [jax.ShapeDtypeStruct(*s) if isinstance(s, tuple) else s for s in shapes]
   return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*specs)
 
 
@@ -221,6 +295,29 @@ def test_cudnn_lowers_for_cuda_forward_and_backward(monkeypatch, plain, window):
   assert ("stablehlo.while" in text) == (plain is not True)  # the chunked kernel's loops
   if window and plain is not False:
     assert f"sliding_window_length\\22: {window}" in text
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_model_without_positions_runs_cudnn_without_a_device_check(monkeypatch, given):
+  """A model called without positions (the training loop's batches) tells cuDNN they are
+  plain: the CUDA program has the flash calls and neither the order check's conditional nor
+  the chunked fallback's loops; with positions given both stay."""
+  from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+  from esjax.sharding.plan import ParallelPlan  # pylint: disable=g-import-not-at-top
+  cfg = get_preset("tiny-llama", n_layers=1, dtype="bfloat16", head_dim=64, max_seq_len=256)
+  model = Transformer(cfg, nnx.Rngs(0), plan=ParallelPlan.single("gpu"))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def step(params, tokens, pos):
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens, pos if given else None)[
+        0].astype(jnp.float32) ** 2)
+    return jax.grad(loss)(params)
+
+  specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  text = _export_cuda(step, specs, ((2, 256), jnp.int32), ((2, 256), jnp.int32)).mlir_module()
+  assert "__cudnn$fmhaSoftmaxBackward" in text
+  assert ("stablehlo.case" in text) == given and ("stablehlo.while" in text) == given
 
 
 @pytest.mark.gpu_only

@@ -1,6 +1,8 @@
 """One attention entry point over the implementations, chosen by name (`ModelConfig.
 attention_impl`): "xla" (plain, the reference), "chunked" (linear memory, any backend),
-"cudnn" (flash on NVIDIA GPUs, chunked where it does not apply), "auto".
+"cudnn" (flash on NVIDIA GPUs, chunked where it does not apply), "auto". Where the caller
+vouches that the positions are plain (0 .. S-1 in every row), "xla" skips the causal upper
+triangle (`causal_blocks`) and "cudnn" runs flash without checking the order on the device.
 
 "auto": cuDNN on a GPU where it applies; elsewhere chunked once the logits of one head
 (Sq * Sk) reach the backend's `AUTO_CHUNKED_LOGITS`, plain below. CPU: measured with
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import jax
 
-from esjax.kernels.attention import chunked, cudnn, reference
+from esjax.kernels.attention import causal_blocks, chunked, cudnn, reference
 
 IMPLS = ("auto", "xla", "chunked", "cudnn")
 SCOPE = chunked.SCOPE  # the named scope core attention runs in
@@ -40,8 +42,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
            k_valid: jax.Array | None = None, *, sliding_window: int = 0, impl: str = "auto",
            plain_positions: bool | None = None, platform: str | None = None) -> jax.Array:
   """Causal GQA attention (the contract of `reference.xla_attention`) by `impl`, for the
-  `platform` the program is compiled for. `plain_positions`: see `cudnn.cudnn_attention`
-  (only cuDNN uses it)."""
+  `platform` the program is compiled for. `plain_positions`: True when q_pos = k_pos = 0 ..
+  S-1 in every row (the caller's promise, not checked), None when unknown, False when not
+  (see `cudnn.cudnn_attention`)."""
   impl = resolve(impl, q, k, v, k_valid, platform)
   if impl == "cudnn":
     return cudnn.cudnn_attention(q, k, v, q_pos, k_pos, k_valid, sliding_window=sliding_window,
@@ -49,4 +52,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
   if impl == "chunked":
     return chunked.chunked_attention(q, k, v, q_pos, k_pos, k_valid,
                                      sliding_window=sliding_window, platform=platform)
+  if plain_positions and k_valid is None:
+    return causal_blocks.causal_blocks_attention(q, k, v, sliding_window=sliding_window)
   return reference.xla_attention(q, k, v, q_pos, k_pos, k_valid, sliding_window=sliding_window)

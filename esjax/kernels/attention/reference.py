@@ -30,12 +30,16 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                   sliding_window: int = 0) -> jax.Array:
   """Softmax attention with float32 logits [B, KV, H/KV, Sq, Sk]. A query that sees no key
   gets the mean of all values (every logit is the same large negative number)."""
+  return masked_attention(q, k, v, visible(q_pos, k_pos, k_valid, sliding_window))
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`xla_attention` with its mask given: [B or 1, Sq, Sk] bool."""
   b, sq, h, hd = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, sq, kv, h // kv, hd)
   logits = jnp.einsum("bqgrk,bsgk->bgrqs", qg, k, preferred_element_type=jnp.float32)
   logits = logits * (hd ** -0.5)
-  mask = visible(q_pos, k_pos, k_valid, sliding_window)
   logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   o = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v)
