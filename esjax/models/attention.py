@@ -105,25 +105,33 @@ class Attention(nnx.Module):
     with jax.named_scope(SCOPE_PROJ):
       return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(o.dtype))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None
+  def __call__(self, x: jax.Array, positions: jax.Array | None, cache: KVCache | None = None
                ) -> jax.Array | tuple[jax.Array, KVCache]:
     """x [B, S_l, D] (this rank's residual shard), positions [B, S_c] of the cp rank's
-    tokens -> attention output [B, S_l, D]. With a `cache` (one device), also the cache with
-    these tokens added: queries then see the cached tokens too; negative positions mark
-    padding. The kernel is `cfg.attention_impl` (esjax.kernels.attention) on the plan's
-    platform."""
+    tokens -> attention output [B, S_l, D]. positions None: plain, 0 .. S-1 in every row
+    (no cp), which lets the kernel skip what the causal mask hides. With a `cache` (one
+    device), also the cache with these tokens added: queries then see the cached tokens
+    too; negative positions mark padding. The kernel is `cfg.attention_impl`
+    (esjax.kernels.attention) on the plan's platform."""
     plan, window = self.plan, self.cfg.sliding_window
+    plain = positions is None
     attend = functools.partial(attention_ops.attend, impl=self.cfg.attention_impl,
-                               sliding_window=window, platform=plan.platform)
+                               sliding_window=window, platform=plan.platform,
+                               plain_positions=True if plain else None)
     if cache is not None:
-      if plan.tp or plan.cp:
-        raise ValueError(f"KV-cache decoding runs on one device, not on {plan}")
+      if plan.tp or plan.cp or plain:
+        raise ValueError(f"KV-cache decoding runs on one device with positions, not on {plan}"
+                         f" with positions={positions}")
       q, k, v = self.project_qkv(x, positions)
       cache = cache.update(k, v, positions)
       with jax.named_scope(SCOPE_CORE):
         o = attend(q, cache.k, cache.v, positions, cache.pos, cache.valid)
       return self.output(o), cache
     x = col.all_gather(x, plan.tp, 1)
+    if plain:
+      if plan.cp:
+        raise ValueError(f"context parallelism ({plan.cp}) needs the positions of each rank")
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
     q, k, v = (checkpoint_name(t, "qkv") for t in self.project_qkv(x, positions))
     with jax.named_scope(SCOPE_CORE):
       if not plan.cp:

@@ -54,10 +54,11 @@ class Block(nnx.Module):
   def is_moe(self) -> bool:
     return isinstance(self.mlp, MoE)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-               mask: jax.Array | None = None):
-    """(x, MoE stats or None); with a KV `cache`, (x, stats, updated cache). `mask` [B, S]:
-    the tokens the router losses count (None: all)."""
+  def __call__(self, x: jax.Array, positions: jax.Array | None,
+               cache: KVCache | None = None, mask: jax.Array | None = None):
+    """(x, MoE stats or None); with a KV `cache`, (x, stats, updated cache). positions None:
+    0 .. S-1 in every row (see `Attention`). `mask` [B, S]: the tokens the router losses
+    count (None: all)."""
     if cache is None:
       x = x + self.attn(self.attn_norm(x), positions)
     else:
@@ -73,7 +74,7 @@ class Block(nnx.Module):
     return (x, stats) if cache is None else (x, stats, cache)
 
 
-def run_block(block: Block, x: jax.Array, positions: jax.Array, remat: str,
+def run_block(block: Block, x: jax.Array, positions: jax.Array | None, remat: str,
               mask: jax.Array | None = None):
   """`block(x, positions, mask=mask)`, under `nnx.remat` with the named policy unless
   remat='none'."""
@@ -127,8 +128,9 @@ class Transformer(nnx.Module):
              mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The decoder without its head: tokens [B, S_c] -> (residual stream after the blocks
     [B, S_c/tp, D], the router statistics of its MoE layers). Training's and evaluation's
-    forward (`__call__`, `esjax.models.loss.lm_loss`)."""
-    positions = _positions(tokens, positions, 0)
+    forward (`__call__`, `esjax.models.loss.lm_loss`). positions None: 0 .. S-1 in every
+    row, which the attention kernel knows statically."""
+    _check_tokens(tokens)
     x = self.embed_tokens(tokens)
     stats = []
     for block in self.layers:
@@ -154,10 +156,14 @@ class Transformer(nnx.Module):
     return self.logits(x), aggregate_moe_stats(self.cfg, stats), new_cache
 
 
-def _positions(tokens: jax.Array, positions: jax.Array | None, start) -> jax.Array:
-  """`positions`, or start, start + 1, ... along each row of `tokens` [B, S]."""
+def _check_tokens(tokens: jax.Array) -> None:
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+
+
+def _positions(tokens: jax.Array, positions: jax.Array | None, start) -> jax.Array:
+  """`positions`, or start, start + 1, ... along each row of `tokens` [B, S]."""
+  _check_tokens(tokens)
   if positions is not None:
     return positions
   return jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)

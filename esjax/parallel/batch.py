@@ -21,9 +21,13 @@ def with_positions(batch: Batch) -> Batch:
 
 
 def prepare_batch(plan: ParallelPlan, batch: Batch) -> Batch:
-  """Adds positions and, under CP load balancing, permutes every [B, S] array into the
+  """Under CP: adds positions and, with load balancing, permutes every [B, S] array into the
   load-balanced sequence order (attention masks by the carried positions; the MoE's
-  dropping decision is taken in the original order), so results equal the unpermuted run."""
+  dropping decision is taken in the original order), so results equal the unpermuted run.
+  Without CP a batch without positions keeps none: the model then knows statically that
+  they are 0 .. S-1 (its attention skips the causal upper triangle)."""
+  if not plan.cp:
+    return batch
   batch = with_positions(batch)
   inputs = batch["inputs"]
   perm = sequence_order(plan, inputs.shape[1])

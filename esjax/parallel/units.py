@@ -78,7 +78,7 @@ class Units:
     def rep(h, trees):
       out = []
       for gd, (tree, buf) in zip(defs, trees):
-        h, s = run_block(nnx.merge(gd, tree, buf), h, d["positions"], cfg.remat, mask)
+        h, s = run_block(nnx.merge(gd, tree, buf), h, d.get("positions"), cfg.remat, mask)
         if s is not None:
           out.append(s)
       return h, ({k: jnp.stack([s[k] for s in out]) for k in STATS} if out else {})
