@@ -10,7 +10,12 @@ shared and noisy), and reads the compiled temporaries from `memory_analysis()`. 
 shape is the gpu-mixtral layer: batch 1, 16 heads, 8 KV heads, head_dim 128. Prints one JSON
 line per point; with two impls, a summary with each seq's median ratio to the first impl.
 `--step CONFIG`: instead, the whole train step of a `benchmarks.mfu` config (batch --batch)
-with `attention_impl` set to each impl.
+with `attention_impl` set to each impl; its batches carry their positions unless the impl
+says +plain (the training loop's batches carry none: the model then knows they are plain).
+
+    python -m benchmarks.attention --impl xla,xla+plain --seq 256 --batch 4 --heads 8 \
+        --kv-heads 8 --head-dim 64 --repeats 15          # the ~100M MoE's layer
+    python -m benchmarks.attention --impl xla,xla+plain --seq 256 --batch 4 --step moe100m
 `layer_memory` (the Attention module's forward + backward, compile only) serves
 `benchmarks.memory --attn-seqs`.
 """
@@ -72,20 +77,31 @@ def layer_memory(cfg: ModelConfig, batch: int, seq: int) -> dict[str, int]:
   return mfu.memory_stats(compiled)
 
 
+def split_impl(entry: str) -> tuple[str, bool]:
+  """"xla+plain" -> ("xla", True): the kernel told that the positions are plain."""
+  impl, _, tag = entry.partition("+")
+  if impl not in ops.IMPLS or tag not in ("", "plain"):
+    raise SystemExit(f"--impl: unknown {entry!r}; known: {ops.IMPLS}, each optionally +plain")
+  return impl, tag == "plain"
+
+
 def run(impls: list[str], seqs: list[int], repeats: int, **shape) -> list[dict]:
   points = {}
-  for impl in impls:
+  for entry in impls:
+    impl, plain = split_impl(entry)
     for seq in seqs:
-      compiled, args = kernel_step(impl, seq=seq, **shape)
+      compiled, args = kernel_step(impl, seq=seq, **{
+          **shape, "plain_positions": True if plain else shape.get("plain_positions")})
       jax.block_until_ready(compiled(*args))  # warm up
-      points[impl, seq] = dict(compiled=compiled, args=args, times=[],
-                               mem=mfu.memory_stats(compiled))
+      points[entry, seq] = dict(compiled=compiled, args=args, times=[],
+                                mem=mfu.memory_stats(compiled))
   for _ in range(repeats):  # interleaved rounds
     for p in points.values():
       t0 = time.perf_counter()
       jax.block_until_ready(p["compiled"](*p["args"]))
       p["times"].append(time.perf_counter() - t0)
-  return [{"impl": impl, "resolved": ops.resolve(impl, *p["args"][:3]), "seq": seq,
+  return [{"impl": impl, "resolved": ops.resolve(split_impl(impl)[0], *p["args"][:3]),
+           "seq": seq,
            "backend": jax.default_backend(), **shape,
            "fwd_bwd_ms": round(1e3 * float(np.median(p["times"])), 3),
            "min_ms": round(1e3 * min(p["times"]), 3),
@@ -98,9 +114,10 @@ def run_steps(name: str, impls: list[str], seqs: list[int], repeats: int, batch:
   points = {}
   for impl in impls:
     for seq in seqs:
+      kernel, plain = split_impl(impl)
       cfg = mfu.CONFIGS[name][0]
-      cfg = cfg.replace(attention_impl=impl, max_seq_len=max(cfg.max_seq_len, seq))
-      compiled, state, data = mfu.build_step(cfg, batch, seq)
+      cfg = cfg.replace(attention_impl=kernel, max_seq_len=max(cfg.max_seq_len, seq))
+      compiled, state, data = mfu.build_step(cfg, batch, seq, positions=not plain)
       state, metrics = compiled(state, data)  # warm up
       jax.block_until_ready(metrics["loss"])
       points[impl, seq] = dict(compiled=compiled, state=state, data=data, times=[],
@@ -120,7 +137,9 @@ def run_steps(name: str, impls: list[str], seqs: list[int], repeats: int, batch:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--impl", default="xla,chunked", help=f"comma-separated, of {ops.IMPLS}")
+  ap.add_argument("--impl", default="xla,chunked",
+                  help=f"comma-separated, of {ops.IMPLS}; +plain (e.g. xla+plain): the kernel "
+                       "is told the positions are plain (xla: the causal block split)")
   ap.add_argument("--seq", default="1024,2048")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--heads", type=int, default=16)
@@ -129,14 +148,13 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--sliding-window", type=int, default=0)
   ap.add_argument("--plain-positions", action="store_true",
-                  help="tell cuDNN the positions are plain (no runtime check)")
+                  help="tell every kernel the positions are plain (cuDNN: no runtime check)")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--step", default="", help=f"time the train step of one of {sorted(mfu.CONFIGS)}")
   args = ap.parse_args(argv)
   impls = args.impl.split(",")
-  bad = [i for i in impls if i not in ops.IMPLS]
-  if bad:
-    raise SystemExit(f"--impl: unknown {bad}; known: {ops.IMPLS}")
+  for entry in impls:
+    split_impl(entry)
   if args.step and args.step not in mfu.CONFIGS:
     raise SystemExit(f"--step={args.step!r}; known: {sorted(mfu.CONFIGS)}")
   seqs = [int(s) for s in args.seq.split(",")]

@@ -80,18 +80,24 @@ def one_device_plan():
   return make_plan(Layout(dp=1), jax.devices()[:1])
 
 
-def build_step(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int = 0):
+def build_step(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int = 0,
+               positions: bool = False):
   """The training loop's step on one device, jitted as the loop does (state donated):
   (compiled step, state, batch). The optimizer is the experiment default
-  (`common.base_config().optim`)."""
+  (`common.base_config().optim`). `positions`: the batch carries them (0 .. S-1), as data
+  with packed documents would, so the model masks attention by them; without (the loop's
+  batches), the model knows they are plain."""
   tx, schedule = optimizer.make_optimizer(common.base_config().optim, total_steps=1000)
   engine = Engine.build(cfg, one_device_plan())
   steps = step_lib.build(engine, tx, schedule)
   state = state_lib.create_train_state(engine, tx, jax.random.key(seed))
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                         steps.batch_sharding)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  if positions:
+    batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                         (batch_size, seq_len)).copy()
+  batch = jax.device_put(batch, steps.batch_sharding)
   compiled = steps.train.lower(state, batch).compile()
   return compiled, state, batch
 
