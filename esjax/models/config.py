@@ -71,7 +71,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   # Attention kernel (esjax.kernels.attention.ops): "xla" (plain), "chunked" (memory linear
-  # in the sequence), "cudnn" (flash on NVIDIA GPUs), "auto" (by backend and length).
+  # in the sequence), "cudnn" (flash on NVIDIA GPUs), "auto" (by backend and length). Batches
+  # without positions (the training loop's) are plain 0..S-1: "xla" then skips the causal
+  # upper triangle and "cudnn" runs without checking the order on the device.
   attention_impl: str = "auto"
 
   # MoE (n_experts == 0: dense).
