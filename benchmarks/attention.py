@@ -89,23 +89,22 @@ def run(impls: list[str], seqs: list[int], repeats: int, **shape) -> list[dict]:
   points = {}
   for entry in impls:
     impl, plain = split_impl(entry)
+    kw = {**shape, "plain_positions": True if plain else shape.get("plain_positions")}
     for seq in seqs:
-      compiled, args = kernel_step(impl, seq=seq, **{
-          **shape, "plain_positions": True if plain else shape.get("plain_positions")})
+      compiled, args = kernel_step(impl, seq=seq, **kw)
       jax.block_until_ready(compiled(*args))  # warm up
-      points[entry, seq] = dict(compiled=compiled, args=args, times=[],
+      points[entry, seq] = dict(compiled=compiled, args=args, times=[], kw=kw, impl=impl,
                                 mem=mfu.memory_stats(compiled))
   for _ in range(repeats):  # interleaved rounds
     for p in points.values():
       t0 = time.perf_counter()
       jax.block_until_ready(p["compiled"](*p["args"]))
       p["times"].append(time.perf_counter() - t0)
-  return [{"impl": impl, "resolved": ops.resolve(split_impl(impl)[0], *p["args"][:3]),
-           "seq": seq,
-           "backend": jax.default_backend(), **shape,
+  return [{"impl": entry, "resolved": ops.resolve(p["impl"], *p["args"][:3]), "seq": seq,
+           "backend": jax.default_backend(), **p["kw"],
            "fwd_bwd_ms": round(1e3 * float(np.median(p["times"])), 3),
            "min_ms": round(1e3 * min(p["times"]), 3),
-           "temp_bytes": p["mem"]["temp_bytes"]} for (impl, seq), p in points.items()]
+           "temp_bytes": p["mem"]["temp_bytes"]} for (entry, seq), p in points.items()]
 
 
 def run_steps(name: str, impls: list[str], seqs: list[int], repeats: int, batch: int

@@ -193,6 +193,8 @@ def test_plain_positions_route_to_causal_blocks_and_match_given_positions():
     given = jax.jit(lambda p: (run(p, pos), jax.grad(loss)(p, pos)))(params)
     _assert_close(jax.tree.leaves(plain), jax.tree.leaves(given),
                   [f"{impl}-{window}"] * len(jax.tree.leaves(plain)))
+  with pytest.raises(ValueError, match="needs the tokens' positions"):
+    model.layers[0].attn(jnp.zeros((2, 4, cfg.d_model)), None, init_cache(cfg, 2, 8)[0])
   q = jnp.zeros((1, 64, 2, 8))
   text = jax.jit(lambda q: ops.attend(q, q, q, pos[:1, :1], pos[:1, :1], impl="xla",
                                       plain_positions=True)).lower(q).as_text()

@@ -119,9 +119,10 @@ class Attention(nnx.Module):
                                sliding_window=window, platform=plan.platform,
                                plain_positions=True if plain else None)
     if cache is not None:
-      if plan.tp or plan.cp or plain:
-        raise ValueError(f"KV-cache decoding runs on one device with positions, not on {plan}"
-                         f" with positions={positions}")
+      if plan.tp or plan.cp:
+        raise ValueError(f"KV-cache decoding runs on one device, not on {plan}")
+      if plain:
+        raise ValueError("KV-cache decoding needs the tokens' positions, got None")
       q, k, v = self.project_qkv(x, positions)
       cache = cache.update(k, v, positions)
       with jax.named_scope(SCOPE_CORE):
