@@ -56,6 +56,20 @@ class Options:
       object.__setattr__(self, "tiles", tiles)
 
 
+def fits(backend: str, dtype: Any, d_model: int, d_ff: int) -> bool:
+  """Whether the SwiGLU's products run on `backend`'s default tiles: a bfloat16 or float16
+  model whose expert widths (d_model, and d_ff on this device) are whole tiles, as the
+  contractions and the outputs of all six products must be."""
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return False
+  if backend == "megablox":
+    unit = math.lcm(*MEGABLOX_TILING[1:])
+  else:
+    tiles = Options(backend).tiles
+    unit = math.lcm(tiles.k, tiles.n * tiles.band_n)
+  return d_model % unit == 0 and d_ff % unit == 0
+
+
 def _declared(opts: Options, n_rows: int, n_groups: int, k: int, n: int) -> int:
   bm = opts.tiles.m
   rows = n_rows if opts.expected_rows is None else min(opts.expected_rows, n_rows)
