@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from esjax.models import ModelConfig, Transformer, count_params
+from esjax.models import ModelConfig, Transformer, count_params, moe
 from esjax.models.loss import lm_loss
 from esjax.sharding.plan import ParallelPlan
 
@@ -96,7 +96,7 @@ def main(argv=None):
   rest = med["rest"]
   for name, cfg in models.items():
     print(json.dumps({
-        "model": name, "moe_impl": ParallelPlan.single().moe_impl(cfg.moe_impl) if cfg.is_moe else None,
+        "model": name, "moe_impl": moe.moe_impl(cfg, ParallelPlan.single()) if cfg.is_moe else None,
         "block": cfg.moe_block_size if cfg.is_moe else None,
         "step_ms": round(1e3 * med[name], 2), "min_ms": round(1e3 * min(times[name]), 2),
         "tokens_per_s": round(n_tokens / med[name], 1),

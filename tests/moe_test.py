@@ -229,9 +229,16 @@ def test_auto_impl_follows_the_plan_platform():
   """'auto' is decided by the platform the step is compiled for (a deviceless GPU compile
   runs on the CPU backend but must get the GPU paths), not by jax.default_backend()."""
   assert BASE.moe_impl == "auto"
-  assert ParallelPlan.single("cpu").moe_impl("auto") == "blocked"
-  assert ParallelPlan.single("gpu").moe_impl("auto") == "ragged"
-  assert ParallelPlan.single("gpu").moe_impl("blocked") == "blocked"
+  gpu = ParallelPlan.single("gpu")
+  bf16 = BASE.replace(dtype="bfloat16", d_model=128, d_ff=256)
+  assert moe_lib.moe_impl(bf16, ParallelPlan.single("cpu")) == "blocked"
+  assert moe_lib.moe_impl(bf16, gpu) == "gmm"
+  assert moe_lib.moe_impl(bf16, ParallelPlan.single("tpu")) == "gmm"
+  assert moe_lib.moe_impl(bf16.replace(moe_impl="blocked"), gpu) == "blocked"
+  # Where the kernels do not apply, 'auto' is ragged_dot: float32, or widths off the tiles.
+  assert moe_lib.moe_impl(bf16.replace(dtype="float32"), gpu) == "ragged"
+  assert moe_lib.moe_impl(bf16.replace(d_model=96), gpu) == "ragged"
+  assert moe_lib.moe_impl(bf16.replace(d_ff=160), ParallelPlan.single("tpu")) == "ragged"
   assert ParallelPlan.single("cpu").ep_dispatch == "padded"
   assert ParallelPlan.single("gpu").ep_dispatch == "ragged"
   with pytest.raises(ValueError, match="moe_impl='fast'"):

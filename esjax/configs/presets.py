@@ -23,10 +23,10 @@ TEST_ARGS = ("qwen2-57b-a14b",)
 # preset -> (devices, global batch in sequences, parallel section, remat policy). The MoE
 # presets recompute each layer in its backward (remat="full"): the pipeline stores what a
 # unit's backward reads for every in-flight microbatch, and at remat="none" with exact EP
-# buffers that is 98 GiB per device for Mixtral-8x7B (deviceless plan on H100). With the
-# grouped-matmul kernels, remat="none" and ep_buffer_factor=1.25 all four fit at 1.03-1.11x
-# the model's FLOPs (README, "Planning a cluster run"); the presets move there once the
-# kernels have run on a GPU and a buffer factor is chosen from a real run's overflow.
+# buffers that is 98 GiB per device for Mixtral-8x7B (deviceless plan on H100). With
+# remat="none" and ep_buffer_factor=1.25 all four fit at 1.03-1.11x the model's FLOPs
+# (README, "Planning a cluster run"); the presets move there once a buffer factor is chosen
+# from a real run's overflow (ep_overflow_fraction).
 CLUSTERS = {
     "llama3-8b": (8, 256, dict(tp=2), "dots_except_mlp"),
     "llama3-8b-8e2": (64, 1024, dict(pp=4, tp=2, ep=8, etp=1), "full"),

@@ -122,10 +122,12 @@ class ModelConfig:
   # (T k / ep rows; MaxText's ragged_buffer_factor) instead of the worst case T min(k, E/ep);
   # rows past it are dropped and counted (ep_overflow_fraction). 0: the worst case, exact.
   ep_buffer_factor: float = EP_BUFFER_FACTOR
-  # Grouped matmul: "ragged" (lax.ragged_dot, GPU/TPU), "blocked" (tiles, fast on CPU),
-  # "gmm" (esjax.kernels.gmm: kernels whose work is the routed rows; Mosaic GPU on Hopper,
-  # Triton on other GPUs, megablox on TPUs), "auto" (blocked on the CPU backend, ragged
-  # elsewhere). Same numbers each way.
+  # Grouped matmul: "ragged" (lax.ragged_dot, GPU/TPU; XLA:GPU multiplies whole buffers),
+  # "blocked" (tiles, fast on CPU), "gmm" (esjax.kernels.gmm: kernels whose work is the
+  # routed rows; Mosaic GPU on Hopper, Triton on other GPUs, megablox on TPUs), "auto"
+  # (blocked on the CPU backend; gmm on GPUs and TPUs where it applies - bf16/f16, expert
+  # widths in whole tiles - and passes its check on the run's devices, ragged otherwise:
+  # esjax.models.moe). Same numbers each way.
   moe_impl: str = "auto"
   # Smallest chunk of moe_impl="blocked": each expert's rows are padded to a multiple of it,
   # then cut into chunks (esjax.routing.grouped: one per expert up to 8 blocks for large

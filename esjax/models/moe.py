@@ -13,15 +13,18 @@ optimizer never sees it; the train step updates it with `update_expert_biases`. 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from esjax.models import layers
 from esjax.models.config import ModelConfig
 from esjax.models.mlp import MLP
-from esjax.kernels.gmm import ops as gmm_kernel
+from esjax.kernels.gmm import check as gmm_check, ops as gmm_kernel
 from esjax.kernels.routing import ops as routing_kernel
 from esjax.routing import expert_parallel, router
 from esjax.sharding.plan import ParallelPlan
@@ -44,6 +47,47 @@ def grouped_kernel(rows, group_sizes, w_gate, w_up, w_down, expected_rows: int |
   """moe_impl='gmm': the grouped SwiGLU on the GPU kernels (esjax.kernels.gmm)."""
   return gmm_kernel.swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down,
                                gmm_kernel.Options(backend, expected_rows=expected_rows))
+
+
+def kernel_for(cfg: ModelConfig, plan: ParallelPlan) -> expert_parallel.KernelFn | None:
+  """The grouped SwiGLU on the grouped-matmul kernels that this layer hands the dispatcher:
+  always for moe_impl='gmm' (a shape they cannot take is then a one-line error); for
+  'auto' only where they apply (`gmm_kernel.fits`: a bfloat16 or float16 model, the expert
+  widths on a device in whole tiles), so 'auto' runs ragged_dot elsewhere."""
+  if cfg.moe_impl == "gmm":
+    return grouped_kernel
+  if cfg.moe_impl != "auto" or not plan.native_collectives:
+    return None
+  etp = plan.size(plan.etp)
+  fit = gmm_kernel.fits(expert_parallel.kernel_backend(plan), cfg.dtype, cfg.d_model,
+                        cfg.effective_d_ff_expert // etp)
+  return grouped_kernel if fit else None
+
+
+def moe_impl(cfg: ModelConfig, plan: ParallelPlan) -> str:
+  """What the MoE layers of `cfg` run on `plan` ('auto' resolved)."""
+  return expert_parallel.resolve_impl(cfg.moe_impl, plan, kernel_for(cfg, plan))
+
+
+def pin_unchecked_kernels(cfg: ModelConfig, plan: ParallelPlan,
+                          check: Callable[[str], str | None] = gmm_check.mismatch
+                          ) -> tuple[ModelConfig, str | None]:
+  """(cfg, None), or, where moe_impl='auto' would run the grouped-matmul kernels (a GPU or
+  TPU plan) and they fail `check` (esjax.kernels.gmm.check) on any process's device, (cfg
+  with moe_impl='ragged', why). For models about to run on this job's devices (the training
+  loop's steps, evaluation); every process calls it and all take the same answer, since the
+  step is one program."""
+  if not cfg.is_moe or cfg.moe_impl != "auto" or moe_impl(cfg, plan) != "gmm":
+    return cfg, None
+  why = check(expert_parallel.kernel_backend(plan))
+  if jax.process_count() > 1:
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(why is not None)))
+    if why is None and failed.any():
+      why = f"the kernels failed their check on processes {np.flatnonzero(failed).tolist()}"
+  if why is None:
+    return cfg, None
+  return cfg.replace(moe_impl="ragged"), (
+      f"model.moe_impl='auto' runs lax.ragged_dot here: {why} (set model.moe_impl to choose)")
 
 
 class ExpertBias(nnx.Variable):
@@ -96,7 +140,8 @@ class MoE(nnx.Module):
     y, stats = expert_parallel.routed_experts(
         x, self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...],
         cfg=self.cfg, plan=self.plan, mask=mask,
-        route=functools.partial(routing_for, self.cfg, bias=bias), kernel=grouped_kernel)
+        route=functools.partial(routing_for, self.cfg, bias=bias),
+        kernel=kernel_for(self.cfg, self.plan))
     if self.cfg.n_shared_experts:
       y = y + self.shared_out(x)
     return y, stats

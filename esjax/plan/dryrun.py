@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esjax.models import attention, mlp, transformer
+from esjax.models import attention, mlp, moe, transformer
 from esjax.plan import analytic, matmuls, report, targets as targets_lib
 from esjax.routing import expert_parallel
 from esjax.train import step as step_lib
@@ -204,7 +204,7 @@ def plan(config: Any, target: targets_lib.Target, n_devices: int,
                  "up the branches of conditionals); the peak is the allocation")
   experts = next((r for r in flops if r["part"] == "experts" and r["ratio"]), None)
   if (experts and experts["ratio"] > WASTE
-      and run.plan.moe_impl(run.model_cfg.moe_impl) == "ragged"):
+      and moe.moe_impl(run.model_cfg, run.plan) == "ragged"):
     notes.append(f"experts: lax.ragged_dot runs {experts['ratio']:.2f}x the model's expert "
                  "FLOPs (XLA multiplies whole EP buffers, against every local expert); "
                  "--config.model.moe_impl=gmm runs the routed rows only")

@@ -9,8 +9,8 @@ device every collective below is the identity. Per device:
      micro-batch ("batch": the single-device decision, routing all-gathered over the stage)
      or this device's tokens ("rank": Megatron's per-rank capacity, no gathering),
   3. without expert parallelism, run the grouped SwiGLU on its own tokens (`cfg.moe_impl`:
-     blocked tiles on CPU, `ragged_dot` where native; or the [E, C] buffers of
-     `pad_to_capacity`);
+     blocked tiles on CPU, the grouped-matmul kernels the model gives or `ragged_dot` on
+     GPUs and TPUs, `resolve_impl`; or the [E, C] buffers of `pad_to_capacity`);
   4. with EP, all-gather its tokens over etp (those peers hold slices of every expert's
      hidden width), pack one block of rows per EP rank (the owner of experts
      [r*E/ep, (r+1)*E/ep)), exchange them over ep (`plan.ep_dispatch`: a padded `all_to_all`,
@@ -58,11 +58,29 @@ def block_rows(cfg, n_rows: int, n_groups: int) -> int:
 KernelFn = Callable[..., jax.Array]
 
 
+def kernel_backend(plan: ParallelPlan) -> str:
+  """Which of moe_impl='gmm''s kernels run on `plan`'s platform (see KernelFn)."""
+  return ("megablox" if plan.platform == "tpu" else
+          "mosaic" if plan.gpu_arch == "9.0" else "triton")
+
+
+def resolve_impl(impl: str, plan: ParallelPlan, kernel: KernelFn | None) -> str:
+  """What `impl` runs on `plan`: 'auto' is the blocked CPU layout on the CPU; on GPUs and TPUs
+  the grouped-matmul kernels (work: the routed rows) where the model gives them (it does
+  where they apply to its dtype and widths, `esjax.models.moe.kernel_for`), else
+  `lax.ragged_dot` (XLA:GPU multiplies whole buffers, against every local expert)."""
+  if impl != "auto":
+    return impl
+  if not plan.native_collectives:
+    return "blocked"
+  return "gmm" if kernel is not None else "ragged"
+
+
 def grouped_fn(cfg, plan: ParallelPlan, w_gate, w_up, w_down, kernel: KernelFn | None = None,
                expected_rows: int | None = None) -> dispatch.GroupedFn:
   """The grouped SwiGLU `(rows, group_sizes) -> out` of `cfg.moe_impl` on `plan`'s platform;
   `expected_rows`: how many of the rows a balanced router fills (the kernel's declared cost)."""
-  impl = plan.moe_impl(cfg.moe_impl)
+  impl = resolve_impl(cfg.moe_impl, plan, kernel)
   if impl == "blocked":
     return lambda rows, gs: grouped.swiglu_blocked(
         rows, gs, w_gate, w_up, w_down, block_rows(cfg, rows.shape[0], w_gate.shape[0]))
@@ -72,8 +90,7 @@ def grouped_fn(cfg, plan: ParallelPlan, w_gate, w_up, w_down, kernel: KernelFn |
                        "'auto'")
     if kernel is None:
       raise ValueError("moe_impl='gmm': no grouped-matmul kernel was given to the MoE layer")
-    backend = ("megablox" if plan.platform == "tpu" else
-               "mosaic" if plan.gpu_arch == "9.0" else "triton")
+    backend = kernel_backend(plan)
     return lambda rows, gs: kernel(rows, gs, w_gate, w_up, w_down, expected_rows, backend)
   return lambda rows, gs: grouped.swiglu_ragged(rows, gs, w_gate, w_up, w_down)
 

@@ -102,12 +102,6 @@ class ParallelPlan:
       return "ragged" if self.native_collectives else "padded"
     return impl
 
-  def moe_impl(self, moe_impl: str) -> str:
-    """`moe_impl='auto'`: the blocked CPU layout on CPU, `ragged_dot` where it is native."""
-    if moe_impl == "auto":
-      return "ragged" if self.native_collectives else "blocked"
-    return moe_impl
-
   def view(self, roles: tuple[str, ...]) -> np.ndarray:
     """Device ids arranged as (pp, *roles), e.g. ("dp", "cp", "tp") (the attention view) or
     ("edp", "ep", "etp") (the MoE view): Megatron's rank groups are its slices."""

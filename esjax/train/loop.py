@@ -297,8 +297,8 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
         if tasks_due:
           params = state_lib.params_from_state(state.params, steps.engine)
           buffers = state_lib.buffers_from_state(state.buffers, steps.engine)
-          task_metrics = tasks(step, params_lib.model_from_params(model_cfg, params, buffers),
-                               force=True)
+          model = params_lib.model_from_params(steps.engine.cfg, params, buffers)  # the
+          task_metrics = tasks(step, model, force=True)  # kernels the step runs
         eval_s = time.perf_counter() - t_eval
       pending = (step, metrics, val_loss, task_metrics, eval_s)
       stopped = stop(step) if stop is not None else None

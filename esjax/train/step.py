@@ -5,12 +5,14 @@ the train state's shardings: what the loop runs, the planner compiles and the be
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
 import optax
 
 from esjax.configs import common
+from esjax.models import moe
 from esjax.models.config import ModelConfig
 from esjax.parallel.pipeline import Engine
 from esjax.sharding.layout import Layout, check_model
@@ -90,9 +92,14 @@ class Run:
 
 def for_config(config: Any, devices: Sequence[Any] | None = None) -> Run:
   """The training loop's steps for an experiment config, on `devices` (default: every device
-  of the job; a deviceless topology's devices for `python -m esjax.plan`)."""
+  of the job, where moe_impl='auto' first checks the grouped-matmul kernels on them; a
+  deviceless topology's devices for `python -m esjax.plan`, which plans the kernels)."""
   model_cfg = common.model_config(config)
   plan = make_plan(Layout.from_config(config.parallel), devices)
+  if devices is None:
+    model_cfg, why = moe.pin_unchecked_kernels(model_cfg, plan)
+    if why and jax.process_index() == 0:
+      print(f"esjax: warning: {why}", file=sys.stderr, flush=True)
   check_model(plan.layout, model_cfg, seq_len=config.train.seq_len,
               batch=config.train.batch_size)
   tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)
