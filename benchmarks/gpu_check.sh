@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check: one unattended script for a machine with one NVIDIA H100/H200 (under 8
-# minutes, every part with its own time limit). It prints JSON lines: each benchmark's own
-# rows, one {"part": ..., "status": ...} line per part (ok, failed, timeout, skipped, with the
-# reason), and a final summary. Nothing here runs in CI.
+# The GPU check: one unattended script for a machine with one NVIDIA H100/H200 (at most
+# GPU_CHECK_BUDGET_S, default 540 s: every part has its own time limit, cut to what is left,
+# and a part that would start with under 20 s left is skipped). It prints JSON lines: each
+# benchmark's own rows, one {"part": ..., "status": ...} line per part (ok, failed, timeout,
+# skipped, with the reason), and a final summary. Nothing here runs in CI.
 #
 #   bash benchmarks/gpu_check.sh            # python3 from PATH
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
 #
 # Parts: the platform (nvidia-smi, jax's devices); the Pallas routing kernel tests on Triton
 # and the cuDNN attention tests (pytest -m gpu_only); the routing kernel against lax.top_k and
-# the memory floor in bf16 (benchmarks.routing); the grouped-matmul kernels (moe_impl=gmm)
+# the memory floor in bf16 (benchmarks.routing); the check a training run makes before
+# moe_impl=auto uses the grouped-matmul kernels (esjax.kernels.gmm.check); the kernels
 # against ragged_dot and a dense matmul of the routed FLOPs at the Mixtral-8x7B and Qwen2-57B
 # expert shapes, forward + backward (benchmarks.gmm); cuDNN flash attention against the plain path
 # at 4k and 8k, forward + backward (benchmarks.attention); MFU of the real train step in bf16
 # on the largest MoE one GPU holds at sequence 4096 (benchmarks.mfu gpu-mixtral) against the
-# bf16 matmul peak measured in the same run (anchors: Megatron 49.3% Mixtral 8x22B, NeMo 46.8%,
+# bf16 matmul peak measured in the same run, then with ragged_dot's experts (the step before
+# moe_impl=auto meant the kernels) (anchors: Megatron 49.3% Mixtral 8x22B, NeMo 46.8%,
 # MaxText ~50%); the planner's prediction for that step (deviceless, the GPU nvidia-smi names)
 # against its measured time (benchmarks.plan_calibration).
 set -u
@@ -24,12 +27,20 @@ export JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM
 LOG=${GPU_CHECK_LOG:-/tmp/esjax_gpu_check}
 mkdir -p "$LOG"
 declare -a SUMMARY=()
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 
 part() {  # part NAME LIMIT_S COMMAND...: runs, echoes its JSON lines, then a status line
   local name=$1 limit=$2
   shift 2
-  local t0 rc status
+  local t0 rc status left
   t0=$(date +%s)
+  left=$((BUDGET - (t0 - START)))
+  if ((left < 20)); then
+    skip "$name" "the check's budget of ${BUDGET} s is spent"
+    return
+  fi
+  ((limit > left)) && limit=$left
   timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.out" 2>"$LOG/$name.err"
   rc=$?
   grep -E '^\{' "$LOG/$name.out" || true
@@ -67,10 +78,20 @@ else
   skip kernels_triton "pytest is not installed for $PY"
 fi
 part routing_bf16 90 "$PY" -m benchmarks.routing --dtype bfloat16
+part gmm_check 120 "$PY" -c 'import json
+from esjax.kernels.gmm import check
+from esjax.routing.expert_parallel import kernel_backend
+from esjax.sharding.plan import ParallelPlan
+backend = kernel_backend(ParallelPlan.single())
+why = check.mismatch(backend)
+print(json.dumps({"gmm_check": backend, "mismatch": why}))
+raise SystemExit(why is not None)'
 part gmm_bf16 150 "$PY" -m benchmarks.gmm --rounds 5
 part attention_cudnn 90 "$PY" -m benchmarks.attention --impl xla,cudnn --seq 4096,8192 \
   --dtype bfloat16
 part mfu_bf16 200 "$PY" -m benchmarks.mfu --dtype bfloat16 --configs gpu-mixtral --repeats 5
+part mfu_ragged_bf16 150 "$PY" -m benchmarks.mfu --dtype bfloat16 --configs gpu-mixtral \
+  --repeats 3 --moe-impl ragged
 if "$PY" -c 'import jax_plugins.xla_cuda12' 2>/dev/null; then
   part plan_calibration 120 env JAX_PLATFORMS=cpu "$PY" -m benchmarks.plan_calibration \
     --measured "$LOG/mfu_bf16.out"

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from esjax.configs import common
-from esjax.models import count_params
+from esjax.models import count_params, moe
 from esjax.models.config import ModelConfig
 from esjax.models.presets import get_preset
 from esjax.parallel.pipeline import Engine
@@ -115,7 +115,8 @@ def memory_stats(compiled: Any) -> dict[str, int]:
           "alias_bytes": int(m.alias_size_in_bytes)}
 
 
-def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int) -> list[dict]:
+def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int,
+        moe_impl: str | None = None) -> list[dict]:
   peak_dtype = dtype or "float32"
   peak_fn, peak_args, peak_flops = matmul_peak_fn(matmul_n, peak_dtype)
   runs: dict[str, dict[str, Any]] = {}
@@ -123,6 +124,8 @@ def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int) -> lis
     cfg, batch_size, seq_len = CONFIGS[name]
     if dtype:
       cfg = cfg.replace(dtype=dtype)
+    if moe_impl and cfg.is_moe:
+      cfg = cfg.replace(moe_impl=moe_impl)
     compiled, state, batch = build_step(cfg, batch_size, seq_len)
     state, metrics = compiled(state, batch)  # warm up (first-run allocations)
     jax.block_until_ready(metrics["loss"])
@@ -156,7 +159,7 @@ def run(names: list[str], repeats: int, dtype: str | None, matmul_n: int) -> lis
     params = count_params(cfg)
     out.append({
         "config": name, "backend": jax.default_backend(), "dtype": cfg.dtype,
-        "moe_impl": one_device_plan().moe_impl(cfg.moe_impl) if cfg.is_moe else None,
+        "moe_impl": moe.moe_impl(cfg, one_device_plan()) if cfg.is_moe else None,
         "n_experts": cfg.n_experts, "top_k": cfg.top_k if cfg.is_moe else None,
         "batch_size": r["batch_size"], "seq_len": seq_len, "remat": cfg.remat,
         "total_params": params["total"], "active_params": params["active"],
@@ -177,6 +180,8 @@ def main(argv=None):
                   help=f"comma-separated, of {sorted(CONFIGS)}")
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--dtype", default=None, help="compute dtype override (bfloat16 on GPU)")
+  ap.add_argument("--moe-impl", default=None,
+                  help="moe_impl override of the MoE configs (e.g. ragged, against auto)")
   ap.add_argument("--matmul_n", type=int, default=0,
                   help="peak matmul size (0: 2048 on CPU, 8192 elsewhere)")
   args = ap.parse_args(argv)
@@ -185,7 +190,7 @@ def main(argv=None):
   if unknown:
     raise SystemExit(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
   matmul_n = args.matmul_n or (2048 if jax.default_backend() == "cpu" else 8192)
-  rows = run(names, args.repeats, args.dtype, matmul_n)
+  rows = run(names, args.repeats, args.dtype, matmul_n, args.moe_impl)
   for row in rows:
     print(json.dumps(row))
   summary = {"summary": "mfu", "backend": jax.default_backend(),
