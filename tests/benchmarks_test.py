@@ -122,3 +122,24 @@ def test_gmm_benchmark_rows_agree_with_ragged(capsys):
   assert [r["impl"] for r in rows[:-1]] == ["gmm", "ragged", "dense"]
   assert rows[0]["max_rel_diff_vs_ragged"] < 2e-2 and rows[0]["routed_rows"] == 120
   assert rows[-1]["summary"] == "gmm" and rows[-1]["tiny"]["gmm_over_dense"] > 0
+
+
+def test_grad_overlap_counts_compute_between_a_reduce_scatters_start_and_done():
+  """The schedule reader of benchmarks.grad_overlap, on scheduled HLO text: compute between
+  a start and its own done counts (in that computation only); a bare start/done does not."""
+  from benchmarks import grad_overlap  # pylint: disable=g-import-not-at-top
+  hlo = """%body (p: f32[8]) -> f32[8] {
+  %rs = ((f32[8]), f32[4]) reduce-scatter-start(%p), channel_id=1
+  %f = f32[8]{0} fusion(%p), kind=kLoop
+  %d = f32[4]{0} reduce-scatter-done(%rs)
+  %rs.1 = ((f32[8]), f32[4]) reduce-scatter-start(%p), channel_id=2
+  %d.1 = f32[4]{0} reduce-scatter-done(%rs.1)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %rs.2 = ((f32[8]), f32[4]) reduce-scatter-start(%a), channel_id=3
+  %d.2 = f32[4]{0} reduce-scatter-done(%rs.2)
+  ROOT %w = f32[8]{0} while(%a), condition=%c, body=%body
+}
+"""
+  assert grad_overlap.overlaps(hlo) == (3, 1)
