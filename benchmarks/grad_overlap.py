@@ -4,10 +4,11 @@ read from the schedule of their optimized HLO. Three places a data-parallel grad
 reduction could go:
 
 - `between_loops`: after one while loop (the ticks that finish a gradient) and before another
-  (the ticks left): a pipeline that reduces each round's gradients once its last backward has
-  run, while the later rounds go on;
-- `in_branch`: inside a conditional branch, beside independent work of that branch (a
-  backward unit that reduces what an earlier unit finished);
+  (the ticks left), with the second loop's gradient reduced after it: a pipeline that reduces
+  each round's gradients once its last backward has run, and the last round's at the end;
+- `between_loops_alone`: the same without the reduction at the end;
+- `in_branch`: inside a conditional branch, beside a loop of that branch (a backward unit
+  whose pullback runs while it reduces what an earlier unit finished);
 - `in_loop_body`: in each iteration of a loop over layers, the reduce-scatter of that
   iteration's gradient (Megatron's per-bucket overlap inside the last backward).
 
@@ -63,13 +64,24 @@ def between_loops(w, x):
   return done, lax.psum_scatter(g2, "dp", tiled=True), h
 
 
+def between_loops_alone(w, x):
+  def tick(c, _):
+    h, g = c
+    h = _layer(h, w)
+    return (h, g + _grad(h)), None
+
+  (h, g), _ = lax.scan(tick, (x, _varying(jnp.zeros((N, N)))), None, length=STEPS)
+  done = lax.psum_scatter(g, "dp", tiled=True)
+  h, _ = lax.scan(lambda h, _: (_layer(h, w), None), h, None, length=STEPS)
+  return done, done, h
+
+
 def in_branch(w, x):
   g = _grad(_layer(x, w))
 
   def unit(g, h):
     done = lax.psum_scatter(g, "dp", tiled=True)
-    for _ in range(STEPS):
-      h = _layer(h, w)
+    h, _ = lax.scan(lambda h, _: (_layer(h, w), None), h, None, length=STEPS)
     return done, h
 
   def idle(g, h):
@@ -118,7 +130,7 @@ def main() -> None:
   flags = targets.xla_gpu_flags()
   w = jax.ShapeDtypeStruct((N, N), jnp.float32)
   x = jax.ShapeDtypeStruct((DEVICES * 256, N), jnp.float32)
-  for fn in (between_loops, in_branch, in_loop_body):
+  for fn in (between_loops, between_loops_alone, in_branch, in_loop_body):
     step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("dp")),
                                  out_specs=(P("dp"), P("dp"), P("dp"))))
     hlo = step.lower(w, x).compile(compiler_options=flags).as_text()
