@@ -82,8 +82,9 @@ part gmm_check 120 "$PY" -c 'import json
 from esjax.kernels.gmm import check
 from esjax.routing.expert_parallel import kernel_backend
 from esjax.sharding.plan import ParallelPlan
-backend = kernel_backend(ParallelPlan.single())
-why = check.mismatch(backend)
+plan = ParallelPlan.single()
+backend = kernel_backend(plan)
+why = check.mismatch(backend, plan.gpu_sms)
 print(json.dumps({"gmm_check": backend, "mismatch": why}))
 raise SystemExit(why is not None)'
 part gmm_bf16 150 "$PY" -m benchmarks.gmm --rounds 5

@@ -75,19 +75,19 @@ def test_auto_is_pinned_to_ragged_only_where_the_kernels_fail_on_the_device():
   not apply to (float32: 'auto' is ragged_dot there already)."""
   asked = []
 
-  def failing(backend):
-    asked.append(backend)
+  def failing(backend, num_sms):
+    asked.append((backend, num_sms))
     return "the triton kernels' output is not finite"
 
   cfg, why = moe.pin_unchecked_kernels(MOE, ParallelPlan.single("gpu"), failing)
-  assert cfg == MOE.replace(moe_impl="ragged") and asked == ["triton"]
+  assert cfg == MOE.replace(moe_impl="ragged") and asked == [("triton", None)]
   assert why.startswith("model.moe_impl='auto' runs lax.ragged_dot here: the triton kernels'")
-  assert moe.pin_unchecked_kernels(MOE, ParallelPlan.single("tpu"), lambda b: asked.append(b)
-                                   ) == (MOE, None)
-  assert asked[-1] == "megablox"
+  assert moe.pin_unchecked_kernels(MOE, ParallelPlan.single("tpu"),
+                                   lambda *a: asked.append(a)) == (MOE, None)
+  assert asked[-1] == ("megablox", None)
 
-  def never(backend):
-    raise AssertionError(f"checked {backend}")
+  def never(*args):
+    raise AssertionError(f"checked {args}")
 
   for cfg, platform in ((MOE, "cpu"), (MOE.replace(n_experts=0, top_k=0), "gpu"),
                         (MOE.replace(moe_impl="gmm"), "gpu"),

@@ -292,6 +292,26 @@ def test_gmm_impl_off_a_gpu_or_in_float32_is_a_one_line_error():
                                ParallelPlan.single("cpu"), None, None, None)
 
 
+def test_the_hopper_kernels_get_the_plans_multiprocessor_count(monkeypatch):
+  """The kernels the MoE layer hands over run one program per multiprocessor of the plan's
+  GPU (114 on an H100 PCIe, where an H100 SXM's 132 would queue 18 programs behind the
+  rest), and an H100 SXM's 132 where the device does not say; the device check gets the
+  same count."""
+  seen = []
+  monkeypatch.setattr(moe_lib.gmm_kernel, "swiglu_gmm", lambda *args: seen.append(args[-1]))
+  cfg = BASE.replace(moe_impl="gmm", dtype="bfloat16")
+  for sms, want in ((114, 114), (None, 132)):
+    monkeypatch.setattr(ParallelPlan, "gpu_sms", property(lambda self, s=sms: s))
+    kernel = moe_lib.kernel_for(cfg, ParallelPlan.single("gpu"))
+    kernel(None, None, None, None, None, 96, "mosaic")
+    assert (seen[-1].num_sms, seen[-1].expected_rows, seen[-1].backend) == (want, 96, "mosaic")
+  monkeypatch.setattr(ParallelPlan, "gpu_sms", property(lambda self: 114))
+  asked = []
+  moe_lib.pin_unchecked_kernels(cfg.replace(moe_impl="auto", d_model=128, d_ff=256),
+                                ParallelPlan.single("gpu"), lambda *a: asked.append(a))
+  assert asked == [("triton", 114)]
+
+
 def test_gmm_picks_mosaic_on_hopper_triton_on_other_gpus_megablox_on_tpus(monkeypatch):
   """The kernels' backend follows the plan: Mosaic GPU (wgmma) at compute capability 9.0,
   Triton on any other (or unknown) GPU, megablox on a TPU."""

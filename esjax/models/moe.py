@@ -43,10 +43,13 @@ def routing_for(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None = No
 
 
 def grouped_kernel(rows, group_sizes, w_gate, w_up, w_down, expected_rows: int | None,
-                   backend: str):
-  """moe_impl='gmm': the grouped SwiGLU on the GPU kernels (esjax.kernels.gmm)."""
-  return gmm_kernel.swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down,
-                               gmm_kernel.Options(backend, expected_rows=expected_rows))
+                   backend: str, num_sms: int | None = None):
+  """moe_impl='gmm': the grouped SwiGLU on the GPU kernels (esjax.kernels.gmm); `num_sms`:
+  the GPU's streaming multiprocessors (the Hopper kernels run one program on each; None:
+  an H100 SXM's)."""
+  opts = gmm_kernel.Options(backend, num_sms=num_sms or gmm_kernel.kernel.H100_SMS,
+                            expected_rows=expected_rows)
+  return gmm_kernel.swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down, opts)
 
 
 def kernel_for(cfg: ModelConfig, plan: ParallelPlan) -> expert_parallel.KernelFn | None:
@@ -54,14 +57,15 @@ def kernel_for(cfg: ModelConfig, plan: ParallelPlan) -> expert_parallel.KernelFn
   always for moe_impl='gmm' (a shape they cannot take is then a one-line error); for
   'auto' only where they apply (`gmm_kernel.fits`: a bfloat16 or float16 model, the expert
   widths on a device in whole tiles), so 'auto' runs ragged_dot elsewhere."""
+  kernel = functools.partial(grouped_kernel, num_sms=plan.gpu_sms)
   if cfg.moe_impl == "gmm":
-    return grouped_kernel
+    return kernel
   if cfg.moe_impl != "auto" or not plan.native_collectives:
     return None
   etp = plan.size(plan.etp)
   fit = gmm_kernel.fits(expert_parallel.kernel_backend(plan), cfg.dtype, cfg.d_model,
                         cfg.effective_d_ff_expert // etp)
-  return grouped_kernel if fit else None
+  return kernel if fit else None
 
 
 def moe_impl(cfg: ModelConfig, plan: ParallelPlan) -> str:
@@ -70,7 +74,7 @@ def moe_impl(cfg: ModelConfig, plan: ParallelPlan) -> str:
 
 
 def pin_unchecked_kernels(cfg: ModelConfig, plan: ParallelPlan,
-                          check: Callable[[str], str | None] = gmm_check.mismatch
+                          check: Callable[[str, int | None], str | None] = gmm_check.mismatch
                           ) -> tuple[ModelConfig, str | None]:
   """(cfg, None), or, where moe_impl='auto' would run the grouped-matmul kernels (a GPU or
   TPU plan) and they fail `check` (esjax.kernels.gmm.check) on any process's device, (cfg
@@ -79,7 +83,7 @@ def pin_unchecked_kernels(cfg: ModelConfig, plan: ParallelPlan,
   step is one program."""
   if not cfg.is_moe or cfg.moe_impl != "auto" or moe_impl(cfg, plan) != "gmm":
     return cfg, None
-  why = check(expert_parallel.kernel_backend(plan))
+  why = check(expert_parallel.kernel_backend(plan), plan.gpu_sms)
   if jax.process_count() > 1:
     failed = np.asarray(multihost_utils.process_allgather(np.int32(why is not None)))
     if why is None and failed.any():

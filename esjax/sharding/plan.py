@@ -70,10 +70,19 @@ class ParallelPlan:
   def gpu_arch(self) -> str | None:
     """The compute capability of the plan's GPUs ("9.0": Hopper; a deviceless topology's
     too), None off a GPU or where the devices do not say."""
+    return self._gpu_attribute("compute_capability")
+
+  @property
+  def gpu_sms(self) -> int | None:
+    """The streaming multiprocessors of one of the plan's GPUs (132 on an H100 SXM, 114 on
+    an H100 PCIe; a deviceless topology's too), None off a GPU or where it does not say."""
+    return self._gpu_attribute("core_count")
+
+  def _gpu_attribute(self, name: str) -> Any:
     if self.platform != "gpu":
       return None
     device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
-    return getattr(device, "compute_capability", None)
+    return getattr(device, name, None)
 
   @property
   def stage_axes(self) -> Axes:

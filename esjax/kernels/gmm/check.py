@@ -46,12 +46,13 @@ def _value_and_grads(fn: Callable, rows, gs, w_gate, w_up, w_down, dy):
   return (out, *pull(dy.astype(out.dtype)))
 
 
-def mismatch(backend: str, interpret: Any = None, kernel: Callable | None = None
-             ) -> str | None:
-  """None if `kernel` (default: `ops.swiglu_gmm` on `backend` with its default tiles) agrees
-  with the float32 ragged_dot SwiGLU on this process's default device; else why not, in one
-  line. `interpret`: Pallas' interpreter (the CPU tests)."""
-  opts = ops.Options(backend, interpret=interpret)
+def mismatch(backend: str, num_sms: int | None = None, interpret: Any = None,
+             kernel: Callable | None = None) -> str | None:
+  """None if `kernel` (default: `ops.swiglu_gmm` on `backend` with its default tiles, one
+  program per each of `num_sms` multiprocessors; None: an H100 SXM's) agrees with the
+  float32 ragged_dot SwiGLU on this process's default device; else why not, in one line.
+  `interpret`: Pallas' interpreter (the CPU tests)."""
+  opts = ops.Options(backend, num_sms=num_sms or ops.kernel.H100_SMS, interpret=interpret)
   kernel = kernel or (lambda x, gs, a, b, c: ops.swiglu_gmm(x, gs, a, b, c, opts))
   args = _problem()
   try:
