@@ -309,7 +309,7 @@ def test_the_hopper_kernels_get_the_plans_multiprocessor_count(monkeypatch):
   asked = []
   moe_lib.pin_unchecked_kernels(cfg.replace(moe_impl="auto", d_model=128, d_ff=256),
                                 ParallelPlan.single("gpu"), lambda *a: asked.append(a))
-  assert asked == [("triton", 114)]
+  assert asked == [("triton", 114, "bfloat16")]
 
 
 def test_gmm_picks_mosaic_on_hopper_triton_on_other_gpus_megablox_on_tpus(monkeypatch):

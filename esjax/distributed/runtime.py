@@ -36,7 +36,6 @@ from esjax.distributed.worker import Worker, abstract_model, init_params
 from esjax.optim import dgs
 from esjax.models import moe
 from esjax.models.loss import lm_loss
-from esjax.sharding.plan import ParallelPlan
 from esjax.train.metrics import MetricWriter
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,12 +87,8 @@ class AsyncTraining:
     validate(config)
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
-    # The workers get this config: the kernels are checked here, on the driver's device.
-    self.model_cfg, why = moe.pin_unchecked_kernels(common.model_config(config),
-                                                    ParallelPlan.single())
-    if why:
-      logging.warning("%s", why)
-    self.graphdef, abstract, self.rest = abstract_model(self.model_cfg)
+    self.model_cfg = common.model_config(config)  # the workers check it on their devices
+    self.graphdef, abstract, self.rest = abstract_model(moe.for_this_device(self.model_cfg))
     self.treedef = jax.tree.structure(abstract)
     train = config.train
     self.data = dataset.build(config.data, train.seq_len, train.batch_size, train.seed,

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from esjax.data import dataset
-from esjax.models import ModelConfig, Transformer
+from esjax.models import ModelConfig, Transformer, moe
 from esjax.optim import dgs
 from esjax.models.loss import lm_loss
 from esjax.train.optimizer import clip_by_global_norm
@@ -63,7 +63,8 @@ class Worker:
     self.ratio_follows_lr = ratio_follows_lr and mode != "dense"
     self.lr0 = float(optim["lr"])
     self.batches = dataset.BatchIterator(np.asarray(windows), batch_size, seed + worker_id)
-    self.graphdef, abstract, self.rest = abstract_model(ModelConfig.from_dict(dict(model_cfg)))
+    cfg = moe.for_this_device(ModelConfig.from_dict(dict(model_cfg)))  # the kernels, checked
+    self.graphdef, abstract, self.rest = abstract_model(cfg)
     self.treedef = jax.tree.structure(abstract)
     self.sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)]
     self.params = None

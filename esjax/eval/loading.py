@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -24,18 +23,14 @@ from esjax.interop import load as hf_load
 from esjax.models.config import ModelConfig
 from esjax.models import moe, params as params_lib
 from esjax.models.transformer import Transformer
-from esjax.sharding.plan import ParallelPlan
 from esjax.train import checkpoint as ckpt_lib
 
 
 def build_model(cfg: ModelConfig, params: Any, buffers: Any = None) -> Transformer:
   """A one-device `Transformer(cfg)` holding `params` (no copy), with moe_impl='auto' pinned
   to lax.ragged_dot where the grouped-matmul kernels fail their check on this device
-  (`esjax.models.moe.pin_unchecked_kernels`; a warning says why)."""
-  cfg, why = moe.pin_unchecked_kernels(cfg, ParallelPlan.single())
-  if why:
-    print(f"esjax: warning: {why}", file=sys.stderr, flush=True)
-  return params_lib.model_from_params(cfg, params, buffers)
+  (`esjax.models.moe.for_this_device`; a warning says why)."""
+  return params_lib.model_from_params(moe.for_this_device(cfg), params, buffers)
 
 
 def load_hf(folder: str) -> tuple[Transformer, Tokenizer]:

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from esjax.interop import hf_config, hf_params, load, safetensors_io
+from esjax.models import moe
 from esjax.models.config import ModelConfig
 from esjax.models.transformer import Transformer
 
@@ -47,9 +48,11 @@ def from_pretrained(folder: str | os.PathLike, *, shardings: Any = None,
 
   `model.cfg` is the config read from config.json with `overrides` applied (e.g.
   `dtype="float32"`, `aux_loss_coef=0.01`, `capacity_factor=1.25`). Parameters keep the
-  checkpoint's dtype unless `param_dtype` is overridden.
+  checkpoint's dtype unless `param_dtype` is overridden. With moe_impl='auto' the
+  grouped-matmul kernels are checked on this device first (`moe.for_this_device`).
   """
-  return model_from_params(*load_pretrained_params(folder, shardings=shardings, **overrides))
+  cfg, params = load_pretrained_params(folder, shardings=shardings, **overrides)
+  return model_from_params(moe.for_this_device(cfg), params)
 
 
 def _replace_files(tmp: Path, folder: Path, files: list[str]):

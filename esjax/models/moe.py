@@ -13,6 +13,7 @@ optimizer never sees it; the train step updates it with `update_expert_biases`. 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Callable
 
 import jax
@@ -74,17 +75,18 @@ def moe_impl(cfg: ModelConfig, plan: ParallelPlan) -> str:
 
 
 def pin_unchecked_kernels(cfg: ModelConfig, plan: ParallelPlan,
-                          check: Callable[[str, int | None], str | None] = gmm_check.mismatch
+                          check: Callable[[str, int | None, str], str | None] | None = None
                           ) -> tuple[ModelConfig, str | None]:
   """(cfg, None), or, where moe_impl='auto' would run the grouped-matmul kernels (a GPU or
-  TPU plan) and they fail `check` (esjax.kernels.gmm.check) on any process's device, (cfg
-  with moe_impl='ragged', why). For models about to run on this job's devices (the training
-  loop's steps, evaluation); every process calls it and all take the same answer, since the
-  step is one program."""
+  TPU plan) and they fail `check(backend, SMs, dtype)` (default: esjax.kernels.gmm.check's,
+  once per process) on this process's device, (cfg with moe_impl='ragged', why). For models about to run on real
+  devices. A plan with a mesh is one program over every process of the job: all processes
+  then run the check and take the same answer."""
   if not cfg.is_moe or cfg.moe_impl != "auto" or moe_impl(cfg, plan) != "gmm":
     return cfg, None
-  why = check(expert_parallel.kernel_backend(plan), plan.gpu_sms)
-  if jax.process_count() > 1:
+  check = check or gmm_check.on_this_device
+  why = check(expert_parallel.kernel_backend(plan), plan.gpu_sms, cfg.dtype)
+  if plan.mesh is not None and jax.process_count() > 1:
     failed = np.asarray(multihost_utils.process_allgather(np.int32(why is not None)))
     if why is None and failed.any():
       why = f"the kernels failed their check on processes {np.flatnonzero(failed).tolist()}"
@@ -92,6 +94,15 @@ def pin_unchecked_kernels(cfg: ModelConfig, plan: ParallelPlan,
     return cfg, None
   return cfg.replace(moe_impl="ragged"), (
       f"model.moe_impl='auto' runs lax.ragged_dot here: {why} (set model.moe_impl to choose)")
+
+
+def for_this_device(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` for a one-device model about to run on this process's default device
+  (`pin_unchecked_kernels`, the reason printed as a warning)."""
+  cfg, why = pin_unchecked_kernels(cfg, ParallelPlan.single())
+  if why:
+    print(f"esjax: warning: {why}", file=sys.stderr, flush=True)
+  return cfg
 
 
 class ExpertBias(nnx.Variable):

@@ -12,6 +12,7 @@ this passes (`esjax.models.moe.pin_unchecked_kernels`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -26,12 +27,13 @@ ROWS, D_MODEL, D_FF = 640, 256, 256  # multiples of every backend's tiles
 TOLERANCE = 2e-2  # relative error of a bfloat16 product with float32 accumulation: ~4e-3
 
 
-def _problem(seed: int = 0):
+def _problem(dtype: Any, seed: int = 0):
   rng = np.random.default_rng(seed)
-  bf16 = lambda *shape, s=1.0: jnp.asarray(rng.normal(size=shape) * s, jnp.bfloat16)  # noqa
+  normal = lambda *shape, s=1.0: jnp.asarray(rng.normal(size=shape) * s, dtype)  # noqa
   g = len(SIZES)
-  return (bf16(ROWS, D_MODEL), jnp.asarray(SIZES, jnp.int32), bf16(g, D_MODEL, D_FF, s=0.1),
-          bf16(g, D_MODEL, D_FF, s=0.1), bf16(g, D_FF, D_MODEL, s=0.1), bf16(ROWS, D_MODEL))
+  return (normal(ROWS, D_MODEL), jnp.asarray(SIZES, jnp.int32),
+          normal(g, D_MODEL, D_FF, s=0.1), normal(g, D_MODEL, D_FF, s=0.1),
+          normal(g, D_FF, D_MODEL, s=0.1), normal(ROWS, D_MODEL))
 
 
 def _ragged_swiglu(rows, gs, w_gate, w_up, w_down):
@@ -46,23 +48,23 @@ def _value_and_grads(fn: Callable, rows, gs, w_gate, w_up, w_down, dy):
   return (out, *pull(dy.astype(out.dtype)))
 
 
-def mismatch(backend: str, num_sms: int | None = None, interpret: Any = None,
-             kernel: Callable | None = None) -> str | None:
+def mismatch(backend: str, num_sms: int | None = None, dtype: Any = "bfloat16",
+             interpret: Any = None, kernel: Callable | None = None) -> str | None:
   """None if `kernel` (default: `ops.swiglu_gmm` on `backend` with its default tiles, one
-  program per each of `num_sms` multiprocessors; None: an H100 SXM's) agrees with the
-  float32 ragged_dot SwiGLU on this process's default device; else why not, in one line.
-  `interpret`: Pallas' interpreter (the CPU tests)."""
+  program per each of `num_sms` multiprocessors; None: an H100 SXM's) agrees in `dtype`
+  with the float32 ragged_dot SwiGLU on this process's default device; else why not, in one
+  line (nothing raised here escapes). `interpret`: Pallas' interpreter (the CPU tests)."""
   opts = ops.Options(backend, num_sms=num_sms or ops.kernel.H100_SMS, interpret=interpret)
   kernel = kernel or (lambda x, gs, a, b, c: ops.swiglu_gmm(x, gs, a, b, c, opts))
-  args = _problem()
   try:
+    args = _problem(dtype)
     got = jax.jit(lambda *a: _value_and_grads(kernel, *a))(*args)
     got = [np.asarray(jnp.asarray(g, jnp.float32), np.float64) for g in got]
+    want = [np.asarray(w, np.float64) for w in
+            jax.jit(lambda *a: _value_and_grads(_ragged_swiglu, *a))(*args)]
   except Exception as e:  # noqa: BLE001  (a kernel that fails to build or run: the answer)
     first = (str(e).strip().splitlines() or [""])[0][:200]
     return f"the {backend} kernels failed here: {type(e).__name__}: {first}"
-  want = [np.asarray(w, np.float64) for w in
-          jax.jit(lambda *a: _value_and_grads(_ragged_swiglu, *a))(*args)]
   total = sum(SIZES)
   for name, g, w in zip(("output", "d_rows", "d_w_gate", "d_w_up", "d_w_down"), got, want):
     if not np.isfinite(g).all():
@@ -74,3 +76,10 @@ def mismatch(backend: str, num_sms: int | None = None, interpret: Any = None,
       return (f"the {backend} kernels' {name} differs from lax.ragged_dot's: relative error "
               f"{err:.3g} (at most {TOLERANCE})")
   return None
+
+
+@functools.cache
+def on_this_device(backend: str, num_sms: int | None, dtype: str) -> str | None:
+  """`mismatch` with the real kernels, once per process and arguments (a fact of the device:
+  every model built here asks it)."""
+  return mismatch(backend, num_sms, dtype)
