@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one unattended script for a machine with one NVIDIA H100/H200 (at most
+# The GPU check: one unattended script for a machine with one NVIDIA H100/H200 (about
 # GPU_CHECK_BUDGET_S, default 540 s: every part has its own time limit, cut to what is left,
 # and a part that would start with under 20 s left is skipped). It prints JSON lines: each
 # benchmark's own rows, one {"part": ..., "status": ...} line per part (ok, failed, timeout,
@@ -8,18 +8,18 @@
 #   bash benchmarks/gpu_check.sh            # python3 from PATH
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh
 #
-# Parts: the platform (nvidia-smi, jax's devices); the Pallas routing kernel tests on Triton
-# and the cuDNN attention tests (pytest -m gpu_only); the routing kernel against lax.top_k and
-# the memory floor in bf16 (benchmarks.routing); the check a training run makes before
-# moe_impl=auto uses the grouped-matmul kernels (esjax.kernels.gmm.check); the kernels
-# against ragged_dot and a dense matmul of the routed FLOPs at the Mixtral-8x7B and Qwen2-57B
-# expert shapes, forward + backward (benchmarks.gmm); cuDNN flash attention against the plain path
-# at 4k and 8k, forward + backward (benchmarks.attention); MFU of the real train step in bf16
-# on the largest MoE one GPU holds at sequence 4096 (benchmarks.mfu gpu-mixtral) against the
-# bf16 matmul peak measured in the same run, then with ragged_dot's experts (the step before
-# moe_impl=auto meant the kernels) (anchors: Megatron 49.3% Mixtral 8x22B, NeMo 46.8%,
-# MaxText ~50%); the planner's prediction for that step (deviceless, the GPU nvidia-smi names)
-# against its measured time (benchmarks.plan_calibration).
+# Parts, in this order: the platform (nvidia-smi, jax's devices); the check a training run
+# makes before moe_impl=auto uses the grouped-matmul kernels (esjax.kernels.gmm.check); the
+# kernels against ragged_dot and a dense matmul of the routed FLOPs at the Mixtral-8x7B and
+# Qwen2-57B expert shapes, forward + backward (benchmarks.gmm); MFU of the real train step in
+# bf16 on the largest MoE one GPU holds at sequence 4096 (benchmarks.mfu gpu-mixtral) against
+# the bf16 matmul peak measured in the same run (anchors: Megatron 49.3% Mixtral 8x22B, NeMo
+# 46.8%, MaxText ~50%), then with ragged_dot's experts (the step before moe_impl=auto meant
+# the kernels); the planner's prediction for that step (deviceless, the GPU nvidia-smi names)
+# against its measured time (benchmarks.plan_calibration); the Pallas routing kernel tests on
+# Triton and the cuDNN attention tests (pytest -m gpu_only); the routing kernel against
+# lax.top_k and the memory floor in bf16 (benchmarks.routing); cuDNN flash attention against
+# the plain path at 4k and 8k, forward + backward (benchmarks.attention).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 PY=${PYTHON:-python3}
@@ -71,13 +71,8 @@ if ! "$PY" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev
   printf '{"summary": "gpu_check", %s}\n' "$(IFS=,; echo "${SUMMARY[*]}")"
   exit 1
 fi
-if "$PY" -c 'import pytest' 2>/dev/null; then
-  part kernels_triton 150 "$PY" -m pytest -q -x -m gpu_only -p no:cacheprovider \
-    tests/kernels_test.py tests/attention_kernels_test.py tests/gmm_test.py
-else
-  skip kernels_triton "pytest is not installed for $PY"
-fi
-part routing_bf16 90 "$PY" -m benchmarks.routing --dtype bfloat16
+# Issue 25's measurements first (the kernels, the step with and without them), so a short
+# budget spends itself on them; then the other kernels.
 part gmm_check 120 "$PY" -c 'import json
 from esjax.kernels.gmm import check
 from esjax.routing.expert_parallel import kernel_backend
@@ -88,8 +83,6 @@ why = check.mismatch(backend, plan.gpu_sms)
 print(json.dumps({"gmm_check": backend, "mismatch": why}))
 raise SystemExit(why is not None)'
 part gmm_bf16 150 "$PY" -m benchmarks.gmm --rounds 5
-part attention_cudnn 90 "$PY" -m benchmarks.attention --impl xla,cudnn --seq 4096,8192 \
-  --dtype bfloat16
 part mfu_bf16 200 "$PY" -m benchmarks.mfu --dtype bfloat16 --configs gpu-mixtral --repeats 5
 part mfu_ragged_bf16 150 "$PY" -m benchmarks.mfu --dtype bfloat16 --configs gpu-mixtral \
   --repeats 3 --moe-impl ragged
@@ -99,4 +92,13 @@ if "$PY" -c 'import jax_plugins.xla_cuda12' 2>/dev/null; then
 else
   skip plan_calibration "the CUDA plugin (the planner's deviceless compiler) is missing"
 fi
+if "$PY" -c 'import pytest' 2>/dev/null; then
+  part kernels_triton 150 "$PY" -m pytest -q -x -m gpu_only -p no:cacheprovider \
+    tests/kernels_test.py tests/attention_kernels_test.py tests/gmm_test.py
+else
+  skip kernels_triton "pytest is not installed for $PY"
+fi
+part routing_bf16 90 "$PY" -m benchmarks.routing --dtype bfloat16
+part attention_cudnn 90 "$PY" -m benchmarks.attention --impl xla,cudnn --seq 4096,8192 \
+  --dtype bfloat16
 printf '{"summary": "gpu_check", %s}\n' "$(IFS=,; echo "${SUMMARY[*]}")"

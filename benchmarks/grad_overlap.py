@@ -1,6 +1,6 @@
 """Where XLA:GPU overlaps a gradient reduce-scatter with compute: small programs compiled
 deviceless for H100s with the cluster's XLA flags (`esjax/plan/gpu_specs/xla_gpu_flags.txt`),
-read from the schedule of their optimized HLO. Three places a data-parallel gradient
+read from the schedule of their optimized HLO. Four places a data-parallel gradient
 reduction could go:
 
 - `between_loops`: after one while loop (the ticks that finish a gradient) and before another

@@ -205,9 +205,12 @@ def plan(config: Any, target: targets_lib.Target, n_devices: int,
   experts = next((r for r in flops if r["part"] == "experts" and r["ratio"]), None)
   if (experts and experts["ratio"] > WASTE
       and moe.moe_impl(run.model_cfg, run.plan) == "ragged"):
+    fix = ("moe_impl=auto runs it here because the grouped-matmul kernels do not apply "
+           "(they need a bf16 or f16 model with expert widths in whole tiles)"
+           if run.model_cfg.moe_impl == "auto" else
+           "--config.model.moe_impl=auto (or gmm) runs the routed rows only")
     notes.append(f"experts: lax.ragged_dot runs {experts['ratio']:.2f}x the model's expert "
-                 "FLOPs (XLA multiplies whole EP buffers, against every local expert); "
-                 "--config.model.moe_impl=gmm runs the routed rows only")
+                 f"FLOPs (XLA multiplies whole EP buffers, against every local expert); {fix}")
   compiled_total = sum(r["compiled"] for r in flops)
   prediction = predict(work, target, collectives, memory["arguments"], compiled_total)
   return Result(layout=str(run.plan.layout), target=target.name, devices=n_devices,
