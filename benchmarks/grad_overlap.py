@@ -52,49 +52,53 @@ def _varying(x):
   return lax.pcast(x, ("dp",), to="varying")
 
 
-def between_loops(w, x):
+def _reduce(g):
+  return lax.psum_scatter(g, "dp", tiled=True)
+
+
+def _ticks(w, h):
+  """A loop that finishes a gradient: STEPS layers, their gradients added up."""
   def tick(c, _):
     h, g = c
     h = _layer(h, w)
     return (h, g + _grad(h)), None
 
-  (h, g), _ = lax.scan(tick, (x, _varying(jnp.zeros((N, N)))), None, length=STEPS)
-  done = lax.psum_scatter(g, "dp", tiled=True)
-  (h, g2), _ = lax.scan(tick, (h, _varying(jnp.zeros((N, N)))), None, length=STEPS)
-  return done, lax.psum_scatter(g2, "dp", tiled=True), h
+  return lax.scan(tick, (h, _varying(jnp.zeros((N, N)))), None, length=STEPS)[0]
+
+
+def _layers(w, h):
+  """A loop of STEPS layers, no gradient."""
+  return lax.scan(lambda h, _: (_layer(h, w), None), h, None, length=STEPS)[0]
+
+
+def between_loops(w, x):
+  h, g = _ticks(w, x)
+  done = _reduce(g)
+  h, g2 = _ticks(w, h)
+  return done, _reduce(g2), h
 
 
 def between_loops_alone(w, x):
-  def tick(c, _):
-    h, g = c
-    h = _layer(h, w)
-    return (h, g + _grad(h)), None
-
-  (h, g), _ = lax.scan(tick, (x, _varying(jnp.zeros((N, N)))), None, length=STEPS)
-  done = lax.psum_scatter(g, "dp", tiled=True)
-  h, _ = lax.scan(lambda h, _: (_layer(h, w), None), h, None, length=STEPS)
-  return done, done, h
+  h, g = _ticks(w, x)
+  done = _reduce(g)
+  return done, done, _layers(w, h)
 
 
 def in_branch(w, x):
-  g = _grad(_layer(x, w))
-
   def unit(g, h):
-    done = lax.psum_scatter(g, "dp", tiled=True)
-    h, _ = lax.scan(lambda h, _: (_layer(h, w), None), h, None, length=STEPS)
-    return done, h
+    return _reduce(g), _layers(w, h)
 
   def idle(g, h):
     return _varying(jnp.zeros((N // DEVICES, N))), h
 
-  done, h = lax.cond(lax.axis_index("dp") < DEVICES, unit, idle, g, x)
+  done, h = lax.cond(lax.axis_index("dp") < DEVICES, unit, idle, _grad(_layer(x, w)), x)
   return done, done, h
 
 
 def in_loop_body(w, x):
   def layer(h, _):
     h = _layer(h, w)
-    return h, lax.psum_scatter(_grad(h), "dp", tiled=True)
+    return h, _reduce(_grad(h))
 
   h, done = lax.scan(layer, x, None, length=STEPS)
   return done[0], done[-1], h
