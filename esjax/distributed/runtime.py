@@ -88,7 +88,7 @@ class AsyncTraining:
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
     self.model_cfg = common.model_config(config)  # the workers check it on their devices
-    self.graphdef, abstract, self.rest = abstract_model(moe.for_this_device(self.model_cfg))
+    self.graphdef, abstract, self.rest = abstract_model(moe.checked(self.model_cfg))
     self.treedef = jax.tree.structure(abstract)
     train = config.train
     self.data = dataset.build(config.data, train.seq_len, train.batch_size, train.seed,

@@ -63,7 +63,7 @@ class Worker:
     self.ratio_follows_lr = ratio_follows_lr and mode != "dense"
     self.lr0 = float(optim["lr"])
     self.batches = dataset.BatchIterator(np.asarray(windows), batch_size, seed + worker_id)
-    cfg = moe.for_this_device(ModelConfig.from_dict(dict(model_cfg)))  # the kernels, checked
+    cfg = moe.checked(ModelConfig.from_dict(dict(model_cfg)))  # the kernels, checked
     self.graphdef, abstract, self.rest = abstract_model(cfg)
     self.treedef = jax.tree.structure(abstract)
     self.sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)]

@@ -21,16 +21,12 @@ import ml_collections
 from esjax.data.tokenizer import Tokenizer, load_tokenizer
 from esjax.interop import load as hf_load
 from esjax.models.config import ModelConfig
-from esjax.models import moe, params as params_lib
+from esjax.models import params as params_lib
 from esjax.models.transformer import Transformer
 from esjax.train import checkpoint as ckpt_lib
 
 
-def build_model(cfg: ModelConfig, params: Any, buffers: Any = None) -> Transformer:
-  """A one-device `Transformer(cfg)` holding `params` (no copy), with moe_impl='auto' pinned
-  to lax.ragged_dot where the grouped-matmul kernels fail their check on this device
-  (`esjax.models.moe.for_this_device`; a warning says why)."""
-  return params_lib.model_from_params(moe.for_this_device(cfg), params, buffers)
+build_model = params_lib.model_from_params  # (cfg, params[, buffers]) -> Transformer
 
 
 def load_hf(folder: str) -> tuple[Transformer, Tokenizer]:

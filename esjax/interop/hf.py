@@ -49,10 +49,10 @@ def from_pretrained(folder: str | os.PathLike, *, shardings: Any = None,
   `model.cfg` is the config read from config.json with `overrides` applied (e.g.
   `dtype="float32"`, `aux_loss_coef=0.01`, `capacity_factor=1.25`). Parameters keep the
   checkpoint's dtype unless `param_dtype` is overridden. With moe_impl='auto' the
-  grouped-matmul kernels are checked on this device first (`moe.for_this_device`).
+  grouped-matmul kernels are checked on this device first (`moe.checked`).
   """
   cfg, params = load_pretrained_params(folder, shardings=shardings, **overrides)
-  return model_from_params(moe.for_this_device(cfg), params)
+  return model_from_params(moe.checked(cfg), params)
 
 
 def _replace_files(tmp: Path, folder: Path, files: list[str]):

@@ -79,9 +79,9 @@ def pin_unchecked_kernels(cfg: ModelConfig, plan: ParallelPlan,
                           ) -> tuple[ModelConfig, str | None]:
   """(cfg, None), or, where moe_impl='auto' would run the grouped-matmul kernels (a GPU or
   TPU plan) and they fail `check(backend, SMs, dtype)` (default: esjax.kernels.gmm.check's,
-  once per process) on this process's device, (cfg with moe_impl='ragged', why). For models about to run on real
-  devices. A plan with a mesh is one program over every process of the job: all processes
-  then run the check and take the same answer."""
+  once per process) on this process's device, (cfg with moe_impl='ragged', why). For models
+  about to run on real devices. A plan with a mesh is one program over every process of the
+  job: all processes then run the check and take the same answer."""
   if not cfg.is_moe or cfg.moe_impl != "auto" or moe_impl(cfg, plan) != "gmm":
     return cfg, None
   check = check or gmm_check.on_this_device
@@ -96,11 +96,13 @@ def pin_unchecked_kernels(cfg: ModelConfig, plan: ParallelPlan,
       f"model.moe_impl='auto' runs lax.ragged_dot here: {why} (set model.moe_impl to choose)")
 
 
-def for_this_device(cfg: ModelConfig) -> ModelConfig:
-  """`cfg` for a one-device model about to run on this process's default device
-  (`pin_unchecked_kernels`, the reason printed as a warning)."""
-  cfg, why = pin_unchecked_kernels(cfg, ParallelPlan.single())
-  if why:
+def checked(cfg: ModelConfig, plan: ParallelPlan | None = None) -> ModelConfig:
+  """`cfg` for a model about to run on `plan`'s real devices (default: one device of this
+  process): `pin_unchecked_kernels`, the reason printed as a warning (by process 0 for a
+  plan over the job)."""
+  plan = plan or ParallelPlan.single()
+  cfg, why = pin_unchecked_kernels(cfg, plan)
+  if why and (plan.mesh is None or jax.process_index() == 0):
     print(f"esjax: warning: {why}", file=sys.stderr, flush=True)
   return cfg
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from esjax.models import moe
 from esjax.models.config import ModelConfig
 from esjax.models.transformer import Transformer
 from esjax.sharding.plan import ParallelPlan
@@ -40,7 +41,9 @@ def initial_buffers(cfg: ModelConfig) -> dict[str, Any]:
 
 def model_from_params(cfg: ModelConfig, params: Any, buffers: Any = None) -> Transformer:
   """A `Transformer(cfg)` (one device) holding `params` and `buffers` (pure dicts; no copy;
-  buffers default to their initial values)."""
+  buffers default to their initial values), to run here: moe_impl='auto' is checked on this
+  device first (`moe.checked`)."""
+  cfg = moe.checked(cfg)
   graphdef, state, rest = abstract_model(cfg)
   nnx.replace_by_pure_dict(state, params)
   nnx.replace_by_pure_dict(rest, initial_buffers(cfg) if buffers is None else buffers)

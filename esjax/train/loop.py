@@ -24,7 +24,7 @@ import tqdm
 
 from esjax.configs import common
 from esjax.data import dataset, hosts
-from esjax.models import moe, params as params_lib
+from esjax.models import params as params_lib
 from esjax.train import (checkpoint, guard as guard_lib, init_from, metrics as metrics_lib,
                          state as state_lib, step as step_lib, workdir as workdir_lib)
 
@@ -297,9 +297,7 @@ def _run(config, state, data, rows, put, steps, val_batches, tasks, ckpt, writer
         if tasks_due:
           params = state_lib.params_from_state(state.params, steps.engine)
           buffers = state_lib.buffers_from_state(state.buffers, steps.engine)
-          cfg = steps.engine.cfg  # the grouped matmul the (checked) step runs
-          cfg = cfg.replace(moe_impl=moe.moe_impl(cfg, steps.engine.plan)) if cfg.is_moe else cfg
-          model = params_lib.model_from_params(cfg, params, buffers)
+          model = params_lib.model_from_params(steps.engine.cfg, params, buffers)  # checked
           task_metrics = tasks(step, model, force=True)
         eval_s = time.perf_counter() - t_eval
       pending = (step, metrics, val_loss, task_metrics, eval_s)

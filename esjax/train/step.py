@@ -5,7 +5,6 @@ the train state's shardings: what the loop runs, the planner compiles and the be
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -97,9 +96,7 @@ def for_config(config: Any, devices: Sequence[Any] | None = None) -> Run:
   model_cfg = common.model_config(config)
   plan = make_plan(Layout.from_config(config.parallel), devices)
   if devices is None:
-    model_cfg, why = moe.pin_unchecked_kernels(model_cfg, plan)
-    if why and jax.process_index() == 0:
-      print(f"esjax: warning: {why}", file=sys.stderr, flush=True)
+    model_cfg = moe.checked(model_cfg, plan)
   check_model(plan.layout, model_cfg, seq_len=config.train.seq_len,
               batch=config.train.batch_size)
   tx, schedule = optimizer.make_optimizer(config.optim, config.train.steps)

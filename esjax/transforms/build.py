@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from esjax.models import moe, params as params_lib
+from esjax.models import params as params_lib
 from esjax.models.config import ModelConfig
 from esjax.models.transformer import Transformer
 from esjax.parallel import rules as rules_lib, stages
@@ -58,7 +58,6 @@ def transform_params(cfg: ModelConfig, fn: Callable[..., Any], *args: Any,
 
 def build_model(cfg: ModelConfig, fn: Callable[..., Any], *args: Any, mesh: Mesh | None = None,
                 rules: Any = None) -> Transformer:
-  """The `Transformer(cfg)` whose parameters are `fn(*args)` (see `transform_params`), with
-  moe_impl='auto' checked on this device (`moe.for_this_device`)."""
+  """The `Transformer(cfg)` whose parameters are `fn(*args)` (see `transform_params`)."""
   params = transform_params(cfg, fn, *args, mesh=mesh, rules=rules)
-  return params_lib.model_from_params(moe.for_this_device(cfg), params)
+  return params_lib.model_from_params(cfg, params)
