@@ -48,9 +48,9 @@ def grouped_kernel(rows, group_sizes, w_gate, w_up, w_down, expected_rows: int |
   """moe_impl='gmm': the grouped SwiGLU on the GPU kernels (esjax.kernels.gmm); `num_sms`:
   the GPU's streaming multiprocessors (the Hopper kernels run one program on each; None:
   an H100 SXM's)."""
-  opts = gmm_kernel.Options(backend, num_sms=num_sms or gmm_kernel.kernel.H100_SMS,
-                            expected_rows=expected_rows)
-  return gmm_kernel.swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down, opts)
+  return gmm_kernel.swiglu_gmm(rows, group_sizes, w_gate, w_up, w_down,
+                               gmm_kernel.Options(backend, num_sms=num_sms,
+                                                  expected_rows=expected_rows))
 
 
 def kernel_for(cfg: ModelConfig, plan: ParallelPlan) -> expert_parallel.KernelFn | None:

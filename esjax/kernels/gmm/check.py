@@ -54,7 +54,7 @@ def mismatch(backend: str, num_sms: int | None = None, dtype: Any = "bfloat16",
   program per each of `num_sms` multiprocessors; None: an H100 SXM's) agrees in `dtype`
   with the float32 ragged_dot SwiGLU on this process's default device; else why not, in one
   line (nothing raised here escapes). `interpret`: Pallas' interpreter (the CPU tests)."""
-  opts = ops.Options(backend, num_sms=num_sms or ops.kernel.H100_SMS, interpret=interpret)
+  opts = ops.Options(backend, num_sms=num_sms, interpret=interpret)
   kernel = kernel or (lambda x, gs, a, b, c: ops.swiglu_gmm(x, gs, a, b, c, opts))
   try:
     args = _problem(dtype)

@@ -39,12 +39,12 @@ MEGABLOX_TILING = (128, 128, 128)  # rows, contraction, output columns (TPU: lan
 class Options:
   """Static options: the kernels (`mosaic`: Hopper's wgmma, `esjax.kernels.gmm.kernel`;
   `triton`: any GPU Triton compiles for, `esjax.kernels.gmm.triton`; `megablox`: TPU, jax's
-  megablox), their tiles (None: the backend's), the target's SM count (mosaic), the
-  interpreter (tests: mosaic's parameters, or True) and the rows a balanced router sends (the
-  declared cost; None: all)."""
+  megablox), their tiles (None: the backend's), the target's SM count (mosaic; None: an
+  H100 SXM's), the interpreter (tests: mosaic's parameters, or True) and the rows a
+  balanced router sends (the declared cost; None: all)."""
   backend: str = "mosaic"
   tiles: kernel.Tiles | None = None
-  num_sms: int = kernel.H100_SMS
+  num_sms: int | None = kernel.H100_SMS
   interpret: Any = None
   expected_rows: int | None = None
 
@@ -54,6 +54,8 @@ class Options:
     if self.tiles is None:
       tiles = triton.TRITON_TILES if self.backend == "triton" else kernel.Tiles()
       object.__setattr__(self, "tiles", tiles)
+    if self.num_sms is None:
+      object.__setattr__(self, "num_sms", kernel.H100_SMS)
 
 
 def fits(backend: str, dtype: Any, d_model: int, d_ff: int) -> bool:
